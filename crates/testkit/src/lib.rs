@@ -102,3 +102,43 @@ impl Drop for ControlPlane {
         }
     }
 }
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Debug, Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl Bearer {
+    /// An interceptor for `token`.
+    pub fn new(token: &str) -> Self {
+        Self(
+            format!("Bearer {token}")
+                .parse()
+                .expect("tokens in tests are ASCII"),
+        )
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A `RunnerService` client that authenticates with a bearer token.
+pub type RunnerClient = runner_proto::pb::runner_service_client::RunnerServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, Bearer>,
+>;
+
+/// A runner client on `channel` with `token`.
+pub fn runner_client(channel: Channel, token: &str) -> RunnerClient {
+    runner_proto::pb::runner_service_client::RunnerServiceClient::with_interceptor(
+        channel,
+        Bearer::new(token),
+    )
+}

@@ -1,0 +1,1 @@
+//! Test suites only; see the `[[test]]` targets.
