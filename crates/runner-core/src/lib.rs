@@ -1,8 +1,16 @@
-//! The runner's domain: what an environment is, which inputs are valid, and
-//! (as the runner grows) the reconcile planner, the scheduler and the traits
-//! its adapters implement.
+//! The runner's domain and policy: what an environment is, which inputs are
+//! valid, how one environment is reconciled, the keyed work queue, batched
+//! observation, status delivery, and the traits adapters implement.
 //!
 //! This crate never imports an AWS SDK or gRPC: adapters depend on it, not
 //! the other way round.
 
+pub mod backoff;
+pub mod desired;
+pub mod model;
+pub mod observer;
+pub mod outbox;
+pub mod reconcile;
+pub mod scheduler;
+pub mod traits;
 pub mod validate;

@@ -1,0 +1,198 @@
+//! Status delivery to the control plane.
+//!
+//! Invariants: versions per environment strictly grow (continuing from the
+//! highest the control plane accepted, so a restart never reuses one); a
+//! status equal to the last published one is not sent again; an unsent status
+//! is replaced by a newer one (each status is complete, so the newest carries
+//! everything); undelivered statuses are retried with backoff until
+//! delivered, the environment disappears, or the control plane rejects them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::model::{EnvironmentId, Status};
+use crate::traits::{ControlPlane, ControlPlaneError};
+
+#[derive(Debug, Default)]
+struct Entry {
+    /// The next version to assign.
+    next_version: u64,
+    /// The last status published (sent or waiting).
+    last: Option<Status>,
+    /// Waiting to be sent: (version, status).
+    pending: Option<(u64, Status)>,
+    /// Consecutive failed deliveries.
+    failures: u32,
+}
+
+/// Statuses waiting for delivery.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    entries: Mutex<HashMap<EnvironmentId, Entry>>,
+    wake: Notify,
+}
+
+/// What one delivery round did, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Delivered.
+    pub delivered: usize,
+    /// Failed and kept for a retry.
+    pub retrying: usize,
+    /// Rejected by the control plane and dropped.
+    pub rejected: usize,
+}
+
+impl Outbox {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<EnvironmentId, Entry>> {
+        self.entries.lock().expect("outbox lock is never poisoned")
+    }
+
+    /// Publishes `status` for `id`; `accepted` is the highest version the
+    /// control plane is known to have accepted. Returns the version assigned,
+    /// or `None` when the status equals the last one published.
+    pub fn publish(&self, id: EnvironmentId, accepted: u64, status: Status) -> Option<u64> {
+        let version = {
+            let mut entries = self.entries();
+            let entry = entries.entry(id).or_default();
+            entry.next_version = entry.next_version.max(accepted + 1);
+            if entry.last.as_ref() == Some(&status) {
+                return None;
+            }
+            let version = entry.next_version;
+            entry.next_version += 1;
+            entry.last = Some(status.clone());
+            entry.pending = Some((version, status));
+            version
+        };
+        self.wake.notify_one();
+        Some(version)
+    }
+
+    /// Forgets an environment the control plane no longer knows.
+    pub fn forget(&self, id: EnvironmentId) {
+        self.entries().remove(&id);
+    }
+
+    /// How many statuses wait for delivery.
+    pub fn pending(&self) -> usize {
+        self.entries()
+            .values()
+            .filter(|e| e.pending.is_some())
+            .count()
+    }
+
+    /// The last status published for `id`.
+    pub fn last(&self, id: EnvironmentId) -> Option<Status> {
+        self.entries().get(&id).and_then(|e| e.last.clone())
+    }
+
+    /// Sends everything pending once, at most `concurrency` at a time.
+    pub async fn deliver_once(
+        &self,
+        control_plane: &dyn ControlPlane,
+        concurrency: usize,
+    ) -> Round {
+        let batch: BTreeMap<EnvironmentId, (u64, Status)> = self
+            .entries()
+            .iter()
+            .filter_map(|(id, e)| e.pending.clone().map(|p| (*id, p)))
+            .collect();
+        let mut round = Round::default();
+        for (id, version, result) in send_all(batch, concurrency, control_plane).await {
+            let mut entries = self.entries();
+            let Some(entry) = entries.get_mut(&id) else {
+                continue;
+            };
+            let still_pending = entry.pending.as_ref().is_some_and(|(v, _)| *v == version);
+            match result {
+                Ok(()) => {
+                    round.delivered += 1;
+                    entry.failures = 0;
+                    if still_pending {
+                        entry.pending = None;
+                    }
+                }
+                Err(ControlPlaneError::Rejected(message)) => {
+                    round.rejected += 1;
+                    tracing::warn!(env.id = %id, status_version = version, error = %message, "control plane rejected a status; dropped");
+                    if still_pending {
+                        entry.pending = None;
+                        // Let the next publish of the same content go out again.
+                        entry.last = None;
+                    }
+                }
+                Err(ControlPlaneError::Unavailable(message)) => {
+                    round.retrying += 1;
+                    entry.failures = entry.failures.saturating_add(1);
+                    tracing::debug!(env.id = %id, status_version = version, error = %message, "status delivery failed; will retry");
+                }
+            }
+        }
+        round
+    }
+
+    /// Delivers until `shutdown`: wakes on publish, retries failures with
+    /// `backoff` (by the most failed entry), and makes a last attempt when
+    /// shut down.
+    pub async fn run(
+        self: Arc<Self>,
+        control_plane: Arc<dyn ControlPlane>,
+        backoff: Backoff,
+        concurrency: usize,
+        on_round: impl Fn(Round, usize),
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
+            on_round(round, self.pending());
+            let failures = self
+                .entries()
+                .values()
+                .filter(|e| e.pending.is_some())
+                .map(|e| e.failures)
+                .max();
+            let wait = match failures {
+                Some(n) if n > 0 => backoff.equal_jitter(n),
+                // A publish during the round already left a permit in `wake`.
+                _ => Duration::MAX,
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = sleep_or_forever(wait) => {}
+            }
+        }
+        let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
+        on_round(round, self.pending());
+    }
+}
+
+async fn sleep_or_forever(wait: Duration) {
+    if wait == Duration::MAX {
+        std::future::pending::<()>().await;
+    } else {
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn send_all(
+    batch: BTreeMap<EnvironmentId, (u64, Status)>,
+    concurrency: usize,
+    control_plane: &dyn ControlPlane,
+) -> Vec<(EnvironmentId, u64, Result<(), ControlPlaneError>)> {
+    futures::stream::iter(batch)
+        .map(|(id, (version, status))| async move {
+            let result = control_plane.update_status(id, version, &status).await;
+            (id, version, result)
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await
+}

@@ -1,0 +1,733 @@
+//! Reconciling one environment: from (desired spec, stored record, observed
+//! instance) to the next step, level-triggered and idempotent.
+//!
+//! Invariants:
+//! - intent before side effect: a launch's attempt, subnet and client token
+//!   are stored before `launch` is called, and its instance id after;
+//! - an intent without an instance id is resolved by a tag lookup before any
+//!   new launch, so an environment never gets two instances;
+//! - only a definite failure (no capacity, unsupported, rejected) starts a new
+//!   attempt; anything else retries the same token in the same subnet;
+//! - an invalid spec produces a status naming the problem and no side effect
+//!   (deletion excepted);
+//! - every `.await` may be a cancellation point: nothing here relies on
+//!   finishing a step that the next pass could not redo.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::desired::{Desired, Known};
+use crate::model::{
+    Action, DesiredPhase, Environment, EnvironmentClass, EnvironmentId, Instance, InstanceState,
+    LaunchIntent, LaunchState, Phase, Record, Revision, Spec, Status, Subnet, client_token,
+};
+use crate::observer::Observer;
+use crate::outbox::Outbox;
+use crate::traits::{Compute, ComputeError, LaunchRequest, StateStore, StoreError};
+use crate::validate;
+
+/// Why a reconcile failed; it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Reading or writing the record failed.
+    #[error("state store")]
+    Store(#[from] StoreError),
+    /// A compute call failed.
+    #[error("compute")]
+    Compute(#[from] ComputeError),
+}
+
+impl ReconcileError {
+    /// Whether retrying can help (everything but a lost lease).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            Self::Store(StoreError::Fenced) | Self::Compute(ComputeError::Fenced)
+        )
+    }
+
+    /// A low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Store(StoreError::Conflict(_)) => "store_conflict",
+            Self::Store(StoreError::Fenced) | Self::Compute(ComputeError::Fenced) => "fenced",
+            Self::Store(StoreError::Unavailable(_)) => "store_unavailable",
+            Self::Compute(ComputeError::Unavailable(_)) => "compute_unavailable",
+            Self::Compute(ComputeError::NoCapacity { .. }) => "no_capacity",
+            Self::Compute(ComputeError::Rejected(_)) => "compute_rejected",
+        }
+    }
+}
+
+/// Timing of the reconcile loop.
+#[derive(Debug, Clone, Copy)]
+pub struct ReconcileSettings {
+    /// How soon to look again while an instance changes state.
+    pub poll: Duration,
+    /// How soon to look again when nothing is happening (the resync).
+    pub resync: Duration,
+    /// How long to wait after every zone said "no capacity".
+    pub capacity_retry: Duration,
+    /// How long to wait after the cloud rejected a launch.
+    pub rejected_retry: Duration,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_secs(2),
+            resync: Duration::from_secs(300),
+            capacity_retry: Duration::from_secs(60),
+            rejected_retry: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Everything a reconcile uses.
+pub struct Context {
+    /// The record store.
+    pub store: Arc<dyn StateStore>,
+    /// The instances.
+    pub compute: Arc<dyn Compute>,
+    /// The batched view of instances.
+    pub observer: Arc<Observer>,
+    /// Status delivery.
+    pub outbox: Arc<Outbox>,
+    /// What the control plane wants.
+    pub desired: Arc<Desired>,
+    /// Where environments may be placed.
+    pub subnets: Vec<Subnet>,
+    /// Timing.
+    pub settings: ReconcileSettings,
+    records: Mutex<HashMap<EnvironmentId, Record>>,
+    mutated: Mutex<HashMap<EnvironmentId, Instant>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("subnets", &self.subnets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context with the given records (the store's content at start-up).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        compute: Arc<dyn Compute>,
+        observer: Arc<Observer>,
+        outbox: Arc<Outbox>,
+        desired: Arc<Desired>,
+        subnets: Vec<Subnet>,
+        settings: ReconcileSettings,
+        records: Vec<Record>,
+    ) -> Self {
+        Self {
+            store,
+            compute,
+            observer,
+            outbox,
+            desired,
+            subnets,
+            settings,
+            records: Mutex::new(records.into_iter().map(|r| (r.environment, r)).collect()),
+            mutated: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Every environment the runner holds a record of.
+    pub fn recorded(&self) -> Vec<EnvironmentId> {
+        self.records
+            .lock()
+            .expect("records lock is never poisoned")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    fn record(&self, id: EnvironmentId) -> Option<Record> {
+        self.records
+            .lock()
+            .expect("records lock is never poisoned")
+            .get(&id)
+            .cloned()
+    }
+
+    async fn save(&self, record: Record) -> Result<Record, ReconcileError> {
+        match self.store.put(&record).await {
+            Ok(saved) => {
+                self.records
+                    .lock()
+                    .expect("records lock is never poisoned")
+                    .insert(saved.environment, saved.clone());
+                Ok(saved)
+            }
+            Err(err) => {
+                if matches!(err, StoreError::Conflict(_)) {
+                    self.reload(record.environment).await?;
+                }
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn remove(&self, record: &Record) -> Result<(), ReconcileError> {
+        match self.store.delete(record).await {
+            Ok(()) => {
+                self.records
+                    .lock()
+                    .expect("records lock is never poisoned")
+                    .remove(&record.environment);
+                Ok(())
+            }
+            Err(err) => {
+                if matches!(err, StoreError::Conflict(_)) {
+                    self.reload(record.environment).await?;
+                }
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn reload(&self, id: EnvironmentId) -> Result<(), StoreError> {
+        let fresh = self.store.get(id).await?;
+        let mut records = self.records.lock().expect("records lock is never poisoned");
+        match fresh {
+            Some(record) => records.insert(id, record),
+            None => records.remove(&id),
+        };
+        Ok(())
+    }
+
+    fn mark_mutated(&self, id: EnvironmentId) {
+        self.mutated
+            .lock()
+            .expect("mutated lock is never poisoned")
+            .insert(id, Instant::now());
+    }
+
+    /// The instances of `id`, from a view taken after its last mutation.
+    async fn instances(&self, id: EnvironmentId) -> Result<Vec<Instance>, ReconcileError> {
+        let since = self
+            .mutated
+            .lock()
+            .expect("mutated lock is never poisoned")
+            .get(&id)
+            .copied();
+        match (since, self.observer.taken_at()) {
+            (_, None) => self.observer.refresh_after(Instant::now()).await?,
+            (Some(since), Some(taken)) if taken < since => {
+                self.observer.refresh_after(since).await?;
+            }
+            _ => {}
+        }
+        Ok(self.observer.instances(id))
+    }
+
+    fn publish(&self, environment: &Environment, status: Status) {
+        self.outbox
+            .publish(environment.id, environment.accepted_status_version, status);
+    }
+}
+
+/// A spec that passed validation.
+#[derive(Debug, Clone)]
+struct Valid {
+    desired: DesiredPhase,
+    class: Option<EnvironmentClass>,
+}
+
+/// Checks a spec against the field rules and the runner's classes; the error
+/// names the problem for the user.
+pub fn validate_spec(
+    spec: &Spec,
+    class: Option<&EnvironmentClass>,
+) -> Result<DesiredPhase, String> {
+    let desired = spec
+        .desired
+        .ok_or_else(|| "spec.desired_phase: must be RUNNING, STOPPED or DELETED".to_owned())?;
+    if desired == DesiredPhase::Deleted {
+        return Ok(desired);
+    }
+    validate::uuid("spec.environment_class_id", &spec.class_id).map_err(|e| e.to_string())?;
+    let class =
+        class.ok_or_else(|| format!("environment class {} does not exist", spec.class_id))?;
+    if !class.enabled {
+        return Err(format!(
+            "environment class {} ({}) is disabled",
+            class.id, class.display_name
+        ));
+    }
+    validate::instance_type("environment_class.instance_type", &class.instance_type)
+        .map_err(|e| e.to_string())?;
+    validate::disk_gib("environment_class.disk_gib", i64::from(class.disk_gib))
+        .map_err(|e| e.to_string())?;
+    validate::repository_url("spec.content.repository_url", &spec.repository_url)
+        .map_err(|e| e.to_string())?;
+    match &spec.revision {
+        Revision::Default => {}
+        Revision::Branch(b) => {
+            validate::branch("spec.content.branch", b).map_err(|e| e.to_string())?;
+        }
+        Revision::Commit(c) => {
+            validate::commit("spec.content.commit", c).map_err(|e| e.to_string())?;
+        }
+    }
+    validate::text(
+        "metadata.creator",
+        &spec.creator,
+        validate::MAX_PRINCIPAL_LEN,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(desired)
+}
+
+/// The subnet for a launch attempt: spread by environment, moving on with
+/// each attempt, skipping zones that had no capacity.
+pub fn place(
+    environment: EnvironmentId,
+    attempt: u32,
+    subnets: &[Subnet],
+    exhausted: &[String],
+) -> Option<Subnet> {
+    let candidates: Vec<&Subnet> = subnets
+        .iter()
+        .filter(|s| !exhausted.contains(&s.availability_zone))
+        .collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    let (hi, lo) = environment.0.as_u64_pair();
+    let spread = (hi ^ lo) as usize;
+    let index = spread.wrapping_add(attempt.saturating_sub(1) as usize) % candidates.len();
+    Some(candidates[index].clone())
+}
+
+fn lost(instance: &Instance) -> bool {
+    matches!(
+        instance.state,
+        InstanceState::ShuttingDown | InstanceState::Terminated
+    )
+}
+
+fn status(
+    spec: &Spec,
+    phase: Phase,
+    machine: Option<&Instance>,
+    failure: impl Into<String>,
+) -> Status {
+    let failure_message = failure.into();
+    Status {
+        spec_version: spec.spec_version,
+        spec_valid: true,
+        phase,
+        machine: machine
+            .filter(|m| m.state != InstanceState::Terminated)
+            .cloned(),
+        failure_message,
+        warning_message: String::new(),
+    }
+}
+
+/// Reconciles one environment.
+pub async fn reconcile(ctx: &Context, id: EnvironmentId) -> Result<Action, ReconcileError> {
+    match ctx.desired.get(id) {
+        None => Ok(Action::AwaitChange),
+        Some(Known::Gone) => teardown(ctx, id).await,
+        Some(Known::Present(environment)) => converge(ctx, &environment).await,
+    }
+}
+
+/// The control plane does not know the environment: remove what is ours.
+async fn teardown(ctx: &Context, id: EnvironmentId) -> Result<Action, ReconcileError> {
+    let instances = ctx.instances(id).await?;
+    let mut waiting = false;
+    for instance in instances.iter().filter(|i| !lost(i)) {
+        ctx.compute.terminate(&instance.id).await?;
+        ctx.mark_mutated(id);
+        tracing::info!(instance.id = %instance.id, "terminated the instance of an environment the control plane no longer knows");
+        waiting = true;
+    }
+    if waiting
+        || instances
+            .iter()
+            .any(|i| i.state == InstanceState::ShuttingDown)
+    {
+        return Ok(Action::Requeue(ctx.settings.poll));
+    }
+    if let Some(record) = ctx.record(id) {
+        ctx.remove(&record).await?;
+    }
+    ctx.outbox.forget(id);
+    ctx.desired.forget(id);
+    Ok(Action::AwaitChange)
+}
+
+async fn converge(ctx: &Context, env: &Environment) -> Result<Action, ReconcileError> {
+    let id = env.id;
+    let spec = &env.spec;
+    let mut record = ctx.record(id).unwrap_or_else(|| Record::new(id));
+    if spec.spec_version < record.spec_version {
+        // Stale: a newer spec was acted on; the informer will bring it.
+        return Ok(Action::Requeue(ctx.settings.poll));
+    }
+    let class = ctx.desired.class(&spec.class_id);
+    let valid = match validate_spec(spec, class.as_ref()) {
+        Ok(desired) => Valid { desired, class },
+        Err(problem) => return invalid(ctx, env, &record, problem).await,
+    };
+
+    // Resolve an intent without an instance id before anything else.
+    if let Some(launch) = record.launch.clone()
+        && launch.state == LaunchState::Intended
+        && let Some(found) = ctx.compute.find_launch(id, launch.attempt).await?
+    {
+        tracing::info!(instance.id = %found.id, attempt = launch.attempt, "found the instance of an interrupted launch");
+        record.launch = Some(LaunchIntent {
+            state: LaunchState::Launched {
+                instance_id: found.id.clone(),
+            },
+            ..launch
+        });
+        record.spec_version = record.spec_version.max(spec.spec_version);
+        record = ctx.save(record).await?;
+        ctx.observer.record(found);
+    }
+
+    let instances = ctx.instances(id).await?;
+    let current_id = record
+        .launch
+        .as_ref()
+        .and_then(|l| l.instance_id().map(str::to_owned));
+    let current = current_id
+        .as_ref()
+        .and_then(|cid| instances.iter().find(|i| &i.id == cid))
+        .cloned();
+
+    // Instances of this environment that are not its instance (a launch the
+    // runner lost track of) are terminated: an environment has one instance.
+    if current_id.is_some() {
+        for extra in instances
+            .iter()
+            .filter(|i| Some(&i.id) != current_id.as_ref() && !lost(i))
+        {
+            tracing::warn!(instance.id = %extra.id, "terminating a second instance of the environment");
+            ctx.compute.terminate(&extra.id).await?;
+            ctx.mark_mutated(id);
+        }
+    }
+
+    match valid.desired {
+        DesiredPhase::Deleted => delete(ctx, env, record, &instances).await,
+        DesiredPhase::Stopped => stop(ctx, env, current.as_ref(), current_id.as_deref()).await,
+        DesiredPhase::Running => {
+            run(
+                ctx,
+                env,
+                record,
+                &valid,
+                current.as_ref(),
+                current_id.as_deref(),
+            )
+            .await
+        }
+    }
+}
+
+async fn invalid(
+    ctx: &Context,
+    env: &Environment,
+    record: &Record,
+    problem: String,
+) -> Result<Action, ReconcileError> {
+    tracing::warn!(problem = %problem, "invalid spec");
+    let current_id = record
+        .launch
+        .as_ref()
+        .and_then(|l| l.instance_id().map(str::to_owned));
+    let instances = if current_id.is_some() {
+        ctx.instances(env.id).await?
+    } else {
+        Vec::new()
+    };
+    let current = instances
+        .iter()
+        .find(|i| Some(&i.id) == current_id.as_ref());
+    let phase = match current.map(|i| i.state) {
+        None => Phase::Creating,
+        Some(InstanceState::Pending | InstanceState::Running) => Phase::Running,
+        Some(InstanceState::Stopping | InstanceState::Stopped) => Phase::Stopped,
+        Some(InstanceState::ShuttingDown | InstanceState::Terminated) => Phase::Deleted,
+    };
+    let mut s = status(&env.spec, phase, current, problem);
+    s.spec_valid = false;
+    ctx.publish(env, s);
+    Ok(Action::Requeue(ctx.settings.resync))
+}
+
+async fn delete(
+    ctx: &Context,
+    env: &Environment,
+    record: Record,
+    instances: &[Instance],
+) -> Result<Action, ReconcileError> {
+    let mut alive = false;
+    for instance in instances.iter().filter(|i| !lost(i)) {
+        ctx.compute.terminate(&instance.id).await?;
+        ctx.mark_mutated(env.id);
+        alive = true;
+    }
+    let machine = instances
+        .iter()
+        .find(|i| !lost(i) || i.state == InstanceState::ShuttingDown);
+    if alive
+        || instances
+            .iter()
+            .any(|i| i.state == InstanceState::ShuttingDown)
+    {
+        ctx.publish(env, status(&env.spec, Phase::Deleting, machine, ""));
+        return Ok(Action::Requeue(ctx.settings.poll));
+    }
+    if record.version > 0 {
+        ctx.remove(&record).await?;
+    }
+    ctx.publish(env, status(&env.spec, Phase::Deleted, None, ""));
+    Ok(Action::AwaitChange)
+}
+
+fn lost_message(instance_id: &str) -> String {
+    format!(
+        "instance {instance_id} was terminated outside the runner; delete this environment and create a new one"
+    )
+}
+
+async fn stop(
+    ctx: &Context,
+    env: &Environment,
+    current: Option<&Instance>,
+    current_id: Option<&str>,
+) -> Result<Action, ReconcileError> {
+    let Some(instance_id) = current_id else {
+        // Never launched: nothing to stop.
+        ctx.publish(env, status(&env.spec, Phase::Stopped, None, ""));
+        return Ok(Action::Requeue(ctx.settings.resync));
+    };
+    let Some(instance) = current else {
+        return missing(ctx, env, instance_id).await;
+    };
+    let (phase, next) = match instance.state {
+        InstanceState::Running => {
+            ctx.compute.stop(&instance.id).await?;
+            ctx.mark_mutated(env.id);
+            (Phase::Stopping, ctx.settings.poll)
+        }
+        // A pending instance cannot be stopped yet.
+        InstanceState::Pending | InstanceState::Stopping => (Phase::Stopping, ctx.settings.poll),
+        InstanceState::Stopped => (Phase::Stopped, ctx.settings.resync),
+        InstanceState::ShuttingDown | InstanceState::Terminated => {
+            ctx.publish(
+                env,
+                status(
+                    &env.spec,
+                    Phase::Stopped,
+                    Some(instance),
+                    lost_message(&instance.id),
+                ),
+            );
+            return Ok(Action::Requeue(ctx.settings.resync));
+        }
+    };
+    ctx.publish(env, status(&env.spec, phase, Some(instance), ""));
+    Ok(Action::Requeue(next))
+}
+
+/// The record names an instance a view taken after its launch does not
+/// show: terminated so long ago that EC2 no longer lists it.
+async fn missing(
+    ctx: &Context,
+    env: &Environment,
+    instance_id: &str,
+) -> Result<Action, ReconcileError> {
+    ctx.publish(
+        env,
+        status(&env.spec, Phase::Stopped, None, lost_message(instance_id)),
+    );
+    Ok(Action::Requeue(ctx.settings.resync))
+}
+
+async fn run(
+    ctx: &Context,
+    env: &Environment,
+    record: Record,
+    valid: &Valid,
+    current: Option<&Instance>,
+    current_id: Option<&str>,
+) -> Result<Action, ReconcileError> {
+    if let Some(instance_id) = current_id {
+        let Some(instance) = current else {
+            return missing(ctx, env, instance_id).await;
+        };
+        let last_phase = ctx.outbox.last(env.id).map(|s| s.phase);
+        let (phase, next) = match instance.state {
+            InstanceState::Running => (Phase::Running, ctx.settings.resync),
+            InstanceState::Pending if last_phase == Some(Phase::Starting) => {
+                (Phase::Starting, ctx.settings.poll)
+            }
+            InstanceState::Pending => (Phase::Creating, ctx.settings.poll),
+            InstanceState::Stopped => {
+                ctx.compute.start(&instance.id).await?;
+                ctx.mark_mutated(env.id);
+                (Phase::Starting, ctx.settings.poll)
+            }
+            // Wait for the stop to finish, then start.
+            InstanceState::Stopping => (Phase::Starting, ctx.settings.poll),
+            InstanceState::ShuttingDown | InstanceState::Terminated => {
+                ctx.publish(
+                    env,
+                    status(
+                        &env.spec,
+                        Phase::Stopped,
+                        Some(instance),
+                        lost_message(&instance.id),
+                    ),
+                );
+                return Ok(Action::Requeue(ctx.settings.resync));
+            }
+        };
+        ctx.publish(env, status(&env.spec, phase, Some(instance), ""));
+        return Ok(Action::Requeue(next));
+    }
+    launch(ctx, env, record, valid).await
+}
+
+async fn launch(
+    ctx: &Context,
+    env: &Environment,
+    mut record: Record,
+    valid: &Valid,
+) -> Result<Action, ReconcileError> {
+    let class = valid
+        .class
+        .as_ref()
+        .expect("a valid running spec has a class");
+    let id = env.id;
+    // Intent first: reuse an unresolved intent (same token, same subnet), or
+    // decide a new one.
+    let intent = match record.launch.clone() {
+        Some(intent) if intent.state == LaunchState::Intended => intent,
+        _ => {
+            let attempt = record.launch.as_ref().map_or(1, |l| l.attempt + 1);
+            let Some(subnet) = place(id, attempt, &ctx.subnets, &record.exhausted_zones) else {
+                return no_capacity(ctx, env, record, &class.instance_type).await;
+            };
+            let intent = LaunchIntent {
+                attempt,
+                subnet,
+                client_token: client_token(id, attempt),
+                state: LaunchState::Intended,
+            };
+            record.launch = Some(intent.clone());
+            record.spec_version = record.spec_version.max(env.spec.spec_version);
+            record = ctx.save(record).await?;
+            intent
+        }
+    };
+    ctx.publish(env, status(&env.spec, Phase::Creating, None, ""));
+    let request = LaunchRequest {
+        environment: id,
+        attempt: intent.attempt,
+        client_token: intent.client_token.clone(),
+        subnet: intent.subnet.clone(),
+        instance_type: class.instance_type.clone(),
+        disk_gib: class.disk_gib,
+        repository_url: env.spec.repository_url.clone(),
+        revision: env.spec.revision.clone(),
+    };
+    match ctx.compute.launch(&request).await {
+        Ok(instance) => {
+            tracing::info!(instance.id = %instance.id, attempt = intent.attempt, subnet.id = %intent.subnet.id, "launched");
+            ctx.mark_mutated(id);
+            record.launch = Some(LaunchIntent {
+                state: LaunchState::Launched {
+                    instance_id: instance.id.clone(),
+                },
+                ..intent
+            });
+            record.exhausted_zones.clear();
+            ctx.observer.record(instance.clone());
+            ctx.save(record).await?;
+            ctx.publish(env, status(&env.spec, Phase::Creating, Some(&instance), ""));
+            Ok(Action::Requeue(ctx.settings.poll))
+        }
+        Err(ComputeError::NoCapacity { zone, message }) => {
+            tracing::warn!(zone = %zone, error = %message, attempt = intent.attempt, "no capacity; trying another zone");
+            record.exhausted_zones.push(zone);
+            // The next pass decides a new attempt in another zone.
+            record.launch = Some(LaunchIntent {
+                state: LaunchState::Failed,
+                ..intent
+            });
+            next_attempt(ctx, env, record, &class.instance_type).await
+        }
+        Err(ComputeError::Rejected(message)) => {
+            tracing::warn!(error = %message, attempt = intent.attempt, "launch rejected");
+            // No instance came of it; the retry is a new attempt.
+            record.launch = Some(LaunchIntent {
+                state: LaunchState::Failed,
+                ..intent
+            });
+            ctx.save(record).await?;
+            ctx.publish(
+                env,
+                status(
+                    &env.spec,
+                    Phase::Creating,
+                    None,
+                    format!("launch failed: {message}"),
+                ),
+            );
+            Ok(Action::Requeue(ctx.settings.rejected_retry))
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+async fn next_attempt(
+    ctx: &Context,
+    env: &Environment,
+    record: Record,
+    instance_type: &str,
+) -> Result<Action, ReconcileError> {
+    let attempt = record.launch.as_ref().map_or(1, |l| l.attempt + 1);
+    if place(env.id, attempt, &ctx.subnets, &record.exhausted_zones).is_none() {
+        return no_capacity(ctx, env, record, instance_type).await;
+    }
+    ctx.save(record).await?;
+    Ok(Action::Requeue(Duration::ZERO))
+}
+
+async fn no_capacity(
+    ctx: &Context,
+    env: &Environment,
+    mut record: Record,
+    instance_type: &str,
+) -> Result<Action, ReconcileError> {
+    let zones = record.exhausted_zones.join(", ");
+    record.exhausted_zones.clear();
+    ctx.save(record).await?;
+    ctx.publish(
+        env,
+        status(
+            &env.spec,
+            Phase::Creating,
+            None,
+            format!("no capacity for {instance_type} in {zones}; retrying"),
+        ),
+    );
+    Ok(Action::Requeue(ctx.settings.capacity_retry))
+}

@@ -1,0 +1,208 @@
+//! The seams between policy (this crate) and the outside world. Adapters
+//! implement these; in-memory fakes in `testkit` implement them for tests.
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+
+use crate::model::{
+    Environment, EnvironmentClass, EnvironmentId, Instance, Record, Revision, Status, Subnet,
+};
+
+/// A boxed error from an adapter, kept as the source of a typed error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why the state store refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The stored item's version differs from the one the write expected:
+    /// someone else wrote first. Reload and decide again.
+    #[error("record of environment {0} changed concurrently")]
+    Conflict(EnvironmentId),
+    /// This replica no longer holds the lease; it must not write.
+    #[error("this replica lost its lease")]
+    Fenced,
+    /// The store could not be reached or failed.
+    #[error("state store unavailable")]
+    Unavailable(#[source] BoxError),
+}
+
+/// Where the runner keeps its records. Every write is conditional on the
+/// record's `version`; a lost race is [`StoreError::Conflict`], never a
+/// silent overwrite.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Every record (one query, used at start-up).
+    async fn list(&self) -> Result<Vec<Record>, StoreError>;
+    /// One record.
+    async fn get(&self, environment: EnvironmentId) -> Result<Option<Record>, StoreError>;
+    /// Writes `record` if the stored version equals `record.version` (0: must
+    /// not exist yet); returns it with its new version.
+    async fn put(&self, record: &Record) -> Result<Record, StoreError>;
+    /// Deletes `record` if the stored version equals `record.version`.
+    async fn delete(&self, record: &Record) -> Result<(), StoreError>;
+    /// A cheap call that proves the store works.
+    async fn check(&self) -> Result<(), StoreError>;
+}
+
+/// Why a compute call failed, classified once by the adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    /// The zone has no capacity for the instance type, or does not offer it:
+    /// definite; try another zone with a new attempt.
+    #[error("no capacity in {zone}: {message}")]
+    NoCapacity {
+        /// The availability zone.
+        zone: String,
+        /// What the cloud said.
+        message: String,
+    },
+    /// The request cannot succeed as it is (bad image, bad parameters,
+    /// missing permission); retrying the same request is pointless.
+    #[error("{0}")]
+    Rejected(String),
+    /// Throttling, 5xx or a timeout that outlived the SDK's retries: retry the
+    /// same request (same token, same subnet) later.
+    #[error("compute unavailable")]
+    Unavailable(#[source] BoxError),
+    /// This replica no longer holds the lease; it must not mutate.
+    #[error("this replica lost its lease")]
+    Fenced,
+}
+
+/// What a launch needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchRequest {
+    /// The environment.
+    pub environment: EnvironmentId,
+    /// Its launch attempt.
+    pub attempt: u32,
+    /// Idempotency token of this attempt.
+    pub client_token: String,
+    /// Where.
+    pub subnet: Subnet,
+    /// EC2 instance type.
+    pub instance_type: String,
+    /// Root disk in GiB.
+    pub disk_gib: u32,
+    /// Repository to check out.
+    pub repository_url: String,
+    /// What to check out.
+    pub revision: Revision,
+}
+
+/// The cloud's instances.
+#[async_trait]
+pub trait Compute: Send + Sync + 'static {
+    /// Launches one instance, tagged with the environment and attempt.
+    async fn launch(&self, request: &LaunchRequest) -> Result<Instance, ComputeError>;
+    /// Finds the instance an earlier launch attempt created, by its tags.
+    async fn find_launch(
+        &self,
+        environment: EnvironmentId,
+        attempt: u32,
+    ) -> Result<Option<Instance>, ComputeError>;
+    /// Every instance tagged as this runner's, in one paged call.
+    async fn observe(&self) -> Result<Vec<Instance>, ComputeError>;
+    /// Starts a stopped instance.
+    async fn start(&self, instance_id: &str) -> Result<(), ComputeError>;
+    /// Stops a running instance, keeping its disk.
+    async fn stop(&self, instance_id: &str) -> Result<(), ComputeError>;
+    /// Terminates an instance.
+    async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError>;
+    /// The availability zones (among the configured ones) that offer the type.
+    async fn offered_zones(&self, instance_type: &str) -> Result<Vec<String>, ComputeError>;
+    /// A cheap call that proves compute works.
+    async fn check(&self) -> Result<(), ComputeError>;
+}
+
+/// The runner's credentials, kept in the secret store.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// The one-time exchange token, until it is traded.
+    pub exchange_token: Option<SecretString>,
+    /// The access token for RunnerService calls.
+    pub access_token: Option<SecretString>,
+    /// The X25519 private key that opens sealed boxes.
+    pub private_key: Option<SecretKeyBytes>,
+}
+
+/// 32 secret bytes; their `Debug` never shows them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretKeyBytes(pub [u8; 32]);
+
+impl std::fmt::Debug for SecretKeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKeyBytes(..)")
+    }
+}
+
+/// Why the secret store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The secret holds something the runner cannot read.
+    #[error("the runner secret is malformed: {0}")]
+    Malformed(String),
+    /// The store could not be reached or failed.
+    #[error("secret store unavailable")]
+    Unavailable(#[source] BoxError),
+}
+
+/// Where the runner's own credentials live.
+#[async_trait]
+pub trait SecretStore: Send + Sync + 'static {
+    /// Reads the credentials.
+    async fn load(&self) -> Result<Credentials, SecretError>;
+    /// Replaces the credentials.
+    async fn save(&self, credentials: &Credentials) -> Result<(), SecretError>;
+}
+
+/// Why a control-plane call failed, classified once.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    /// The control plane refused the request as it is (invalid argument,
+    /// failed precondition); retrying it unchanged is pointless.
+    #[error("control plane rejected the request: {0}")]
+    Rejected(String),
+    /// Anything else: retry later.
+    #[error("control plane unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The control plane, as the reconcile engine needs it.
+#[async_trait]
+pub trait ControlPlane: Send + Sync + 'static {
+    /// Every environment assigned to this runner (all pages, or an error).
+    async fn list_environments(&self) -> Result<Vec<Environment>, ControlPlaneError>;
+    /// One environment; `None` when the control plane does not know it.
+    async fn get_environment(
+        &self,
+        id: EnvironmentId,
+    ) -> Result<Option<Environment>, ControlPlaneError>;
+    /// Every environment class of this runner.
+    async fn list_classes(&self) -> Result<Vec<EnvironmentClass>, ControlPlaneError>;
+    /// Reports a status with its version.
+    async fn update_status(
+        &self,
+        id: EnvironmentId,
+        status_version: u64,
+        status: &Status,
+    ) -> Result<(), ControlPlaneError>;
+}
+
+/// Wall-clock time, injectable for tests.
+pub trait Clock: Send + Sync + 'static {
+    /// Now.
+    fn now(&self) -> SystemTime;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
