@@ -1,15 +1,14 @@
 //! Compiles `proto/` with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Relative, so that checkouts sharing one target directory each watch their own files.
+    println!("cargo:rerun-if-changed=../../proto");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let files = [
         root.join("runner/v1/identity.proto"),
         root.join("runner/v1/runner.proto"),
         root.join("admin/v1/admin.proto"),
     ];
-    for file in &files {
-        println!("cargo:rerun-if-changed={}", file.display());
-    }
     let descriptors = protox::compile(&files, [&root])?;
     tonic_prost_build::configure()
         .build_client(true)

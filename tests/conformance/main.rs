@@ -173,6 +173,7 @@ pub(crate) fn create_environment_request(
         creator: "alice".into(),
         name: String::new(),
         timeout: None,
+        unchecked: false,
     }
 }
 

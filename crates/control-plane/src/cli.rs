@@ -255,6 +255,10 @@ pub enum EnvCommand {
         /// Stop after no client was connected for this long (e.g. 2h).
         #[arg(long, value_parser = humantime::parse_duration)]
         disconnected_timeout: Option<Duration>,
+        /// Skip the control plane's checks of class and content (to test how
+        /// a runner handles specs it must refuse).
+        #[arg(long)]
+        unchecked: bool,
     },
     /// Show an environment, with the last status its runner reported.
     Get {
@@ -721,6 +725,7 @@ async fn env(client: &mut Client, cmd: EnvCommand, out: Output) -> anyhow::Resul
             creator,
             name,
             disconnected_timeout,
+            unchecked,
         } => {
             let revision = branch
                 .map(Revision::Branch)
@@ -746,6 +751,7 @@ async fn env(client: &mut Client, cmd: EnvCommand, out: Output) -> anyhow::Resul
                     creator,
                     name,
                     timeout,
+                    unchecked,
                 })
                 .await?
                 .into_inner();

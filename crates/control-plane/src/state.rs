@@ -541,23 +541,40 @@ impl State {
     ) -> Result<(EnvironmentRecord, Event), Status> {
         let runner_id = validate::uuid("runner_id", &req.runner_id).map_err(invalid)?;
         self.runner(runner_id)?;
-        let class_id =
-            validate::uuid("environment_class_id", &req.environment_class_id).map_err(invalid)?;
-        let class = self
-            .classes
-            .get(&class_id)
-            .filter(|c| c.runner_id == runner_id)
-            .ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "environment_class_id: class {class_id} does not exist for runner {runner_id}"
-                ))
-            })?;
-        if !class.class.enabled {
-            return Err(Status::failed_precondition(format!(
-                "environment_class_id: class {class_id} is disabled"
-            )));
+        if req.unchecked {
+            // Unchecked specs still fit the wire limits a runner relies on.
+            validate::optional_text("environment_class_id", &req.environment_class_id, 64)
+                .map_err(invalid)?;
+            let url = req
+                .content
+                .as_ref()
+                .map(|c| c.repository_url.as_str())
+                .unwrap_or_default();
+            validate::optional_text(
+                "content.repository_url",
+                url,
+                validate::MAX_REPOSITORY_URL_LEN,
+            )
+            .map_err(invalid)?;
+        } else {
+            let class_id = validate::uuid("environment_class_id", &req.environment_class_id)
+                .map_err(invalid)?;
+            let class = self
+                .classes
+                .get(&class_id)
+                .filter(|c| c.runner_id == runner_id)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "environment_class_id: class {class_id} does not exist for runner {runner_id}"
+                    ))
+                })?;
+            if !class.class.enabled {
+                return Err(Status::failed_precondition(format!(
+                    "environment_class_id: class {class_id} is disabled"
+                )));
+            }
+            check_content(req.content.as_ref())?;
         }
-        check_content(req.content.as_ref())?;
         let creator = if req.creator.is_empty() {
             "admin"
         } else {
@@ -590,6 +607,7 @@ impl State {
                     content: req.content.clone(),
                     timeout: req.timeout,
                 }),
+                accepted_status_version: 0,
             },
             status: None,
             status_updated_at: None,
@@ -768,6 +786,7 @@ impl State {
         }
         let deleted = phase == pb::EnvironmentPhase::Deleted
             && spec.desired_phase == pb::EnvironmentPhase::Deleted as i32;
+        record.environment.accepted_status_version = status.status_version;
         record.status = Some(status.clone());
         record.status_updated_at = Some(now);
         record.purged = deleted;

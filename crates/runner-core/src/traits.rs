@@ -111,6 +111,8 @@ pub trait Compute: Send + Sync + 'static {
     async fn stop(&self, instance_id: &str) -> Result<(), ComputeError>;
     /// Terminates an instance.
     async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError>;
+    /// The configured subnets with their availability zones.
+    async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError>;
     /// The availability zones (among the configured ones) that offer the type.
     async fn offered_zones(&self, instance_type: &str) -> Result<Vec<String>, ComputeError>;
     /// A cheap call that proves compute works.

@@ -1,0 +1,357 @@
+//! Wiring and lifetime: builds the parts from a [`Config`] and the adapters,
+//! runs every long-lived task under one cancellation token and task tracker,
+//! and shuts down in order.
+//!
+//! Shutdown: the root token stops the session, the informer and new work;
+//! in-flight reconciles get the grace period; then the status outbox makes a
+//! last delivery. A critical task that ends on its own, or panics, is fatal:
+//! everything stops and [`run`] returns the reason.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runner_core::backoff::Backoff;
+use runner_core::desired::Desired;
+use runner_core::model::{EnvironmentId, Subnet};
+use runner_core::observer::Observer;
+use runner_core::outbox::Outbox;
+use runner_core::reconcile::{Context, ReconcileSettings, reconcile};
+use runner_core::scheduler::{Scheduler, SchedulerConfig};
+use runner_core::traits::{Compute, ControlPlane, SecretStore, StateStore};
+use runner_proto::pb::identity_service_client::IdentityServiceClient;
+use runner_proto::pb::runner_service_client::RunnerServiceClient;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::config::Config;
+use crate::grpc::{self, Auth, GrpcControlPlane};
+use crate::health::{self, Health, chain};
+use crate::informer::Informer;
+use crate::session::{Session, SessionError};
+use crate::telemetry::{InstrumentedCompute, Metrics};
+
+/// The adapters the daemon runs on.
+pub struct Deps {
+    /// Records.
+    pub store: Arc<dyn StateStore>,
+    /// Instances.
+    pub compute: Arc<dyn Compute>,
+    /// The runner's credentials.
+    pub secrets: Arc<dyn SecretStore>,
+}
+
+impl std::fmt::Debug for Deps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deps { .. }")
+    }
+}
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The health port could not be opened.
+    #[error("listen on the health port")]
+    Listen(#[source] std::io::Error),
+    /// The control-plane channel could not be configured.
+    #[error(transparent)]
+    Channel(#[from] grpc::ChannelError),
+    /// The session could not be established.
+    #[error("control-plane session")]
+    Session(#[source] SessionError),
+    /// A task that must run for the daemon's life ended.
+    #[error("critical task {task} ended: {reason}")]
+    TaskEnded {
+        /// The task.
+        task: &'static str,
+        /// How.
+        reason: String,
+    },
+}
+
+/// Where the health port listens, once bound (for tests that bind port 0).
+pub type BoundAddr = tokio::sync::oneshot::Sender<std::net::SocketAddr>;
+
+async fn retry_until<T, E: std::error::Error>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut attempt: impl AsyncFnMut() -> Result<T, E>,
+) -> Option<T> {
+    let backoff = Backoff {
+        base: Duration::from_millis(500),
+        max: Duration::from_secs(30),
+    };
+    let mut failures = 0;
+    loop {
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(err) => {
+                failures += 1;
+                tracing::warn!(error = %chain(&err), "{what} failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(backoff.full_jitter(failures)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled (Ok) or a critical task
+/// fails (Err).
+pub async fn run(
+    config: Config,
+    deps: Deps,
+    shutdown: CancellationToken,
+    bound: Option<BoundAddr>,
+) -> Result<(), AppError> {
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let tracker = TaskTracker::new();
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel::<(&'static str, String)>();
+    let spawn_critical =
+        |name: &'static str, task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+            let fatal_tx = fatal_tx.clone();
+            let shutdown = shutdown.clone();
+            let handle = tokio::spawn(task.instrument(tracing::info_span!("task", name)));
+            tracker.spawn(async move {
+                let reason = match handle.await {
+                    Ok(()) if shutdown.is_cancelled() => return,
+                    Ok(()) => "returned".to_owned(),
+                    Err(err) if err.is_panic() => "panicked".to_owned(),
+                    Err(err) => err.to_string(),
+                };
+                let _ = fatal_tx.send((name, reason));
+            });
+        };
+
+    // The health port first, so ECS sees the process alive while it starts.
+    let listener = health::bind(config.health_listen)
+        .await
+        .map_err(AppError::Listen)?;
+    if let Some(bound) = bound {
+        let _ = bound.send(listener.local_addr().map_err(AppError::Listen)?);
+    }
+    spawn_critical(
+        "health-port",
+        Box::pin({
+            let (health, metrics, shutdown) = (health.clone(), metrics.clone(), shutdown.clone());
+            async move {
+                if let Err(err) = health::serve(listener, health, metrics, shutdown).await {
+                    tracing::error!(error = %err, "health port failed");
+                }
+            }
+        }),
+    );
+
+    let compute: Arc<dyn Compute> = Arc::new(InstrumentedCompute::new(
+        deps.compute.clone(),
+        metrics.clone(),
+    ));
+    let store = deps.store.clone();
+    spawn_critical(
+        "health-monitor",
+        Box::pin(health.clone().monitor(
+            store.clone(),
+            compute.clone(),
+            Duration::from_secs(30),
+            shutdown.clone(),
+        )),
+    );
+
+    let Some(subnets) = retry_until("resolve the configured subnets", &shutdown, async || {
+        compute.subnets(&config.placement.subnet_ids).await
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let Some(records) = retry_until("load the runner's records", &shutdown, async || {
+        store.list().await
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    tracing::info!(
+        records = records.len(),
+        subnets = subnets.len(),
+        "state loaded"
+    );
+
+    let channel = grpc::channel(&config.control_plane)?;
+    let auth = Auth::default();
+    let client = RunnerServiceClient::with_interceptor(channel.clone(), auth.clone());
+    let control_plane: Arc<dyn ControlPlane> = Arc::new(GrpcControlPlane::new(
+        client.clone(),
+        config.control_plane.timeout,
+    ));
+    let session = Arc::new(Session {
+        runner_id: config.runner_id.clone(),
+        region: config.region.clone(),
+        client,
+        identity: IdentityServiceClient::new(channel),
+        auth,
+        secrets: deps.secrets.clone(),
+        compute: compute.clone(),
+        zones: zones(&subnets),
+        health: health.clone(),
+        metrics: metrics.clone(),
+        timeout: config.control_plane.timeout,
+        max_stream_age: config.control_plane.max_stream_age,
+    });
+    let key = match session.credentials(&shutdown).await {
+        Ok(key) => key,
+        Err(SessionError::Cancelled) => return Ok(()),
+        Err(err) => return Err(AppError::Session(err)),
+    };
+    match session.signup(&key, &shutdown).await {
+        Ok(()) => {}
+        Err(SessionError::Cancelled) => return Ok(()),
+        Err(err) => return Err(AppError::Session(err)),
+    }
+
+    let observer = Arc::new(Observer::new(
+        compute.clone(),
+        config.engine.observe_interval,
+    ));
+    let outbox = Arc::new(Outbox::default());
+    let desired = Arc::new(Desired::default());
+    let context = Arc::new(Context::new(
+        store.clone(),
+        compute.clone(),
+        observer.clone(),
+        outbox.clone(),
+        desired.clone(),
+        subnets,
+        ReconcileSettings {
+            poll: config.engine.poll_interval,
+            resync: config.engine.resync_interval,
+            ..ReconcileSettings::default()
+        },
+        records,
+    ));
+
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    spawn_critical(
+        "heartbeat",
+        Box::pin(session.clone().heartbeat(shutdown.clone())),
+    );
+    spawn_critical(
+        "watch",
+        Box::pin(session.clone().watch(events_tx, shutdown.clone())),
+    );
+
+    let (queue, scheduler) = Scheduler::<EnvironmentId>::new(SchedulerConfig {
+        concurrency: config.engine.concurrency,
+        backoff: Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        },
+    });
+    let synced = CancellationToken::new();
+    spawn_critical(
+        "informer",
+        Box::pin(
+            Informer {
+                control_plane: control_plane.clone(),
+                desired,
+                context: context.clone(),
+                observer,
+                queue,
+                health: health.clone(),
+                resync: config.engine.resync_interval,
+            }
+            .run(events_rx, synced.clone(), shutdown.clone()),
+        ),
+    );
+
+    // Status delivery outlives the scheduler, for a last flush.
+    let outbox_stop = CancellationToken::new();
+    let outbox_task = tokio::spawn({
+        let (outbox, metrics, stop) = (outbox.clone(), metrics.clone(), outbox_stop.clone());
+        let backoff = Backoff {
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        };
+        async move {
+            outbox
+                .run(
+                    control_plane,
+                    backoff,
+                    16,
+                    move |round, pending| metrics.status_round(round, pending),
+                    stop,
+                )
+                .await;
+        }
+        .instrument(tracing::info_span!("task", name = "status-outbox"))
+    });
+
+    let grace = config.engine.shutdown_grace;
+    let scheduler_task = tokio::spawn({
+        let (metrics, shutdown, synced) = (metrics.clone(), shutdown.clone(), synced.clone());
+        async move {
+            // No create or terminate before the first full sync.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = synced.cancelled() => {}
+            }
+            let work_metrics = metrics.clone();
+            let work = move |id: EnvironmentId| {
+                let context = context.clone();
+                let metrics = work_metrics.clone();
+                async move {
+                    let started = Instant::now();
+                    let result = reconcile(&context, id).await;
+                    let outcome = match &result {
+                        Ok(_) => "ok",
+                        Err(err) => {
+                            tracing::warn!(error = %chain(err), retryable = err.is_retryable(), "reconcile failed");
+                            err.metric_label()
+                        }
+                    };
+                    metrics.reconciled(outcome, started.elapsed());
+                    result
+                }
+                .instrument(tracing::info_span!("reconcile", env.id = %id))
+            };
+            let drained = scheduler.run(work, metrics.as_ref(), shutdown, grace).await;
+            tracing::info!(finished = drained.finished, aborted = drained.aborted, "work queue drained");
+        }
+        .instrument(tracing::info_span!("task", name = "scheduler"))
+    });
+
+    let result = tokio::select! {
+        () = shutdown.cancelled() => {
+            tracing::info!("shutting down: no new work, draining in-flight reconciles");
+            Ok(())
+        }
+        Some((task, reason)) = fatal_rx.recv() => {
+            tracing::error!(task, reason = %reason, "critical task ended; stopping");
+            shutdown.cancel();
+            Err(AppError::TaskEnded { task, reason })
+        }
+    };
+    if let Err(err) = scheduler_task.await {
+        tracing::error!(error = %err, "the scheduler panicked");
+    }
+    outbox_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(3), outbox_task).await;
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    tracing::info!("stopped");
+    result
+}
+
+fn zones(subnets: &[Subnet]) -> Vec<String> {
+    let mut zones: Vec<String> = subnets
+        .iter()
+        .map(|s| s.availability_zone.clone())
+        .collect();
+    zones.sort();
+    zones.dedup();
+    zones
+}

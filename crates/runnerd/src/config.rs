@@ -1,0 +1,668 @@
+//! Configuration: one clap struct, every flag with a `RUNNER_*` environment
+//! variable (set by the stack), validated into [`Config`] before any task
+//! starts. A bad value names its flag and exits with code 64.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use runner_core::validate;
+
+/// Exit code for a bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// The AWS runner daemon.
+#[derive(Debug, Parser)]
+#[command(
+    name = "runnerd",
+    version,
+    max_term_width = 100,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    /// A one-off command instead of the daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The daemon's settings.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// One-off commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Probe the daemon's readiness (for the ECS container health check):
+    /// exit 0 when /readyz answers 200, 1 otherwise.
+    Health {
+        /// The readiness URL.
+        #[arg(
+            long,
+            env = "RUNNER_HEALTH_URL",
+            default_value = "http://127.0.0.1:9090/readyz"
+        )]
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// JSON when standard output is not a terminal, text otherwise.
+    Auto,
+    /// One JSON object per line (for CloudWatch).
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// The daemon's flags.
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// This runner's id, from the control plane (stack parameter RunnerId).
+    #[arg(long, env = "RUNNER_ID", required = true)]
+    pub runner_id: Option<String>,
+    /// The AWS region the runner works in; fixed for its life.
+    #[arg(long, env = "RUNNER_REGION", required = true)]
+    pub region: Option<String>,
+    /// The control plane's URL (https://...).
+    #[arg(long, env = "RUNNER_CONTROL_PLANE_URL", required = true)]
+    pub control_plane_url: Option<String>,
+    /// PEM file of CA certificates trusted for the control plane, in addition
+    /// to the system's roots.
+    #[arg(long, env = "RUNNER_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Allow an http:// control-plane URL on a loopback address (local runs).
+    #[arg(long, env = "RUNNER_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
+    /// The VPC environments are launched into.
+    #[arg(long, env = "RUNNER_VPC_ID", required = true)]
+    pub vpc_id: Option<String>,
+    /// Comma-separated subnet ids environments are spread across.
+    #[arg(
+        long,
+        env = "RUNNER_SUBNET_IDS",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub subnet_ids: Vec<String>,
+    /// The environments' security group.
+    #[arg(long, env = "RUNNER_SECURITY_GROUP_ID", required = true)]
+    pub security_group_id: Option<String>,
+    /// The environments' instance profile (name or ARN).
+    #[arg(long, env = "RUNNER_INSTANCE_PROFILE", required = true)]
+    pub instance_profile: Option<String>,
+    /// The environments' AMI: an id (ami-...) or resolve:ssm:<parameter>.
+    #[arg(long, env = "RUNNER_AMI", required = true)]
+    pub ami: Option<String>,
+    /// The DynamoDB table holding the runner's state.
+    #[arg(long, env = "RUNNER_TABLE", required = true)]
+    pub table: Option<String>,
+    /// The Secrets Manager secret holding the runner's credentials.
+    #[arg(long, env = "RUNNER_SECRET_ID", required = true)]
+    pub secret_id: Option<String>,
+    /// The KMS key that encrypts users' tokens.
+    #[arg(long, env = "RUNNER_KMS_KEY_ID", required = true)]
+    pub kms_key_id: Option<String>,
+    /// Most environments reconciled at once.
+    #[arg(long, env = "RUNNER_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Sustained EC2 mutating calls per second (start, stop, terminate).
+    #[arg(long, env = "RUNNER_EC2_MUTATE_RATE", default_value_t = 5.0)]
+    pub ec2_mutate_rate: f64,
+    /// Burst of EC2 mutating calls.
+    #[arg(long, env = "RUNNER_EC2_MUTATE_BURST", default_value_t = 10)]
+    pub ec2_mutate_burst: u32,
+    /// Sustained RunInstances calls per second.
+    #[arg(long, env = "RUNNER_EC2_LAUNCH_RATE", default_value_t = 2.0)]
+    pub ec2_launch_rate: f64,
+    /// Burst of RunInstances calls.
+    #[arg(long, env = "RUNNER_EC2_LAUNCH_BURST", default_value_t = 5)]
+    pub ec2_launch_burst: u32,
+    /// Sustained EC2 describe calls per second.
+    #[arg(long, env = "RUNNER_EC2_DESCRIBE_RATE", default_value_t = 10.0)]
+    pub ec2_describe_rate: f64,
+    /// Full resync of every environment (list, observe, reconcile).
+    #[arg(long, env = "RUNNER_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub resync_interval: Duration,
+    /// How soon an environment in transition is looked at again.
+    #[arg(long, env = "RUNNER_POLL_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+    /// Shortest time between two describes of all instances.
+    #[arg(long, env = "RUNNER_OBSERVE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub observe_interval: Duration,
+    /// Time to drain in-flight work after SIGTERM (under ECS's 30 s stop timeout).
+    #[arg(long, env = "RUNNER_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Timeout of one control-plane call.
+    #[arg(long, env = "RUNNER_CONTROL_PLANE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub control_plane_timeout: Duration,
+    /// Longest a watch stream is kept before a clean reconnect (plus jitter).
+    #[arg(long, env = "RUNNER_MAX_STREAM_AGE", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub max_stream_age: Duration,
+    /// Address of the health and metrics port (/healthz, /readyz, /metrics).
+    #[arg(long, env = "RUNNER_HEALTH_LISTEN", default_value = "127.0.0.1:9090")]
+    pub health_listen: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "RUNNER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing-subscriber syntax), e.g. "info,runner_core=debug".
+    #[arg(long, env = "RUNNER_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// A configuration value that is not acceptable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{flag} ({env}): {problem}")]
+pub struct ConfigError {
+    /// The flag's long name.
+    pub flag: &'static str,
+    /// Its environment variable.
+    pub env: &'static str,
+    /// What is wrong.
+    pub problem: String,
+}
+
+fn bad(flag: &'static str, env: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        env,
+        problem: problem.into(),
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This runner's id.
+    pub runner_id: String,
+    /// The region.
+    pub region: String,
+    /// The control plane.
+    pub control_plane: ControlPlaneConfig,
+    /// Where environments go.
+    pub placement: Placement,
+    /// The DynamoDB table.
+    pub table: String,
+    /// The runner's secret.
+    pub secret_id: String,
+    /// The KMS key for users' tokens.
+    pub kms_key_id: String,
+    /// EC2 call budgets.
+    pub rate_limits: RateLimits,
+    /// Work and timing.
+    pub engine: EngineConfig,
+    /// The health port.
+    pub health_listen: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log: String,
+}
+
+/// How to reach the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    /// Its URL.
+    pub url: String,
+    /// Extra trusted CA certificates (PEM).
+    pub ca_bundle: Option<Vec<u8>>,
+    /// Timeout of one call.
+    pub timeout: Duration,
+    /// Longest stream age before a clean reconnect.
+    pub max_stream_age: Duration,
+}
+
+/// Where and how environments are launched.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// The VPC.
+    pub vpc_id: String,
+    /// Subnets, in the order given.
+    pub subnet_ids: Vec<String>,
+    /// The environments' security group.
+    pub security_group_id: String,
+    /// The environments' instance profile.
+    pub instance_profile: String,
+    /// The AMI (id or resolve:ssm: reference).
+    pub ami: String,
+}
+
+/// EC2 call budgets (token buckets below EC2's own).
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimits {
+    /// Mutating calls per second.
+    pub mutate_rate: f64,
+    /// Mutating burst.
+    pub mutate_burst: u32,
+    /// RunInstances per second.
+    pub launch_rate: f64,
+    /// RunInstances burst.
+    pub launch_burst: u32,
+    /// Describes per second.
+    pub describe_rate: f64,
+}
+
+/// Work and timing of the reconcile engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Most reconciles at once.
+    pub concurrency: usize,
+    /// Full resync interval.
+    pub resync_interval: Duration,
+    /// Poll interval for environments in transition.
+    pub poll_interval: Duration,
+    /// Shortest time between describes.
+    pub observe_interval: Duration,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+fn prefixed_id(
+    flag: &'static str,
+    env: &'static str,
+    value: &str,
+    prefix: &str,
+) -> Result<String, ConfigError> {
+    let ok = value.strip_prefix(prefix).is_some_and(|hex| {
+        (8..=17).contains(&hex.len())
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    });
+    if !ok {
+        return Err(bad(flag, env, format!("{value:?} is not a {prefix}... id")));
+    }
+    Ok(value.to_owned())
+}
+
+fn required(
+    flag: &'static str,
+    env: &'static str,
+    value: Option<&String>,
+) -> Result<String, ConfigError> {
+    match value.map(|v| v.trim()) {
+        Some(v) if !v.is_empty() => Ok(v.to_owned()),
+        _ => Err(bad(flag, env, "is required")),
+    }
+}
+
+fn positive(
+    flag: &'static str,
+    env: &'static str,
+    value: Duration,
+) -> Result<Duration, ConfigError> {
+    if value.is_zero() {
+        return Err(bad(flag, env, "must be longer than zero"));
+    }
+    Ok(value)
+}
+
+fn rate(flag: &'static str, env: &'static str, value: f64) -> Result<f64, ConfigError> {
+    if !value.is_finite() || value <= 0.0 || value > 1000.0 {
+        return Err(bad(
+            flag,
+            env,
+            format!("{value} is not between 0 and 1000 per second"),
+        ));
+    }
+    Ok(value)
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.strip_prefix("http://").unwrap_or_default();
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl DaemonArgs {
+    /// Validates every value; the first bad one is returned.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let runner_id = required("runner-id", "RUNNER_ID", self.runner_id.as_ref())?;
+        validate::uuid("runner_id", &runner_id)
+            .map_err(|e| bad("runner-id", "RUNNER_ID", e.problem))?;
+        let region = required("region", "RUNNER_REGION", self.region.as_ref())?;
+        validate::region("region", &region)
+            .map_err(|e| bad("region", "RUNNER_REGION", e.problem))?;
+
+        let url = required(
+            "control-plane-url",
+            "RUNNER_CONTROL_PLANE_URL",
+            self.control_plane_url.as_ref(),
+        )?;
+        if url.starts_with("http://") {
+            if !self.allow_plaintext {
+                return Err(bad(
+                    "control-plane-url",
+                    "RUNNER_CONTROL_PLANE_URL",
+                    "must be https:// (plaintext needs --allow-plaintext, on loopback only)",
+                ));
+            }
+            if !is_loopback_url(&url) {
+                return Err(bad(
+                    "control-plane-url",
+                    "RUNNER_CONTROL_PLANE_URL",
+                    "plaintext is only allowed to a loopback address",
+                ));
+            }
+        } else if !url.starts_with("https://") {
+            return Err(bad(
+                "control-plane-url",
+                "RUNNER_CONTROL_PLANE_URL",
+                "must start with https://",
+            ));
+        }
+        if url.parse::<tonic::transport::Uri>().is_err() {
+            return Err(bad(
+                "control-plane-url",
+                "RUNNER_CONTROL_PLANE_URL",
+                "is not a valid URL",
+            ));
+        }
+        let ca_bundle = match &self.ca_bundle {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    bad(
+                        "ca-bundle",
+                        "RUNNER_CA_BUNDLE",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(bad(
+                        "ca-bundle",
+                        "RUNNER_CA_BUNDLE",
+                        format!("{} holds no PEM certificate", path.display()),
+                    ));
+                }
+                Some(pem)
+            }
+            None => None,
+        };
+
+        let vpc_id = prefixed_id(
+            "vpc-id",
+            "RUNNER_VPC_ID",
+            &required("vpc-id", "RUNNER_VPC_ID", self.vpc_id.as_ref())?,
+            "vpc-",
+        )?;
+        if self.subnet_ids.is_empty() {
+            return Err(bad("subnet-ids", "RUNNER_SUBNET_IDS", "is required"));
+        }
+        let mut subnet_ids = Vec::new();
+        for subnet in &self.subnet_ids {
+            let subnet = prefixed_id("subnet-ids", "RUNNER_SUBNET_IDS", subnet.trim(), "subnet-")?;
+            if subnet_ids.contains(&subnet) {
+                return Err(bad(
+                    "subnet-ids",
+                    "RUNNER_SUBNET_IDS",
+                    format!("{subnet} is listed twice"),
+                ));
+            }
+            subnet_ids.push(subnet);
+        }
+        let security_group_id = prefixed_id(
+            "security-group-id",
+            "RUNNER_SECURITY_GROUP_ID",
+            &required(
+                "security-group-id",
+                "RUNNER_SECURITY_GROUP_ID",
+                self.security_group_id.as_ref(),
+            )?,
+            "sg-",
+        )?;
+        let instance_profile = required(
+            "instance-profile",
+            "RUNNER_INSTANCE_PROFILE",
+            self.instance_profile.as_ref(),
+        )?;
+        let ami = required("ami", "RUNNER_AMI", self.ami.as_ref())?;
+        if !ami.starts_with("resolve:ssm:/") {
+            prefixed_id("ami", "RUNNER_AMI", &ami, "ami-")?;
+        }
+        let table = required("table", "RUNNER_TABLE", self.table.as_ref())?;
+        if !(3..=255).contains(&table.len())
+            || !table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(bad(
+                "table",
+                "RUNNER_TABLE",
+                format!("{table:?} is not a DynamoDB table name"),
+            ));
+        }
+        let secret_id = required("secret-id", "RUNNER_SECRET_ID", self.secret_id.as_ref())?;
+        let kms_key_id = required("kms-key-id", "RUNNER_KMS_KEY_ID", self.kms_key_id.as_ref())?;
+
+        if !(1..=1024).contains(&self.concurrency) {
+            return Err(bad(
+                "concurrency",
+                "RUNNER_CONCURRENCY",
+                "must be between 1 and 1024",
+            ));
+        }
+        let rate_limits = RateLimits {
+            mutate_rate: rate(
+                "ec2-mutate-rate",
+                "RUNNER_EC2_MUTATE_RATE",
+                self.ec2_mutate_rate,
+            )?,
+            mutate_burst: self.ec2_mutate_burst.max(1),
+            launch_rate: rate(
+                "ec2-launch-rate",
+                "RUNNER_EC2_LAUNCH_RATE",
+                self.ec2_launch_rate,
+            )?,
+            launch_burst: self.ec2_launch_burst.max(1),
+            describe_rate: rate(
+                "ec2-describe-rate",
+                "RUNNER_EC2_DESCRIBE_RATE",
+                self.ec2_describe_rate,
+            )?,
+        };
+        let engine = EngineConfig {
+            concurrency: self.concurrency,
+            resync_interval: positive(
+                "resync-interval",
+                "RUNNER_RESYNC_INTERVAL",
+                self.resync_interval,
+            )?,
+            poll_interval: positive("poll-interval", "RUNNER_POLL_INTERVAL", self.poll_interval)?,
+            observe_interval: self.observe_interval,
+            shutdown_grace: self.shutdown_grace,
+        };
+        if self.shutdown_grace > Duration::from_secs(120) {
+            return Err(bad(
+                "shutdown-grace",
+                "RUNNER_SHUTDOWN_GRACE",
+                "must be at most 2m",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log)
+            .map_err(|e| bad("log", "RUNNER_LOG", e.to_string()))?;
+
+        Ok(Config {
+            runner_id,
+            region,
+            control_plane: ControlPlaneConfig {
+                url,
+                ca_bundle,
+                timeout: positive(
+                    "control-plane-timeout",
+                    "RUNNER_CONTROL_PLANE_TIMEOUT",
+                    self.control_plane_timeout,
+                )?,
+                max_stream_age: positive(
+                    "max-stream-age",
+                    "RUNNER_MAX_STREAM_AGE",
+                    self.max_stream_age,
+                )?,
+            },
+            placement: Placement {
+                vpc_id,
+                subnet_ids,
+                security_group_id,
+                instance_profile,
+                ami,
+            },
+            table,
+            secret_id,
+            kms_key_id,
+            rate_limits,
+            engine,
+            health_listen: self.health_listen,
+            log_format: self.log_format,
+            log: self.log.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Config, String> {
+        let base = [
+            "runnerd",
+            "--runner-id",
+            "8d3b8f3e-6a4e-4e43-9a36-2f1d3c4b5a69",
+            "--region",
+            "eu-west-1",
+            "--control-plane-url",
+            "https://cp.example.com",
+            "--vpc-id",
+            "vpc-0123456789abcdef0",
+            "--subnet-ids",
+            "subnet-0123456789abcdef0,subnet-0123456789abcdef1",
+            "--security-group-id",
+            "sg-0123456789abcdef0",
+            "--instance-profile",
+            "runner-env",
+            "--ami",
+            "ami-0123456789abcdef0",
+            "--table",
+            "runner-state",
+            "--secret-id",
+            "runner/credentials",
+            "--kms-key-id",
+            "alias/runner",
+        ];
+        let mut argv: Vec<&str> = base.to_vec();
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        cli.daemon.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_complete_configuration_validates() {
+        let config = args(&[]).expect("valid");
+        assert_eq!(config.placement.subnet_ids.len(), 2);
+        assert_eq!(config.engine.shutdown_grace, Duration::from_secs(25));
+        assert_eq!(config.engine.resync_interval, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn each_bad_value_names_its_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--region", "europe"], "--region (RUNNER_REGION)"),
+            (
+                &["--runner-id", "abc"],
+                "--runner-id (RUNNER_ID): is not a UUID",
+            ),
+            (&["--vpc-id", "vpc-xyz"], "--vpc-id (RUNNER_VPC_ID)"),
+            (
+                &[
+                    "--subnet-ids",
+                    "subnet-0123456789abcdef0,subnet-0123456789abcdef0",
+                ],
+                "listed twice",
+            ),
+            (
+                &["--subnet-ids", "sub-1"],
+                "--subnet-ids (RUNNER_SUBNET_IDS)",
+            ),
+            (&["--security-group-id", "sg-1"], "--security-group-id"),
+            (&["--ami", "ubuntu"], "--ami (RUNNER_AMI)"),
+            (&["--table", "x"], "--table (RUNNER_TABLE)"),
+            (
+                &["--control-plane-url", "http://cp.example.com"],
+                "must be https://",
+            ),
+            (
+                &[
+                    "--control-plane-url",
+                    "http://10.0.0.1:80",
+                    "--allow-plaintext",
+                ],
+                "loopback",
+            ),
+            (
+                &["--control-plane-url", "ftp://x"],
+                "must start with https://",
+            ),
+            (
+                &["--ca-bundle", "/nonexistent/ca.pem"],
+                "--ca-bundle (RUNNER_CA_BUNDLE): cannot read",
+            ),
+            (&["--concurrency", "0"], "--concurrency"),
+            (&["--ec2-launch-rate", "0"], "--ec2-launch-rate"),
+            (&["--poll-interval", "0s"], "--poll-interval"),
+            (&["--shutdown-grace", "10m"], "--shutdown-grace"),
+            (&["--log", "info,[[["], "--log (RUNNER_LOG)"),
+        ];
+        for (extra, expected) in cases {
+            let err = args(extra).expect_err(&format!("{extra:?} must be refused"));
+            assert!(
+                err.contains(expected),
+                "{extra:?}: {err:?} lacks {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn plaintext_is_allowed_only_to_loopback_and_only_when_asked() {
+        assert!(
+            args(&[
+                "--control-plane-url",
+                "http://127.0.0.1:7443",
+                "--allow-plaintext"
+            ])
+            .is_ok()
+        );
+        assert!(
+            args(&[
+                "--control-plane-url",
+                "http://localhost:7443",
+                "--allow-plaintext"
+            ])
+            .is_ok()
+        );
+        assert!(
+            args(&[
+                "--control-plane-url",
+                "http://[::1]:7443",
+                "--allow-plaintext"
+            ])
+            .is_ok()
+        );
+        assert!(args(&["--control-plane-url", "http://127.0.0.1:7443"]).is_err());
+    }
+
+    #[test]
+    fn health_needs_none_of_the_daemon_flags() {
+        let cli = Cli::try_parse_from(["runnerd", "health"]).expect("health parses alone");
+        assert!(matches!(cli.command, Some(Command::Health { .. })));
+    }
+}

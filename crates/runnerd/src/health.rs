@@ -1,0 +1,222 @@
+//! Health: what `/readyz` reports, what the runner tells the control plane
+//! when a dependency fails, and the HTTP port that serves `/healthz`,
+//! `/readyz` and `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use runner_core::traits::{Compute, StateStore};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::Metrics;
+
+/// The runner's readiness and degradation.
+#[derive(Debug)]
+pub struct Health {
+    synced: AtomicBool,
+    session: AtomicBool,
+    store: AtomicBool,
+    degraded: watch::Sender<String>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            synced: AtomicBool::new(false),
+            session: AtomicBool::new(false),
+            store: AtomicBool::new(true),
+            degraded: watch::channel(String::new()).0,
+        }
+    }
+}
+
+impl Health {
+    /// The first full sync finished.
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::SeqCst);
+    }
+
+    /// The control-plane session works (or not).
+    pub fn set_session(&self, up: bool) {
+        self.session.store(up, Ordering::SeqCst);
+    }
+
+    /// Why the runner is not ready; empty when it is.
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        let mut reasons = Vec::new();
+        if !self.synced.load(Ordering::SeqCst) {
+            reasons.push("first full sync not finished");
+        }
+        if !self.session.load(Ordering::SeqCst) {
+            reasons.push("control-plane session down");
+        }
+        if !self.store.load(Ordering::SeqCst) {
+            reasons.push("state store failing");
+        }
+        reasons
+    }
+
+    /// The degraded message (empty when healthy), watched by the session.
+    pub fn degraded(&self) -> watch::Receiver<String> {
+        self.degraded.subscribe()
+    }
+
+    /// Checks the dependencies once and updates readiness and the degraded
+    /// message.
+    pub async fn check(&self, store: &dyn StateStore, compute: &dyn Compute) {
+        let mut problems = Vec::new();
+        let store_ok = match store.check().await {
+            Ok(()) => true,
+            Err(err) => {
+                problems.push(format!("state store: {}", chain(&err)));
+                false
+            }
+        };
+        self.store.store(store_ok, Ordering::SeqCst);
+        if let Err(err) = compute.check().await {
+            problems.push(format!("compute: {}", chain(&err)));
+        }
+        let message = problems.join("; ");
+        self.degraded.send_if_modified(|current| {
+            if *current == message {
+                return false;
+            }
+            if message.is_empty() {
+                tracing::info!("dependencies healthy again");
+            } else {
+                tracing::warn!(degraded = %message, "dependencies failing");
+            }
+            current.clone_from(&message);
+            true
+        });
+    }
+
+    /// Checks every `interval` until `shutdown`.
+    pub async fn monitor(
+        self: Arc<Self>,
+        store: Arc<dyn StateStore>,
+        compute: Arc<dyn Compute>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            self.check(store.as_ref(), compute.as_ref()).await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
+
+/// An error and its sources, one line.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[derive(Clone)]
+struct HttpState {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
+    let reasons = state.health.not_ready();
+    state.metrics.set_ready(reasons.is_empty());
+    if reasons.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", reasons.join(", ")),
+        )
+    }
+}
+
+async fn metrics_text(
+    State(state): State<HttpState>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+/// Serves the health port on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(HttpState { health, metrics });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Binds the health port.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// `runnerd health`: true when `url` answers 200 within `timeout`.
+pub async fn probe(url: &str, timeout: Duration) -> Result<bool, String> {
+    let uri: axum::http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err("only http:// URLs are probed".into());
+    }
+    let host = uri.host().ok_or("the URL has no host")?.to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let request = async move {
+        let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("connect to {host}:{port}: {e}"))?;
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(io)
+                .await
+                .map_err(|e| format!("HTTP handshake: {e}"))?;
+        tokio::spawn(connection);
+        let request = axum::http::Request::get(path)
+            .header("host", host.as_str())
+            .body(http_body_util::Empty::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        Ok::<_, String>(response.status() == StatusCode::OK)
+    };
+    tokio::time::timeout(timeout, request)
+        .await
+        .map_err(|_| format!("no answer within {}", humantime::format_duration(timeout)))?
+}

@@ -1,0 +1,174 @@
+//! The informer: keeps [`Desired`] in step with the control plane and feeds
+//! the work queue.
+//!
+//! A full sync (on every stream (re)connect and every resync interval) lists
+//! all environments and classes, refreshes the observation, and enqueues
+//! everything. An environment missing from a list is only treated as gone
+//! after a direct `GetEnvironment` says NOT_FOUND: a partial or empty list
+//! never causes a teardown. A watch event re-fetches the one environment.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use runner_core::backoff::Backoff;
+use runner_core::desired::Desired;
+use runner_core::model::EnvironmentId;
+use runner_core::observer::Observer;
+use runner_core::reconcile::Context;
+use runner_core::scheduler::Queue;
+use runner_core::traits::ControlPlane;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::{Health, chain};
+use crate::session::SessionEvent;
+
+/// Feeds the queue from the control plane.
+pub struct Informer {
+    /// The control plane.
+    pub control_plane: Arc<dyn ControlPlane>,
+    /// What it wants.
+    pub desired: Arc<Desired>,
+    /// The reconcile context (for the records it holds).
+    pub context: Arc<Context>,
+    /// The batched observation.
+    pub observer: Arc<Observer>,
+    /// The work queue.
+    pub queue: Queue<EnvironmentId>,
+    /// Readiness.
+    pub health: Arc<Health>,
+    /// Full resync interval.
+    pub resync: Duration,
+}
+
+impl std::fmt::Debug for Informer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Informer")
+            .field("resync", &self.resync)
+            .finish_non_exhaustive()
+    }
+}
+
+const RETRY: Backoff = Backoff {
+    base: Duration::from_secs(1),
+    max: Duration::from_secs(30),
+};
+
+/// Why a full sync did not complete.
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("list environment classes: {0}")]
+    Classes(String),
+    #[error("list environments: {0}")]
+    Environments(String),
+    #[error("observe instances: {0}")]
+    Observe(String),
+}
+
+impl Informer {
+    /// Runs until `shutdown`. `synced` is cancelled after the first full
+    /// sync, which is what lets the scheduler start.
+    pub async fn run(
+        self,
+        mut events: mpsc::Receiver<SessionEvent>,
+        synced: CancellationToken,
+        shutdown: CancellationToken,
+    ) {
+        let mut due = true;
+        let mut failures = 0u32;
+        let mut next_resync = tokio::time::Instant::now();
+        loop {
+            if due {
+                match self.full_sync().await {
+                    Ok(count) => {
+                        failures = 0;
+                        due = false;
+                        next_resync = tokio::time::Instant::now() + self.resync;
+                        if !synced.is_cancelled() {
+                            tracing::info!(environments = count, "first full sync done");
+                            self.health.set_synced();
+                            synced.cancel();
+                        }
+                    }
+                    Err(err) => {
+                        failures = failures.saturating_add(1);
+                        next_resync = tokio::time::Instant::now() + RETRY.equal_jitter(failures);
+                        tracing::warn!(error = %err, "full sync failed; retrying");
+                    }
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(next_resync) => due = true,
+                event = events.recv() => match event {
+                    None => return,
+                    Some(SessionEvent::Connected) => due = true,
+                    Some(SessionEvent::EnvironmentChanged(id)) => self.refetch(id).await,
+                },
+            }
+        }
+    }
+
+    async fn full_sync(&self) -> Result<usize, SyncError> {
+        let classes = self
+            .control_plane
+            .list_classes()
+            .await
+            .map_err(|e| SyncError::Classes(e.to_string()))?;
+        let environments = self
+            .control_plane
+            .list_environments()
+            .await
+            .map_err(|e| SyncError::Environments(e.to_string()))?;
+        self.observer
+            .refresh()
+            .await
+            .map_err(|e| SyncError::Observe(chain(&e)))?;
+        self.desired.set_classes(classes);
+        let listed: HashSet<EnvironmentId> = environments.iter().map(|e| e.id).collect();
+        let count = environments.len();
+        for environment in environments {
+            let id = environment.id;
+            self.desired.upsert(environment);
+            self.queue.enqueue(id);
+        }
+        // Known before but not listed now: confirm one by one.
+        let mut unlisted: HashSet<EnvironmentId> = self.desired.present().into_iter().collect();
+        unlisted.extend(self.context.recorded());
+        for id in unlisted.difference(&listed) {
+            self.refetch(*id).await;
+        }
+        Ok(count)
+    }
+
+    async fn refetch(&self, id: EnvironmentId) {
+        match self.control_plane.get_environment(id).await {
+            Ok(Some(environment)) => {
+                let class_known = self
+                    .desired
+                    .class(&environment.spec.class_id)
+                    .is_some_and(|c| c.enabled);
+                self.desired.upsert(environment);
+                if !class_known {
+                    // A new or re-enabled class: classes are not watched.
+                    match self.control_plane.list_classes().await {
+                        Ok(classes) => self.desired.set_classes(classes),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot refresh environment classes")
+                        }
+                    }
+                }
+                self.queue.enqueue(id);
+            }
+            Ok(None) => {
+                tracing::info!(env.id = %id, "the control plane no longer knows the environment");
+                self.desired.mark_gone(id);
+                self.queue.enqueue(id);
+            }
+            Err(err) => {
+                tracing::warn!(env.id = %id, error = %err, "cannot fetch the environment; the next sync retries");
+            }
+        }
+    }
+}

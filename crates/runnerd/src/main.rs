@@ -1,0 +1,46 @@
+//! `runnerd`: parse, validate, run until a signal, map the outcome to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use runnerd::config::{Cli, Command, EXIT_CONFIG};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("runnerd: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(Command::Health { url, timeout }) = cli.command {
+        return match runtime.block_on(runnerd::health::probe(&url, timeout)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => {
+                eprintln!("runnerd health: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let config = match cli.daemon.validate() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("runnerd: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    runnerd::telemetry::init_logs(config.log_format, &config.log);
+    runtime.block_on(runnerd::daemon(config))
+}

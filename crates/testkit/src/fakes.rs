@@ -1,0 +1,352 @@
+//! In-memory implementations of the core traits, with the knobs tests need:
+//! outages, capacity errors, lost responses, and a record of every call.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use runner_core::model::{EnvironmentId, Instance, InstanceState, Record, Subnet};
+use runner_core::traits::{
+    Compute, ComputeError, Credentials, LaunchRequest, SecretError, SecretStore, StateStore, StoreError,
+};
+
+fn outage() -> runner_core::traits::BoxError {
+    "injected outage".into()
+}
+
+/// A state store in memory; every write is conditional on the version.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    records: Mutex<BTreeMap<EnvironmentId, Record>>,
+    down: AtomicBool,
+    writes: AtomicU64,
+}
+
+impl MemoryStore {
+    /// Makes every call fail (or work again).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Every record stored now.
+    pub fn records(&self) -> Vec<Record> {
+        self.records.lock().expect("lock").values().cloned().collect()
+    }
+
+    /// How many writes (puts and deletes) succeeded.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    fn up(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(outage()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStore {
+    async fn list(&self) -> Result<Vec<Record>, StoreError> {
+        self.up()?;
+        Ok(self.records())
+    }
+
+    async fn get(&self, environment: EnvironmentId) -> Result<Option<Record>, StoreError> {
+        self.up()?;
+        Ok(self.records.lock().expect("lock").get(&environment).cloned())
+    }
+
+    async fn put(&self, record: &Record) -> Result<Record, StoreError> {
+        self.up()?;
+        let mut records = self.records.lock().expect("lock");
+        let stored = records.get(&record.environment).map_or(0, |r| r.version);
+        if stored != record.version {
+            return Err(StoreError::Conflict(record.environment));
+        }
+        let mut saved = record.clone();
+        saved.version += 1;
+        records.insert(saved.environment, saved.clone());
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(saved)
+    }
+
+    async fn delete(&self, record: &Record) -> Result<(), StoreError> {
+        self.up()?;
+        let mut records = self.records.lock().expect("lock");
+        let stored = records.get(&record.environment).map_or(0, |r| r.version);
+        if stored != record.version {
+            return Err(StoreError::Conflict(record.environment));
+        }
+        records.remove(&record.environment);
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.up()
+    }
+}
+
+/// A fault to inject into the next launches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchFault {
+    /// Answer "no capacity" for launches into this zone.
+    NoCapacity(String),
+    /// Fail the next `n` launches as unavailable, without launching.
+    Unavailable(u32),
+    /// Launch, then fail as if the response was lost, `n` times.
+    LostResponse(u32),
+}
+
+#[derive(Debug, Default)]
+struct Cloud {
+    next_id: u64,
+    instances: BTreeMap<String, Instance>,
+    calls: HashMap<&'static str, u64>,
+    faults: Vec<LaunchFault>,
+    /// Client tokens seen, as EC2 keeps them per zone: token → instance.
+    tokens: HashMap<(String, String), String>,
+}
+
+/// A cloud in memory. State changes complete on the next `observe`, as a
+/// real describe would eventually show them.
+#[derive(Debug, Default)]
+pub struct MemoryCompute {
+    cloud: Mutex<Cloud>,
+    down: AtomicBool,
+    zones: Mutex<Vec<String>>,
+}
+
+impl MemoryCompute {
+    /// A cloud whose zones (for `offered_zones`) are `zones`.
+    pub fn with_zones(zones: &[&str]) -> Self {
+        let compute = Self::default();
+        *compute.zones.lock().expect("lock") = zones.iter().map(|z| (*z).to_owned()).collect();
+        compute
+    }
+
+    /// Makes every call fail (or work again).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Adds a fault.
+    pub fn inject(&self, fault: LaunchFault) {
+        self.cloud.lock().expect("lock").faults.push(fault);
+    }
+
+    /// Removes every fault.
+    pub fn clear_faults(&self) {
+        self.cloud.lock().expect("lock").faults.clear();
+    }
+
+    /// Every instance ever launched, terminated ones included.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.cloud.lock().expect("lock").instances.values().cloned().collect()
+    }
+
+    /// How often `operation` was called.
+    pub fn calls(&self, operation: &str) -> u64 {
+        self.cloud.lock().expect("lock").calls.get(operation).copied().unwrap_or(0)
+    }
+
+    /// Sets an instance's state, as someone outside the runner might.
+    pub fn set_state(&self, instance_id: &str, state: InstanceState) {
+        if let Some(i) = self.cloud.lock().expect("lock").instances.get_mut(instance_id) {
+            i.state = state;
+        }
+    }
+
+    fn enter(&self, operation: &'static str) -> Result<std::sync::MutexGuard<'_, Cloud>, ComputeError> {
+        let mut cloud = self.cloud.lock().expect("lock");
+        *cloud.calls.entry(operation).or_insert(0) += 1;
+        if self.down.load(Ordering::SeqCst) {
+            return Err(ComputeError::Unavailable(outage()));
+        }
+        Ok(cloud)
+    }
+
+    fn transition(cloud: &mut Cloud, instance_id: &str, allowed: &[InstanceState], to: InstanceState) -> Result<(), ComputeError> {
+        let instance = cloud
+            .instances
+            .get_mut(instance_id)
+            .ok_or_else(|| ComputeError::Rejected(format!("instance {instance_id} does not exist")))?;
+        if instance.state == to {
+            return Ok(());
+        }
+        if !allowed.contains(&instance.state) {
+            return Err(ComputeError::Rejected(format!(
+                "instance {instance_id} is {:?}, cannot go to {to:?}",
+                instance.state
+            )));
+        }
+        instance.state = to;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Compute for MemoryCompute {
+    async fn launch(&self, request: &LaunchRequest) -> Result<Instance, ComputeError> {
+        let mut cloud = self.enter("launch")?;
+        let zone = request.subnet.availability_zone.clone();
+        if cloud.faults.contains(&LaunchFault::NoCapacity(zone.clone())) {
+            return Err(ComputeError::NoCapacity {
+                zone,
+                message: "InsufficientInstanceCapacity (injected)".into(),
+            });
+        }
+        if let Some(pos) = cloud.faults.iter().position(|f| matches!(f, LaunchFault::Unavailable(_))) {
+            if let LaunchFault::Unavailable(n) = &mut cloud.faults[pos] {
+                *n -= 1;
+                if *n == 0 {
+                    cloud.faults.remove(pos);
+                }
+            }
+            return Err(ComputeError::Unavailable(outage()));
+        }
+        // Idempotent per zone on the client token, as EC2 is.
+        let key = (zone.clone(), request.client_token.clone());
+        let instance = if let Some(existing) = cloud.tokens.get(&key).cloned() {
+            cloud.instances[&existing].clone()
+        } else {
+            cloud.next_id += 1;
+            let instance = Instance {
+                id: format!("i-{:017x}", cloud.next_id),
+                environment: request.environment,
+                attempt: request.attempt,
+                availability_zone: zone,
+                subnet_id: request.subnet.id.clone(),
+                private_ip: Some(format!("10.0.{}.{}", cloud.next_id / 250, cloud.next_id % 250 + 2)),
+                state: InstanceState::Pending,
+            };
+            cloud.tokens.insert(key, instance.id.clone());
+            cloud.instances.insert(instance.id.clone(), instance.clone());
+            instance
+        };
+        if let Some(pos) = cloud.faults.iter().position(|f| matches!(f, LaunchFault::LostResponse(_))) {
+            if let LaunchFault::LostResponse(n) = &mut cloud.faults[pos] {
+                *n -= 1;
+                if *n == 0 {
+                    cloud.faults.remove(pos);
+                }
+            }
+            return Err(ComputeError::Unavailable("response lost (injected)".into()));
+        }
+        Ok(instance)
+    }
+
+    async fn find_launch(&self, environment: EnvironmentId, attempt: u32) -> Result<Option<Instance>, ComputeError> {
+        let cloud = self.enter("find_launch")?;
+        Ok(cloud
+            .instances
+            .values()
+            .find(|i| i.environment == environment && i.attempt == attempt && i.state != InstanceState::Terminated)
+            .cloned())
+    }
+
+    async fn observe(&self) -> Result<Vec<Instance>, ComputeError> {
+        let mut cloud = self.enter("observe")?;
+        // What was in transition has finished by the time it is described.
+        for instance in cloud.instances.values_mut() {
+            instance.state = match instance.state {
+                InstanceState::Pending => InstanceState::Running,
+                InstanceState::Stopping => InstanceState::Stopped,
+                InstanceState::ShuttingDown => InstanceState::Terminated,
+                other => other,
+            };
+        }
+        Ok(cloud.instances.values().cloned().collect())
+    }
+
+    async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {
+        let mut cloud = self.enter("start")?;
+        Self::transition(&mut cloud, instance_id, &[InstanceState::Stopped], InstanceState::Pending)
+    }
+
+    async fn stop(&self, instance_id: &str) -> Result<(), ComputeError> {
+        let mut cloud = self.enter("stop")?;
+        Self::transition(&mut cloud, instance_id, &[InstanceState::Running], InstanceState::Stopping)
+    }
+
+    async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError> {
+        let mut cloud = self.enter("terminate")?;
+        let Some(instance) = cloud.instances.get_mut(instance_id) else {
+            return Err(ComputeError::Rejected(format!("instance {instance_id} does not exist")));
+        };
+        if instance.state != InstanceState::Terminated {
+            instance.state = InstanceState::ShuttingDown;
+        }
+        Ok(())
+    }
+
+    async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError> {
+        let _cloud = self.enter("subnets")?;
+        let zones = self.zones.lock().expect("lock").clone();
+        if zones.is_empty() {
+            return Err(ComputeError::Rejected("the fake cloud has no zones".into()));
+        }
+        Ok(ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Subnet {
+                id: id.clone(),
+                availability_zone: zones[i % zones.len()].clone(),
+            })
+            .collect())
+    }
+
+    async fn offered_zones(&self, instance_type: &str) -> Result<Vec<String>, ComputeError> {
+        let _cloud = self.enter("offered_zones")?;
+        if instance_type.starts_with("unoffered") {
+            return Ok(Vec::new());
+        }
+        Ok(self.zones.lock().expect("lock").clone())
+    }
+
+    async fn check(&self) -> Result<(), ComputeError> {
+        self.enter("check").map(drop)
+    }
+}
+
+/// A secret store in memory.
+#[derive(Debug, Default)]
+pub struct MemorySecrets {
+    credentials: Mutex<Credentials>,
+    saves: AtomicU64,
+}
+
+impl MemorySecrets {
+    /// A store holding only an exchange token, as the stack creates it.
+    pub fn with_exchange_token(token: &str) -> Self {
+        let secrets = Self::default();
+        secrets.credentials.lock().expect("lock").exchange_token = Some(token.to_owned().into());
+        secrets
+    }
+
+    /// What is stored now.
+    pub fn credentials(&self) -> Credentials {
+        self.credentials.lock().expect("lock").clone()
+    }
+
+    /// How many saves happened.
+    pub fn saves(&self) -> u64 {
+        self.saves.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl SecretStore for MemorySecrets {
+    async fn load(&self) -> Result<Credentials, SecretError> {
+        Ok(self.credentials())
+    }
+
+    async fn save(&self, credentials: &Credentials) -> Result<(), SecretError> {
+        *self.credentials.lock().expect("lock") = credentials.clone();
+        self.saves.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
