@@ -74,10 +74,10 @@ pub enum AppError {
 /// Where the health port listens, once bound (for tests that bind port 0).
 pub type BoundAddr = tokio::sync::oneshot::Sender<std::net::SocketAddr>;
 
-async fn retry_until<T, E: std::error::Error>(
+async fn retry_until<T, E: std::error::Error, Fut: Future<Output = Result<T, E>>>(
     what: &str,
     shutdown: &CancellationToken,
-    mut attempt: impl AsyncFnMut() -> Result<T, E>,
+    mut attempt: impl FnMut() -> Fut,
 ) -> Option<T> {
     let backoff = Backoff {
         base: Duration::from_millis(500),
@@ -156,7 +156,7 @@ pub async fn run(
         Box::pin(health.clone().monitor(
             store.clone(),
             compute.clone(),
-            Duration::from_secs(30),
+            config.engine.health_check_interval,
             shutdown.clone(),
         )),
     );

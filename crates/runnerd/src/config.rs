@@ -134,6 +134,9 @@ pub struct DaemonArgs {
     /// Shortest time between two describes of all instances.
     #[arg(long, env = "RUNNER_OBSERVE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub observe_interval: Duration,
+    /// How often the state store and compute are checked for health.
+    #[arg(long, env = "RUNNER_HEALTH_CHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub health_check_interval: Duration,
     /// Time to drain in-flight work after SIGTERM (under ECS's 30 s stop timeout).
     #[arg(long, env = "RUNNER_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -259,6 +262,8 @@ pub struct EngineConfig {
     pub observe_interval: Duration,
     /// Drain time on shutdown.
     pub shutdown_grace: Duration,
+    /// Dependency health check interval.
+    pub health_check_interval: Duration,
 }
 
 fn prefixed_id(
@@ -482,6 +487,11 @@ impl DaemonArgs {
             poll_interval: positive("poll-interval", "RUNNER_POLL_INTERVAL", self.poll_interval)?,
             observe_interval: self.observe_interval,
             shutdown_grace: self.shutdown_grace,
+            health_check_interval: positive(
+                "health-check-interval",
+                "RUNNER_HEALTH_CHECK_INTERVAL",
+                self.health_check_interval,
+            )?,
         };
         if self.shutdown_grace > Duration::from_secs(120) {
             return Err(bad(
@@ -533,34 +543,42 @@ impl DaemonArgs {
 mod tests {
     use super::*;
 
+    /// A complete command line with `extra` flags replacing or adding to it.
     fn args(extra: &[&str]) -> Result<Config, String> {
-        let base = [
-            "runnerd",
-            "--runner-id",
-            "8d3b8f3e-6a4e-4e43-9a36-2f1d3c4b5a69",
-            "--region",
-            "eu-west-1",
-            "--control-plane-url",
-            "https://cp.example.com",
-            "--vpc-id",
-            "vpc-0123456789abcdef0",
-            "--subnet-ids",
-            "subnet-0123456789abcdef0,subnet-0123456789abcdef1",
-            "--security-group-id",
-            "sg-0123456789abcdef0",
-            "--instance-profile",
-            "runner-env",
-            "--ami",
-            "ami-0123456789abcdef0",
-            "--table",
-            "runner-state",
-            "--secret-id",
-            "runner/credentials",
-            "--kms-key-id",
-            "alias/runner",
-        ];
-        let mut argv: Vec<&str> = base.to_vec();
-        argv.extend_from_slice(extra);
+        let mut flags: Vec<(String, Option<String>)> = [
+            ("--runner-id", "8d3b8f3e-6a4e-4e43-9a36-2f1d3c4b5a69"),
+            ("--region", "eu-west-1"),
+            ("--control-plane-url", "https://cp.example.com"),
+            ("--vpc-id", "vpc-0123456789abcdef0"),
+            (
+                "--subnet-ids",
+                "subnet-0123456789abcdef0,subnet-0123456789abcdef1",
+            ),
+            ("--security-group-id", "sg-0123456789abcdef0"),
+            ("--instance-profile", "runner-env"),
+            ("--ami", "ami-0123456789abcdef0"),
+            ("--table", "runner-state"),
+            ("--secret-id", "runner/credentials"),
+            ("--kms-key-id", "alias/runner"),
+        ]
+        .iter()
+        .map(|(f, v)| ((*f).to_owned(), Some((*v).to_owned())))
+        .collect();
+        let mut rest = extra.iter().peekable();
+        while let Some(flag) = rest.next() {
+            let value = rest
+                .next_if(|v| !v.starts_with("--"))
+                .map(|v| (*v).to_owned());
+            match flags.iter_mut().find(|(f, _)| f == flag) {
+                Some(entry) => entry.1 = value,
+                None => flags.push(((*flag).to_owned(), value)),
+            }
+        }
+        let mut argv = vec!["runnerd".to_owned()];
+        for (flag, value) in flags {
+            argv.push(flag);
+            argv.extend(value);
+        }
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
         cli.daemon.validate().map_err(|e| e.to_string())
     }

@@ -240,7 +240,7 @@ impl ControlPlane for GrpcControlPlane {
                 match environment_from_proto(env) {
                     Ok(env) => out.push(env),
                     Err(problem) => {
-                        tracing::warn!(problem = %problem, "skipping a malformed environment")
+                        tracing::warn!(problem = %problem, "skipping a malformed environment");
                     }
                 }
             }

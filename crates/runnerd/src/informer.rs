@@ -155,7 +155,7 @@ impl Informer {
                     match self.control_plane.list_classes().await {
                         Ok(classes) => self.desired.set_classes(classes),
                         Err(err) => {
-                            tracing::warn!(error = %err, "cannot refresh environment classes")
+                            tracing::warn!(error = %err, "cannot refresh environment classes");
                         }
                     }
                 }

@@ -311,7 +311,7 @@ impl Session {
                 match self.client.clone().update_runner_status(request).await {
                     Ok(_) => reported = Some(current),
                     Err(status) => {
-                        tracing::warn!(code = ?status.code(), error = %status.message(), "runner status not delivered; will retry")
+                        tracing::warn!(code = ?status.code(), error = %status.message(), "runner status not delivered; will retry");
                     }
                 }
             }
@@ -437,7 +437,7 @@ impl Session {
                             .await;
                     }
                     Err(err) => {
-                        tracing::warn!(request.id = %request_id, error = %err, "ignoring a malformed environment_changed")
+                        tracing::warn!(request.id = %request_id, error = %err, "ignoring a malformed environment_changed");
                     }
                 }
             }

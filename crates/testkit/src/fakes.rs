@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use async_trait::async_trait;
 use runner_core::model::{EnvironmentId, Instance, InstanceState, Record, Subnet};
 use runner_core::traits::{
-    Compute, ComputeError, Credentials, LaunchRequest, SecretError, SecretStore, StateStore, StoreError,
+    Compute, ComputeError, Credentials, LaunchRequest, SecretError, SecretStore, StateStore,
+    StoreError,
 };
 
 fn outage() -> runner_core::traits::BoxError {
@@ -31,7 +32,12 @@ impl MemoryStore {
 
     /// Every record stored now.
     pub fn records(&self) -> Vec<Record> {
-        self.records.lock().expect("lock").values().cloned().collect()
+        self.records
+            .lock()
+            .expect("lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// How many writes (puts and deletes) succeeded.
@@ -56,7 +62,12 @@ impl StateStore for MemoryStore {
 
     async fn get(&self, environment: EnvironmentId) -> Result<Option<Record>, StoreError> {
         self.up()?;
-        Ok(self.records.lock().expect("lock").get(&environment).cloned())
+        Ok(self
+            .records
+            .lock()
+            .expect("lock")
+            .get(&environment)
+            .cloned())
     }
 
     async fn put(&self, record: &Record) -> Result<Record, StoreError> {
@@ -145,22 +156,43 @@ impl MemoryCompute {
 
     /// Every instance ever launched, terminated ones included.
     pub fn instances(&self) -> Vec<Instance> {
-        self.cloud.lock().expect("lock").instances.values().cloned().collect()
+        self.cloud
+            .lock()
+            .expect("lock")
+            .instances
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// How often `operation` was called.
     pub fn calls(&self, operation: &str) -> u64 {
-        self.cloud.lock().expect("lock").calls.get(operation).copied().unwrap_or(0)
+        self.cloud
+            .lock()
+            .expect("lock")
+            .calls
+            .get(operation)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Sets an instance's state, as someone outside the runner might.
     pub fn set_state(&self, instance_id: &str, state: InstanceState) {
-        if let Some(i) = self.cloud.lock().expect("lock").instances.get_mut(instance_id) {
+        if let Some(i) = self
+            .cloud
+            .lock()
+            .expect("lock")
+            .instances
+            .get_mut(instance_id)
+        {
             i.state = state;
         }
     }
 
-    fn enter(&self, operation: &'static str) -> Result<std::sync::MutexGuard<'_, Cloud>, ComputeError> {
+    fn enter(
+        &self,
+        operation: &'static str,
+    ) -> Result<std::sync::MutexGuard<'_, Cloud>, ComputeError> {
         let mut cloud = self.cloud.lock().expect("lock");
         *cloud.calls.entry(operation).or_insert(0) += 1;
         if self.down.load(Ordering::SeqCst) {
@@ -169,11 +201,15 @@ impl MemoryCompute {
         Ok(cloud)
     }
 
-    fn transition(cloud: &mut Cloud, instance_id: &str, allowed: &[InstanceState], to: InstanceState) -> Result<(), ComputeError> {
-        let instance = cloud
-            .instances
-            .get_mut(instance_id)
-            .ok_or_else(|| ComputeError::Rejected(format!("instance {instance_id} does not exist")))?;
+    fn transition(
+        cloud: &mut Cloud,
+        instance_id: &str,
+        allowed: &[InstanceState],
+        to: InstanceState,
+    ) -> Result<(), ComputeError> {
+        let instance = cloud.instances.get_mut(instance_id).ok_or_else(|| {
+            ComputeError::Rejected(format!("instance {instance_id} does not exist"))
+        })?;
         if instance.state == to {
             return Ok(());
         }
@@ -193,13 +229,20 @@ impl Compute for MemoryCompute {
     async fn launch(&self, request: &LaunchRequest) -> Result<Instance, ComputeError> {
         let mut cloud = self.enter("launch")?;
         let zone = request.subnet.availability_zone.clone();
-        if cloud.faults.contains(&LaunchFault::NoCapacity(zone.clone())) {
+        if cloud
+            .faults
+            .contains(&LaunchFault::NoCapacity(zone.clone()))
+        {
             return Err(ComputeError::NoCapacity {
                 zone,
                 message: "InsufficientInstanceCapacity (injected)".into(),
             });
         }
-        if let Some(pos) = cloud.faults.iter().position(|f| matches!(f, LaunchFault::Unavailable(_))) {
+        if let Some(pos) = cloud
+            .faults
+            .iter()
+            .position(|f| matches!(f, LaunchFault::Unavailable(_)))
+        {
             if let LaunchFault::Unavailable(n) = &mut cloud.faults[pos] {
                 *n -= 1;
                 if *n == 0 {
@@ -220,14 +263,24 @@ impl Compute for MemoryCompute {
                 attempt: request.attempt,
                 availability_zone: zone,
                 subnet_id: request.subnet.id.clone(),
-                private_ip: Some(format!("10.0.{}.{}", cloud.next_id / 250, cloud.next_id % 250 + 2)),
+                private_ip: Some(format!(
+                    "10.0.{}.{}",
+                    cloud.next_id / 250,
+                    cloud.next_id % 250 + 2
+                )),
                 state: InstanceState::Pending,
             };
             cloud.tokens.insert(key, instance.id.clone());
-            cloud.instances.insert(instance.id.clone(), instance.clone());
+            cloud
+                .instances
+                .insert(instance.id.clone(), instance.clone());
             instance
         };
-        if let Some(pos) = cloud.faults.iter().position(|f| matches!(f, LaunchFault::LostResponse(_))) {
+        if let Some(pos) = cloud
+            .faults
+            .iter()
+            .position(|f| matches!(f, LaunchFault::LostResponse(_)))
+        {
             if let LaunchFault::LostResponse(n) = &mut cloud.faults[pos] {
                 *n -= 1;
                 if *n == 0 {
@@ -239,12 +292,20 @@ impl Compute for MemoryCompute {
         Ok(instance)
     }
 
-    async fn find_launch(&self, environment: EnvironmentId, attempt: u32) -> Result<Option<Instance>, ComputeError> {
+    async fn find_launch(
+        &self,
+        environment: EnvironmentId,
+        attempt: u32,
+    ) -> Result<Option<Instance>, ComputeError> {
         let cloud = self.enter("find_launch")?;
         Ok(cloud
             .instances
             .values()
-            .find(|i| i.environment == environment && i.attempt == attempt && i.state != InstanceState::Terminated)
+            .find(|i| {
+                i.environment == environment
+                    && i.attempt == attempt
+                    && i.state != InstanceState::Terminated
+            })
             .cloned())
     }
 
@@ -264,18 +325,30 @@ impl Compute for MemoryCompute {
 
     async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {
         let mut cloud = self.enter("start")?;
-        Self::transition(&mut cloud, instance_id, &[InstanceState::Stopped], InstanceState::Pending)
+        Self::transition(
+            &mut cloud,
+            instance_id,
+            &[InstanceState::Stopped],
+            InstanceState::Pending,
+        )
     }
 
     async fn stop(&self, instance_id: &str) -> Result<(), ComputeError> {
         let mut cloud = self.enter("stop")?;
-        Self::transition(&mut cloud, instance_id, &[InstanceState::Running], InstanceState::Stopping)
+        Self::transition(
+            &mut cloud,
+            instance_id,
+            &[InstanceState::Running],
+            InstanceState::Stopping,
+        )
     }
 
     async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError> {
         let mut cloud = self.enter("terminate")?;
         let Some(instance) = cloud.instances.get_mut(instance_id) else {
-            return Err(ComputeError::Rejected(format!("instance {instance_id} does not exist")));
+            return Err(ComputeError::Rejected(format!(
+                "instance {instance_id} does not exist"
+            )));
         };
         if instance.state != InstanceState::Terminated {
             instance.state = InstanceState::ShuttingDown;

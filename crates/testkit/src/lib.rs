@@ -1,7 +1,10 @@
 //! Test peers and fixtures shared by the test suites.
 //!
 //! [`ControlPlane`] starts the reference control plane in-process on a
-//! loopback port, over real gRPC, and stops it when dropped.
+//! loopback port, over real gRPC, and stops it when dropped. [`fakes`] holds
+//! in-memory implementations of the core traits.
+
+pub mod fakes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,383 @@
+//! Environments reach their desired phases, and stay single-instance across
+//! control-plane restarts and daemon restarts.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use runner_core::model::InstanceState;
+use runner_proto::admin::v1 as admin;
+use runner_proto::pb::EnvironmentPhase as Phase;
+
+use crate::{World, http_get, id, settled};
+
+/// Every environment has exactly one instance over its life.
+fn one_instance_each(world: &World, expected_envs: usize) {
+    let instances = world.compute.instances();
+    let mut per_env: HashMap<_, usize> = HashMap::new();
+    for i in &instances {
+        *per_env.entry(i.environment).or_default() += 1;
+    }
+    assert_eq!(per_env.len(), expected_envs, "environments with instances");
+    assert!(
+        per_env.values().all(|n| *n == 1),
+        "an environment got two instances: {per_env:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_environments_run_with_acks_for_their_specs() {
+    let world = World::new().await;
+    for _ in 0..25 {
+        world.create_env().await;
+    }
+    let runner = world.start_runner().await;
+    for _ in 0..25 {
+        world.create_env().await;
+    }
+    let envs = world
+        .wait_for("50 environments RUNNING", Duration::from_secs(60), |envs| {
+            envs.len() == 50 && envs.iter().all(|e| settled(e, Phase::Running))
+        })
+        .await;
+    for env in &envs {
+        let status = env.status.as_ref().expect("status");
+        let machine = status.machine.as_ref().expect("machine");
+        assert!(machine.instance_id.starts_with("i-"));
+        assert!(crate::ZONES.contains(&machine.availability_zone.as_str()));
+        assert!(status.failure_message.is_empty());
+    }
+    one_instance_each(&world, 50);
+    assert_eq!(
+        world.compute.calls("launch"),
+        50,
+        "one launch per environment"
+    );
+    let zones: HashSet<String> = world
+        .compute
+        .instances()
+        .into_iter()
+        .map(|i| i.availability_zone)
+        .collect();
+    assert_eq!(zones.len(), 3, "placement spreads across the zones");
+    // Observation is batched: far fewer describes than environments × polls.
+    assert!(
+        world.compute.calls("observe") < 200,
+        "observe calls: {}",
+        world.compute.calls("observe")
+    );
+    runner.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_start_and_delete_reach_their_phases() {
+    let world = World::new().await;
+    let runner = world.start_runner().await;
+    let ids = [
+        world.create_env().await,
+        world.create_env().await,
+        world.create_env().await,
+    ];
+    let envs = world
+        .wait_for("3 RUNNING", Duration::from_secs(30), |envs| {
+            envs.iter().filter(|e| settled(e, Phase::Running)).count() == 3
+        })
+        .await;
+    let first_instances: HashMap<String, String> = envs
+        .iter()
+        .map(|e| {
+            (
+                id(e),
+                e.status
+                    .as_ref()
+                    .and_then(|s| s.machine.as_ref())
+                    .expect("machine")
+                    .instance_id
+                    .clone(),
+            )
+        })
+        .collect();
+
+    for env in &ids {
+        world.set_phase(env, Phase::Stopped).await;
+    }
+    world
+        .wait_for("3 STOPPED", Duration::from_secs(30), |envs| {
+            envs.iter().all(|e| settled(e, Phase::Stopped))
+        })
+        .await;
+    assert!(
+        world
+            .compute
+            .instances()
+            .iter()
+            .all(|i| i.state == InstanceState::Stopped)
+    );
+
+    for env in &ids {
+        world.set_phase(env, Phase::Running).await;
+    }
+    let envs = world
+        .wait_for("3 RUNNING again", Duration::from_secs(30), |envs| {
+            envs.iter().all(|e| settled(e, Phase::Running))
+        })
+        .await;
+    for env in &envs {
+        let instance = &env
+            .status
+            .as_ref()
+            .and_then(|s| s.machine.as_ref())
+            .expect("machine")
+            .instance_id;
+        assert_eq!(
+            instance,
+            &first_instances[&id(env)],
+            "start resumes the same instance"
+        );
+    }
+
+    for env in &ids {
+        world.set_phase(env, Phase::Deleted).await;
+    }
+    world
+        .wait_for("3 DELETED", Duration::from_secs(30), |envs| {
+            envs.iter().all(|e| settled(e, Phase::Deleted))
+        })
+        .await;
+    assert!(world.compute.instances().iter().all(|i| matches!(
+        i.state,
+        InstanceState::ShuttingDown | InstanceState::Terminated
+    )));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        world.store.records().is_empty(),
+        "records removed after termination: {:?}",
+        world.store.records()
+    );
+    one_instance_each(&world, 3);
+    runner.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_restart_loses_no_status_and_launches_nothing_twice() {
+    let mut world = World::new().await;
+    for _ in 0..20 {
+        world.create_env().await;
+    }
+    let runner = world.start_runner().await;
+    world
+        .wait_for("a few RUNNING", Duration::from_secs(30), |envs| {
+            envs.iter().filter(|e| settled(e, Phase::Running)).count() >= 5
+        })
+        .await;
+    world.restart_control_plane().await;
+    for _ in 0..5 {
+        world.create_env().await;
+    }
+    world
+        .wait_for("25 RUNNING", Duration::from_secs(60), |envs| {
+            envs.len() == 25 && envs.iter().all(|e| settled(e, Phase::Running))
+        })
+        .await;
+    one_instance_each(&world, 25);
+    assert_eq!(world.compute.calls("launch"), 25);
+    let runner_view = world.runner().await;
+    assert_eq!(
+        runner_view.open_streams, 1,
+        "the runner reconnected its stream"
+    );
+    runner.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_and_a_restart_converges() {
+    let world = World::new().await;
+    for _ in 0..30 {
+        world.create_env().await;
+    }
+    let runner = world.start_runner().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while world.compute.calls("launch") < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no launches started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    runner
+        .stop()
+        .await
+        .expect("shutdown during a burst is clean");
+    let launched_before = world.compute.calls("launch");
+
+    let runner = world.start_runner().await;
+    world
+        .wait_for(
+            "30 RUNNING after restart",
+            Duration::from_secs(60),
+            |envs| envs.iter().all(|e| settled(e, Phase::Running)),
+        )
+        .await;
+    one_instance_each(&world, 30);
+    assert!(world.compute.calls("launch") >= launched_before);
+    // The restart reused the stored credentials: no second exchange.
+    assert!(world.secrets.credentials().exchange_token.is_none());
+    runner.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_fail_with_a_clear_message_and_the_rest_runs() {
+    let world = World::new().await;
+    let disabled_class = world
+        .admin
+        .clone()
+        .create_environment_class(admin::CreateEnvironmentClassRequest {
+            runner_id: world.runner_id.clone(),
+            display_name: "Retired".into(),
+            instance_type: "m5.large".into(),
+            disk_gib: 30,
+        })
+        .await
+        .expect("class")
+        .into_inner()
+        .id;
+    let retired = world.create_env_with(&disabled_class).await;
+    world
+        .admin
+        .clone()
+        .set_environment_class_enabled(admin::SetEnvironmentClassEnabledRequest {
+            environment_class_id: disabled_class.clone(),
+            enabled: false,
+        })
+        .await
+        .expect("disable");
+
+    let unknown_class = uuid::Uuid::new_v4().to_string();
+    let mut request = world.create_request(&unknown_class);
+    request.unchecked = true;
+    let unknown = world.create(request).await;
+    let mut request = world.create_request(&world.class_id);
+    request.unchecked = true;
+    request.content.as_mut().expect("content").repository_url = "ftp://example.com/repo".into();
+    let bad_url = world.create(request).await;
+    let mut request = world.create_request("small");
+    request.unchecked = true;
+    let not_uuid = world.create(request).await;
+    for _ in 0..5 {
+        world.create_env().await;
+    }
+
+    let runner = world.start_runner().await;
+    let envs = world
+        .wait_for("5 RUNNING and 4 failed", Duration::from_secs(30), |envs| {
+            let running = envs.iter().filter(|e| settled(e, Phase::Running)).count();
+            let failed = envs
+                .iter()
+                .filter(|e| {
+                    e.status
+                        .as_ref()
+                        .is_some_and(|s| !s.failure_message.is_empty())
+                })
+                .count();
+            running == 5 && failed == 4
+        })
+        .await;
+    let failure = |env_id: &str| {
+        let env = envs.iter().find(|e| id(e) == env_id).expect("listed");
+        let status = env.status.as_ref().expect("status");
+        let ack = status.runner_ack.as_ref().expect("ack");
+        assert_eq!(
+            ack.code,
+            runner_proto::pb::RunnerAckCode::InvalidSpec as i32
+        );
+        status.failure_message.clone()
+    };
+    assert_eq!(
+        failure(&unknown),
+        format!("environment class {unknown_class} does not exist")
+    );
+    assert!(
+        failure(&bad_url)
+            .starts_with("spec.content.repository_url: scheme \"ftp\" is not supported"),
+        "{}",
+        failure(&bad_url)
+    );
+    assert!(
+        failure(&not_uuid).starts_with("spec.environment_class_id: is not a UUID"),
+        "{}",
+        failure(&not_uuid)
+    );
+    assert_eq!(
+        failure(&retired),
+        format!("environment class {disabled_class} (Retired) is disabled")
+    );
+    assert_eq!(
+        world.compute.calls("launch"),
+        5,
+        "nothing launched for invalid specs"
+    );
+    runner.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_health_and_metrics() {
+    let world = World::new().await;
+    world.create_env().await;
+    let runner = world.start_runner().await;
+    let (code, _) = http_get(runner.health, "/healthz").await;
+    assert_eq!(code, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = http_get(runner.health, "/readyz").await;
+        if code == 200 {
+            assert_eq!(body, "ready\n");
+            break;
+        }
+        assert_eq!(code, 503);
+        assert!(body.starts_with("not ready: "), "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let probe = runnerd::health::probe(
+        &format!("http://{}/readyz", runner.health),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(probe, Ok(true));
+    world.create_env().await;
+    world
+        .wait_for("RUNNING", Duration::from_secs(30), |envs| {
+            envs.iter().all(|e| settled(e, Phase::Running))
+        })
+        .await;
+    let (code, metrics) = http_get(runner.health, "/metrics").await;
+    assert_eq!(code, 200);
+    for series in [
+        "runner_reconciles_total{outcome=\"ok\"}",
+        "runner_compute_calls_total{operation=\"launch\",outcome=\"ok\"} 2",
+        "runner_reconcile_duration_seconds_bucket",
+        "runner_queue_waiting",
+        "runner_control_plane_reconnects_total 0",
+        "runner_status_updates_pending",
+        "runner_status_updates_total{outcome=\"delivered\"}",
+        "runner_control_plane_requests_total{operation=\"environment_changed\"}",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "/metrics lacks {series}:\n{metrics}"
+        );
+    }
+    let addr = runner.health;
+    runner.stop().await.expect("clean stop");
+    let probe =
+        runnerd::health::probe(&format!("http://{addr}/readyz"), Duration::from_secs(2)).await;
+    assert!(!matches!(probe, Ok(true)), "a stopped runner is not ready");
+}
+
+impl World {
+    pub(crate) async fn create_env_with(&self, class_id: &str) -> String {
+        self.create(self.create_request(class_id)).await
+    }
+}
