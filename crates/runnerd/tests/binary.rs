@@ -1,0 +1,81 @@
+//! The `runnerd` binary's command line: exit codes and help.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_runnerd");
+
+fn daemon_args() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("RUNNER_ID", "8d3b8f3e-6a4e-4e43-9a36-2f1d3c4b5a69"),
+        ("RUNNER_REGION", "eu-west-1"),
+        ("RUNNER_CONTROL_PLANE_URL", "https://cp.example.com"),
+        ("RUNNER_VPC_ID", "vpc-0123456789abcdef0"),
+        ("RUNNER_SUBNET_IDS", "subnet-0123456789abcdef0"),
+        ("RUNNER_SECURITY_GROUP_ID", "sg-0123456789abcdef0"),
+        ("RUNNER_INSTANCE_PROFILE", "runner-env"),
+        ("RUNNER_AMI", "ami-0123456789abcdef0"),
+        ("RUNNER_TABLE", "runner-state"),
+        ("RUNNER_SECRET_ID", "runner/credentials"),
+        ("RUNNER_KMS_KEY_ID", "alias/runner"),
+    ]
+}
+
+fn run(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run runnerd");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_bad_value_exits_64_naming_the_flag() {
+    let mut env = daemon_args();
+    env.retain(|(k, _)| *k != "RUNNER_REGION");
+    env.push(("RUNNER_REGION", "europe-west"));
+    let (code, stderr) = run(&env, &[]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("invalid --region (RUNNER_REGION)"), "{stderr}");
+}
+
+#[test]
+fn a_missing_value_exits_64() {
+    let mut env = daemon_args();
+    env.retain(|(k, _)| *k != "RUNNER_TABLE");
+    let (code, stderr) = run(&env, &[]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("--table"), "{stderr}");
+}
+
+#[test]
+fn help_documents_every_flag_with_its_variable() {
+    let out = Command::new(BIN).arg("--help").output().expect("help");
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    let options = help.split("Options:").nth(1).expect("an Options section");
+    // One entry per flag: a line starting with the flag, then its wrapped text.
+    let mut entries: Vec<String> = Vec::new();
+    for line in options.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("--") || trimmed.starts_with("-h") || trimmed.starts_with("-V") {
+            entries.push(trimmed.to_owned());
+        } else if let Some(last) = entries.last_mut() {
+            last.push(' ');
+            last.push_str(trimmed);
+        }
+    }
+    let flags: Vec<&String> = entries.iter().filter(|e| !e.starts_with("-h") && !e.starts_with("-V")).collect();
+    assert!(flags.len() >= 25, "only {} flags documented", flags.len());
+    for entry in flags {
+        assert!(entry.contains("[env: RUNNER_"), "no RUNNER_* variable: {entry}");
+    }
+}
+
+#[test]
+fn health_fails_when_nothing_answers() {
+    let (code, stderr) = run(&[], &["health", "--url", "http://127.0.0.1:9/readyz", "--timeout", "1s"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.starts_with("runnerd health: "), "{stderr}");
+}
