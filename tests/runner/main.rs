@@ -16,7 +16,7 @@ use runner_proto::admin::v1::{self as admin, admin_service_client::AdminServiceC
 use runner_proto::pb;
 use runnerd::app::{AppError, Deps};
 use runnerd::config::{Cli, Config};
-use testkit::fakes::{MemoryCompute, MemorySecrets, MemoryStore};
+use testkit::fakes::{MemoryCompute, MemoryLease, MemorySecrets, MemoryStore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -35,6 +35,7 @@ pub(crate) struct World {
     pub(crate) store: Arc<MemoryStore>,
     pub(crate) compute: Arc<MemoryCompute>,
     pub(crate) secrets: Arc<MemorySecrets>,
+    pub(crate) lease: Arc<MemoryLease>,
 }
 
 /// A running daemon.
@@ -93,6 +94,7 @@ impl World {
             exchange_token: created.exchange_token,
             store: Arc::new(MemoryStore::default()),
             compute: Arc::new(MemoryCompute::with_zones(&ZONES)),
+            lease: Arc::new(MemoryLease::default()),
         }
     }
 
@@ -136,6 +138,10 @@ impl World {
             "5s",
             "--control-plane-timeout",
             "5s",
+            "--lease-ttl",
+            "2s",
+            "--lease-renew-interval",
+            "200ms",
         ];
         Cli::try_parse_from(args)
             .expect("parse")
@@ -149,6 +155,8 @@ impl World {
             store: self.store.clone(),
             compute: self.compute.clone(),
             secrets: self.secrets.clone(),
+            lease: Arc::new(self.lease.handle(&uuid::Uuid::new_v4().to_string())),
+            leadership: Arc::new(runner_core::leader::Leadership::default()),
         };
         let shutdown = CancellationToken::new();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();

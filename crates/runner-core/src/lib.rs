@@ -7,8 +7,10 @@
 
 pub mod backoff;
 pub mod desired;
+pub mod leader;
 pub mod model;
 pub mod observer;
+pub mod orphans;
 pub mod outbox;
 pub mod reconcile;
 pub mod scheduler;

@@ -144,6 +144,8 @@ pub struct Instance {
     pub private_ip: Option<String>,
     /// Its state.
     pub state: InstanceState,
+    /// When the runner marked it as an orphan, if it did.
+    pub quarantined_at: Option<std::time::SystemTime>,
 }
 
 /// A subnet environments may be placed in.

@@ -69,6 +69,16 @@ impl Observer {
             .unwrap_or_default()
     }
 
+    /// Every instance in the current view.
+    pub fn all(&self) -> Vec<Instance> {
+        self.snapshot()
+            .by_environment
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
     /// Every environment that has instances in the current view.
     pub fn environments(&self) -> Vec<EnvironmentId> {
         self.snapshot().by_environment.keys().copied().collect()

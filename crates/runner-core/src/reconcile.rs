@@ -204,6 +204,15 @@ impl Context {
         Ok(())
     }
 
+    /// Replaces the cached records with the store's (on gaining leadership:
+    /// the previous leader may have written since).
+    pub async fn reload_all(&self) -> Result<(), StoreError> {
+        let records = self.store.list().await?;
+        *self.records.lock().expect("records lock is never poisoned") =
+            records.into_iter().map(|r| (r.environment, r)).collect();
+        Ok(())
+    }
+
     fn mark_mutated(&self, id: EnvironmentId) {
         self.mutated
             .lock()
@@ -288,16 +297,19 @@ pub fn validate_spec(
 }
 
 /// The subnet for a launch attempt: spread by environment, moving on with
-/// each attempt, skipping zones that had no capacity.
+/// each attempt, among zones that offer the type and had capacity.
 pub fn place(
     environment: EnvironmentId,
     attempt: u32,
     subnets: &[Subnet],
+    offered: &[String],
     exhausted: &[String],
 ) -> Option<Subnet> {
     let candidates: Vec<&Subnet> = subnets
         .iter()
-        .filter(|s| !exhausted.contains(&s.availability_zone))
+        .filter(|s| {
+            offered.contains(&s.availability_zone) && !exhausted.contains(&s.availability_zone)
+        })
         .collect();
     if candidates.is_empty() {
         return None;
@@ -621,8 +633,28 @@ async fn launch(
     let intent = match record.launch.clone() {
         Some(intent) if intent.state == LaunchState::Intended => intent,
         _ => {
+            let offered = ctx.compute.offered_zones(&class.instance_type).await?;
+            if !ctx
+                .subnets
+                .iter()
+                .any(|s| offered.contains(&s.availability_zone))
+            {
+                let zones: Vec<&str> = ctx
+                    .subnets
+                    .iter()
+                    .map(|s| s.availability_zone.as_str())
+                    .collect();
+                let message = format!(
+                    "instance type {} is not offered in any of the runner's availability zones ({})",
+                    class.instance_type,
+                    zones.join(", ")
+                );
+                ctx.publish(env, status(&env.spec, Phase::Creating, None, message));
+                return Ok(Action::Requeue(ctx.settings.rejected_retry));
+            }
             let attempt = record.launch.as_ref().map_or(1, |l| l.attempt + 1);
-            let Some(subnet) = place(id, attempt, &ctx.subnets, &record.exhausted_zones) else {
+            let Some(subnet) = place(id, attempt, &ctx.subnets, &offered, &record.exhausted_zones)
+            else {
                 return no_capacity(ctx, env, record, &class.instance_type).await;
             };
             let intent = LaunchIntent {
@@ -704,7 +736,16 @@ async fn next_attempt(
     instance_type: &str,
 ) -> Result<Action, ReconcileError> {
     let attempt = record.launch.as_ref().map_or(1, |l| l.attempt + 1);
-    if place(env.id, attempt, &ctx.subnets, &record.exhausted_zones).is_none() {
+    let offered = ctx.compute.offered_zones(instance_type).await?;
+    if place(
+        env.id,
+        attempt,
+        &ctx.subnets,
+        &offered,
+        &record.exhausted_zones,
+    )
+    .is_none()
+    {
         return no_capacity(ctx, env, record, instance_type).await;
     }
     ctx.save(record).await?;

@@ -153,9 +153,10 @@ impl<K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static> Scheduler<K
     }
 
     /// Runs `work` for queued keys until `shutdown`, then waits up to `grace`
-    /// for running work and aborts the rest.
+    /// for running work and aborts the rest. It may be run again afterwards
+    /// (a new leadership term); keys queued meanwhile are kept.
     pub async fn run<F, Fut, O>(
-        mut self,
+        &mut self,
         work: F,
         observer: &dyn QueueObserver,
         shutdown: CancellationToken,
@@ -237,7 +238,6 @@ impl<K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static> Scheduler<K
             }
         }
 
-        self.rx.close();
         let running = tasks.len();
         let mut finished = 0;
         let drained = tokio::time::timeout(grace, async {
@@ -282,7 +282,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn dedups_never_runs_a_key_twice_at_once_and_caps_concurrency() {
-        let (queue, scheduler) = Scheduler::<u32>::new(config(2));
+        let (queue, mut scheduler) = Scheduler::<u32>::new(config(2));
         let log = Arc::new(Log::default());
         let shutdown = CancellationToken::new();
         for key in [1, 1, 2, 3, 1, 2] {
@@ -336,7 +336,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failures_back_off_exponentially_and_success_resets() {
-        let (queue, scheduler) = Scheduler::<u32>::new(config(4));
+        let (queue, mut scheduler) = Scheduler::<u32>::new(config(4));
         let runs = Arc::new(Mutex::new(Vec::new()));
         let shutdown = CancellationToken::new();
         queue.enqueue(7);
@@ -385,7 +385,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_drains_in_flight_work_within_the_grace_period() {
-        let (queue, scheduler) = Scheduler::<u32>::new(config(2));
+        let (queue, mut scheduler) = Scheduler::<u32>::new(config(2));
         let shutdown = CancellationToken::new();
         for key in 0..5 {
             queue.enqueue(key);

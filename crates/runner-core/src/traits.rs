@@ -111,6 +111,8 @@ pub trait Compute: Send + Sync + 'static {
     async fn stop(&self, instance_id: &str) -> Result<(), ComputeError>;
     /// Terminates an instance.
     async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError>;
+    /// Marks an instance as an orphan (with a tag), to terminate it later.
+    async fn quarantine(&self, instance_id: &str, at: SystemTime) -> Result<(), ComputeError>;
     /// The configured subnets with their availability zones.
     async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError>;
     /// The availability zones (among the configured ones) that offer the type.

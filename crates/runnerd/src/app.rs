@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use runner_core::backoff::Backoff;
 use runner_core::desired::Desired;
+use runner_core::leader::{Leadership, Lease, run_lease};
 use runner_core::model::{EnvironmentId, Subnet};
 use runner_core::observer::Observer;
 use runner_core::outbox::Outbox;
@@ -41,6 +42,10 @@ pub struct Deps {
     pub compute: Arc<dyn Compute>,
     /// The runner's credentials.
     pub secrets: Arc<dyn SecretStore>,
+    /// The leader lease.
+    pub lease: Arc<dyn Lease>,
+    /// This replica's leadership, which the adapters consult before mutating.
+    pub leadership: Arc<Leadership>,
 }
 
 impl std::fmt::Debug for Deps {
@@ -234,6 +239,19 @@ pub async fn run(
         records,
     ));
 
+    spawn_critical(
+        "lease",
+        Box::pin({
+            let (lease, leadership, shutdown) = (
+                deps.lease.clone(),
+                deps.leadership.clone(),
+                shutdown.clone(),
+            );
+            let timing = config.engine.lease;
+            async move { run_lease(lease.as_ref(), &leadership, timing, shutdown).await }
+        }),
+    );
+
     let (events_tx, events_rx) = mpsc::channel(1024);
     spawn_critical(
         "heartbeat",
@@ -257,12 +275,14 @@ pub async fn run(
         Box::pin(
             Informer {
                 control_plane: control_plane.clone(),
-                desired,
+                desired: desired.clone(),
                 context: context.clone(),
                 observer,
-                queue,
+                queue: queue.clone(),
                 health: health.clone(),
                 resync: config.engine.resync_interval,
+                leadership: deps.leadership.clone(),
+                orphans: config.engine.orphans,
             }
             .run(events_rx, synced.clone(), shutdown.clone()),
         ),
@@ -293,6 +313,9 @@ pub async fn run(
     let grace = config.engine.shutdown_grace;
     let scheduler_task = tokio::spawn({
         let (metrics, shutdown, synced) = (metrics.clone(), shutdown.clone(), synced.clone());
+        let leadership = deps.leadership.clone();
+        let (term_context, term_desired, term_queue) =
+            (context.clone(), desired.clone(), queue.clone());
         async move {
             // No create or terminate before the first full sync.
             tokio::select! {
@@ -300,7 +323,7 @@ pub async fn run(
                 () = synced.cancelled() => {}
             }
             let work_metrics = metrics.clone();
-            let work = move |id: EnvironmentId| {
+            let work = |id: EnvironmentId| {
                 let context = context.clone();
                 let metrics = work_metrics.clone();
                 async move {
@@ -318,8 +341,47 @@ pub async fn run(
                 }
                 .instrument(tracing::info_span!("reconcile", env.id = %id))
             };
-            let drained = scheduler.run(work, metrics.as_ref(), shutdown, grace).await;
-            tracing::info!(finished = drained.finished, aborted = drained.aborted, "work queue drained");
+            let mut scheduler = scheduler;
+            let mut changes = leadership.watch();
+            loop {
+                // Only the leader reconciles.
+                while !leadership.is_leader() {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        _ = changes.changed() => {}
+                    }
+                }
+                let Some(epoch) = leadership.epoch() else { continue };
+                tracing::info!(epoch, "leading: reconciling");
+                let term = shutdown.child_token();
+                let watcher = tokio::spawn({
+                    let (leadership, term) = (leadership.clone(), term.clone());
+                    async move {
+                        while leadership.is_leader() && !term.is_cancelled() {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        term.cancel();
+                    }
+                });
+                // The previous leader may have written since these were loaded.
+                while let Err(err) = term_context.reload_all().await {
+                    tracing::warn!(error = %err, "cannot reload the records");
+                    tokio::select! {
+                        () = term.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                for id in term_desired.present().into_iter().chain(term_context.recorded()) {
+                    term_queue.enqueue(id);
+                }
+                let drained = scheduler.run(&work, metrics.as_ref(), term.clone(), grace).await;
+                watcher.abort();
+                tracing::info!(finished = drained.finished, aborted = drained.aborted, "work queue drained");
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                tracing::warn!(epoch, "no longer leading: reconciling stopped");
+            }
         }
         .instrument(tracing::info_span!("task", name = "scheduler"))
     });

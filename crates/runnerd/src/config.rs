@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use runner_core::leader::LeaseTiming;
+use runner_core::orphans::OrphanPolicy;
 use runner_core::validate;
 
 /// Exit code for a bad configuration (EX_USAGE).
@@ -134,6 +136,18 @@ pub struct DaemonArgs {
     /// Shortest time between two describes of all instances.
     #[arg(long, env = "RUNNER_OBSERVE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub observe_interval: Duration,
+    /// How long the leader lease lasts without renewal.
+    #[arg(long, env = "RUNNER_LEASE_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+    /// How often the leader renews its lease (and a standby tries to take it).
+    #[arg(long, env = "RUNNER_LEASE_RENEW_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_renew_interval: Duration,
+    /// How long an orphan instance stays marked before it is terminated.
+    #[arg(long, env = "RUNNER_ORPHAN_GRACE", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub orphan_grace: Duration,
+    /// Most orphan instances terminated per resync pass.
+    #[arg(long, env = "RUNNER_ORPHAN_MAX_PER_PASS", default_value_t = 10)]
+    pub orphan_max_per_pass: usize,
     /// How often the state store and compute are checked for health.
     #[arg(long, env = "RUNNER_HEALTH_CHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub health_check_interval: Duration,
@@ -264,6 +278,10 @@ pub struct EngineConfig {
     pub shutdown_grace: Duration,
     /// Dependency health check interval.
     pub health_check_interval: Duration,
+    /// Leader lease timing.
+    pub lease: LeaseTiming,
+    /// Orphan handling.
+    pub orphans: OrphanPolicy,
 }
 
 fn prefixed_id(
@@ -492,7 +510,26 @@ impl DaemonArgs {
                 "RUNNER_HEALTH_CHECK_INTERVAL",
                 self.health_check_interval,
             )?,
+            lease: LeaseTiming {
+                ttl: positive("lease-ttl", "RUNNER_LEASE_TTL", self.lease_ttl)?,
+                renew_every: positive(
+                    "lease-renew-interval",
+                    "RUNNER_LEASE_RENEW_INTERVAL",
+                    self.lease_renew_interval,
+                )?,
+            },
+            orphans: OrphanPolicy {
+                grace: self.orphan_grace,
+                max_per_pass: self.orphan_max_per_pass,
+            },
         };
+        if engine.lease.renew_every * 2 > engine.lease.ttl {
+            return Err(bad(
+                "lease-renew-interval",
+                "RUNNER_LEASE_RENEW_INTERVAL",
+                "must be at most half of --lease-ttl, so that one missed renewal does not lose the lease",
+            ));
+        }
         if self.shutdown_grace > Duration::from_secs(120) {
             return Err(bad(
                 "shutdown-grace",

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use runner_core::backoff::Backoff;
 use runner_core::desired::Desired;
+use runner_core::leader::Leadership;
 use runner_core::model::EnvironmentId;
 use runner_core::observer::Observer;
+use runner_core::orphans::{OrphanPolicy, sweep};
 use runner_core::reconcile::Context;
 use runner_core::scheduler::Queue;
 use runner_core::traits::ControlPlane;
@@ -40,6 +42,10 @@ pub struct Informer {
     pub health: Arc<Health>,
     /// Full resync interval.
     pub resync: Duration,
+    /// Whether this replica leads (only the leader reconciles).
+    pub leadership: Arc<Leadership>,
+    /// How orphans are handled.
+    pub orphans: OrphanPolicy,
 }
 
 impl std::fmt::Debug for Informer {
@@ -131,7 +137,7 @@ impl Informer {
         for environment in environments {
             let id = environment.id;
             self.desired.upsert(environment);
-            self.queue.enqueue(id);
+            self.enqueue(id);
         }
         // Known before but not listed now: confirm one by one.
         let mut unlisted: HashSet<EnvironmentId> = self.desired.present().into_iter().collect();
@@ -139,7 +145,28 @@ impl Informer {
         for id in unlisted.difference(&listed) {
             self.refetch(*id).await;
         }
+        if self.leadership.is_leader() {
+            match sweep(&self.context, self.orphans, std::time::SystemTime::now()).await {
+                Ok(done) if done.quarantined + done.terminated > 0 => {
+                    tracing::info!(
+                        quarantined = done.quarantined,
+                        terminated = done.terminated,
+                        "orphan pass"
+                    );
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %chain(&err), "orphan pass failed"),
+            }
+        }
         Ok(count)
+    }
+
+    /// Standbys keep `Desired` warm but queue nothing: a new leader
+    /// enqueues everything when its term starts.
+    fn enqueue(&self, id: EnvironmentId) {
+        if self.leadership.is_leader() {
+            self.queue.enqueue(id);
+        }
     }
 
     async fn refetch(&self, id: EnvironmentId) {
@@ -159,12 +186,12 @@ impl Informer {
                         }
                     }
                 }
-                self.queue.enqueue(id);
+                self.enqueue(id);
             }
             Ok(None) => {
                 tracing::info!(env.id = %id, "the control plane no longer knows the environment");
                 self.desired.mark_gone(id);
-                self.queue.enqueue(id);
+                self.enqueue(id);
             }
             Err(err) => {
                 tracing::warn!(env.id = %id, error = %err, "cannot fetch the environment; the next sync retries");

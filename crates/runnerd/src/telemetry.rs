@@ -308,6 +308,15 @@ impl Compute for InstrumentedCompute {
             .await
     }
 
+    async fn quarantine(
+        &self,
+        instance_id: &str,
+        at: std::time::SystemTime,
+    ) -> Result<(), ComputeError> {
+        self.timed("quarantine", self.inner.quarantine(instance_id, at))
+            .await
+    }
+
     async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError> {
         self.timed("subnets", self.inner.subnets(ids)).await
     }

@@ -27,7 +27,10 @@ fn run(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
         .args(args)
         .output()
         .expect("run runnerd");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -37,7 +40,10 @@ fn a_bad_value_exits_64_naming_the_flag() {
     env.push(("RUNNER_REGION", "europe-west"));
     let (code, stderr) = run(&env, &[]);
     assert_eq!(code, Some(64), "{stderr}");
-    assert!(stderr.contains("invalid --region (RUNNER_REGION)"), "{stderr}");
+    assert!(
+        stderr.contains("invalid --region (RUNNER_REGION)"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -66,16 +72,31 @@ fn help_documents_every_flag_with_its_variable() {
             last.push_str(trimmed);
         }
     }
-    let flags: Vec<&String> = entries.iter().filter(|e| !e.starts_with("-h") && !e.starts_with("-V")).collect();
+    let flags: Vec<&String> = entries
+        .iter()
+        .filter(|e| !e.starts_with("-h") && !e.starts_with("-V"))
+        .collect();
     assert!(flags.len() >= 25, "only {} flags documented", flags.len());
     for entry in flags {
-        assert!(entry.contains("[env: RUNNER_"), "no RUNNER_* variable: {entry}");
+        assert!(
+            entry.contains("[env: RUNNER_"),
+            "no RUNNER_* variable: {entry}"
+        );
     }
 }
 
 #[test]
 fn health_fails_when_nothing_answers() {
-    let (code, stderr) = run(&[], &["health", "--url", "http://127.0.0.1:9/readyz", "--timeout", "1s"]);
+    let (code, stderr) = run(
+        &[],
+        &[
+            "health",
+            "--url",
+            "http://127.0.0.1:9/readyz",
+            "--timeout",
+            "1s",
+        ],
+    );
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.starts_with("runnerd health: "), "{stderr}");
 }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use runner_core::model::{EnvironmentId, Instance, InstanceState, Record, Subnet};
@@ -269,6 +270,7 @@ impl Compute for MemoryCompute {
                     cloud.next_id % 250 + 2
                 )),
                 state: InstanceState::Pending,
+                quarantined_at: None,
             };
             cloud.tokens.insert(key, instance.id.clone());
             cloud
@@ -356,6 +358,15 @@ impl Compute for MemoryCompute {
         Ok(())
     }
 
+    async fn quarantine(&self, instance_id: &str, at: SystemTime) -> Result<(), ComputeError> {
+        let mut cloud = self.enter("quarantine")?;
+        let instance = cloud.instances.get_mut(instance_id).ok_or_else(|| {
+            ComputeError::Rejected(format!("instance {instance_id} does not exist"))
+        })?;
+        instance.quarantined_at = Some(at);
+        Ok(())
+    }
+
     async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError> {
         let _cloud = self.enter("subnets")?;
         let zones = self.zones.lock().expect("lock").clone();
@@ -420,6 +431,79 @@ impl SecretStore for MemorySecrets {
     async fn save(&self, credentials: &Credentials) -> Result<(), SecretError> {
         *self.credentials.lock().expect("lock") = credentials.clone();
         self.saves.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A leader lease in memory, shared by the replicas of a test.
+#[derive(Debug, Default)]
+pub struct MemoryLease {
+    state: Mutex<Option<(String, u64, SystemTime)>>,
+    epochs: AtomicU64,
+}
+
+/// One replica's handle on a [`MemoryLease`].
+#[derive(Debug, Clone)]
+pub struct LeaseHandle {
+    lease: std::sync::Arc<MemoryLease>,
+    holder: String,
+}
+
+impl MemoryLease {
+    /// A handle for the replica `holder`.
+    pub fn handle(self: &std::sync::Arc<Self>, holder: &str) -> LeaseHandle {
+        LeaseHandle {
+            lease: self.clone(),
+            holder: holder.to_owned(),
+        }
+    }
+}
+
+#[async_trait]
+impl runner_core::leader::Lease for LeaseHandle {
+    async fn acquire(
+        &self,
+        ttl: Duration,
+    ) -> Result<Option<runner_core::leader::Term>, StoreError> {
+        let now = SystemTime::now();
+        let mut state = self.lease.state.lock().expect("lock");
+        match &*state {
+            Some((holder, _, expires)) if holder != &self.holder && *expires > now => Ok(None),
+            _ => {
+                let epoch = self.lease.epochs.fetch_add(1, Ordering::SeqCst) + 1;
+                *state = Some((self.holder.clone(), epoch, now + ttl));
+                Ok(Some(runner_core::leader::Term {
+                    epoch,
+                    expires_at: now + ttl,
+                }))
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<runner_core::leader::Term, StoreError> {
+        let now = SystemTime::now();
+        let mut state = self.lease.state.lock().expect("lock");
+        match &mut *state {
+            Some((holder, e, expires)) if *holder == self.holder && *e == epoch => {
+                *expires = now + ttl;
+                Ok(runner_core::leader::Term {
+                    epoch,
+                    expires_at: now + ttl,
+                })
+            }
+            _ => Err(StoreError::Fenced),
+        }
+    }
+
+    async fn release(&self, epoch: u64) -> Result<(), StoreError> {
+        let mut state = self.lease.state.lock().expect("lock");
+        if matches!(&*state, Some((holder, e, _)) if *holder == self.holder && *e == epoch) {
+            *state = None;
+        }
         Ok(())
     }
 }

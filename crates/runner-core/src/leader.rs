@@ -1,0 +1,178 @@
+//! Leadership: one replica at a time may reconcile and mutate.
+//!
+//! A lease in the state store (holder, epoch, expiry) decides who leads. The
+//! holder renews it well before expiry; a standby acquires it once expired.
+//! [`Leadership`] is the local view: an epoch that is valid only until the
+//! lease could have expired, by the monotonic clock, so a replica that was
+//! frozen past its lease finds itself fenced when it resumes, before any
+//! store write could tell it. Store writes are fenced on the epoch as well.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::traits::StoreError;
+
+/// A held lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Term {
+    /// Grows with every change of holder.
+    pub epoch: u64,
+    /// When the lease expires in the store.
+    pub expires_at: SystemTime,
+}
+
+/// The lease in the state store.
+#[async_trait]
+pub trait Lease: Send + Sync + 'static {
+    /// Takes the lease if it is free or expired; `None` when someone else holds it.
+    async fn acquire(&self, ttl: Duration) -> Result<Option<Term>, StoreError>;
+    /// Extends the lease; `Fenced` when it is no longer held at `epoch`.
+    async fn renew(&self, epoch: u64, ttl: Duration) -> Result<Term, StoreError>;
+    /// Gives the lease up so a standby can take over at once.
+    async fn release(&self, epoch: u64) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: u64,
+    valid_until: Instant,
+}
+
+/// This replica's view of its leadership.
+#[derive(Debug)]
+pub struct Leadership {
+    held: Mutex<Option<Held>>,
+    changed: watch::Sender<Option<u64>>,
+}
+
+impl Default for Leadership {
+    fn default() -> Self {
+        Self {
+            held: Mutex::new(None),
+            changed: watch::channel(None).0,
+        }
+    }
+}
+
+impl Leadership {
+    /// Leadership that is always held at epoch 1 (a single replica without a lease).
+    pub fn always() -> Self {
+        let leadership = Self::default();
+        leadership.set(
+            1,
+            Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
+        );
+        leadership
+    }
+
+    /// The epoch, if this replica leads right now.
+    pub fn epoch(&self) -> Option<u64> {
+        let held = *self.held.lock().expect("leadership lock is never poisoned");
+        held.filter(|h| Instant::now() < h.valid_until)
+            .map(|h| h.epoch)
+    }
+
+    /// Whether this replica leads right now.
+    pub fn is_leader(&self) -> bool {
+        self.epoch().is_some()
+    }
+
+    /// Records a held term, valid locally until `valid_until`.
+    pub fn set(&self, epoch: u64, valid_until: Instant) {
+        *self.held.lock().expect("leadership lock is never poisoned") =
+            Some(Held { epoch, valid_until });
+        self.changed.send_if_modified(|current| {
+            let changed = *current != Some(epoch);
+            *current = Some(epoch);
+            changed
+        });
+    }
+
+    /// Records that leadership is lost.
+    pub fn clear(&self) {
+        *self.held.lock().expect("leadership lock is never poisoned") = None;
+        self.changed
+            .send_if_modified(|current| current.take().is_some());
+    }
+
+    /// Changes of leadership: `Some(epoch)` when gained, `None` when lost.
+    pub fn watch(&self) -> watch::Receiver<Option<u64>> {
+        self.changed.subscribe()
+    }
+}
+
+/// Lease timing.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTiming {
+    /// How long a lease lasts without renewal.
+    pub ttl: Duration,
+    /// How often the holder renews (and a standby retries).
+    pub renew_every: Duration,
+}
+
+/// Acquires, renews and finally releases the lease until `shutdown`.
+/// Loss is noticed at the latest when the local validity runs out, even if
+/// the store cannot be reached (or this process was frozen).
+pub async fn run_lease(
+    lease: &dyn Lease,
+    leadership: &Leadership,
+    timing: LeaseTiming,
+    shutdown: CancellationToken,
+) {
+    // Local validity stops short of the store's expiry, for clock skew.
+    let margin = timing.ttl / 5;
+    let mut held: Option<u64> = None;
+    loop {
+        let started = Instant::now();
+        match held {
+            None => match lease.acquire(timing.ttl).await {
+                Ok(Some(term)) => {
+                    tracing::info!(epoch = term.epoch, "acquired the leader lease");
+                    held = Some(term.epoch);
+                    leadership.set(term.epoch, started + timing.ttl - margin);
+                }
+                Ok(None) => {}
+                Err(err) => tracing::warn!(error = %err, "cannot acquire the leader lease"),
+            },
+            Some(epoch) => match lease.renew(epoch, timing.ttl).await {
+                Ok(_) => leadership.set(epoch, started + timing.ttl - margin),
+                Err(StoreError::Fenced) => {
+                    tracing::warn!(epoch, "lost the leader lease");
+                    held = None;
+                    leadership.clear();
+                }
+                Err(err) => {
+                    tracing::warn!(epoch, error = %err, "cannot renew the leader lease");
+                    if !leadership.is_leader() {
+                        tracing::warn!(epoch, "the leader lease ran out locally");
+                        held = None;
+                        leadership.clear();
+                    }
+                }
+            },
+        }
+        // A frozen process sees its local validity run out here.
+        if held.is_some() && !leadership.is_leader() {
+            held = None;
+            leadership.clear();
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(timing.renew_every) => {}
+        }
+    }
+    if let Some(epoch) = held {
+        leadership.clear();
+        match lease.release(epoch).await {
+            Ok(()) => tracing::info!(epoch, "released the leader lease"),
+            Err(err) => {
+                tracing::warn!(epoch, error = %err, "cannot release the leader lease; it expires by itself")
+            }
+        }
+    }
+}
