@@ -1,5 +1,78 @@
 //! AWS adapters for the runner's core traits: the DynamoDB state store and
-//! leader lease, EC2 compute, Secrets Manager and KMS, and ECS self-update.
+//! leader lease, EC2 compute, the Secrets Manager credential store, and KMS
+//! envelope encryption.
 //!
-//! Adapters translate; they never decide policy. This crate is still empty:
-//! the adapters land with the AWS work.
+//! Adapters translate and classify errors once; they never decide policy.
+//! Every client is pinned to the configured region. `AWS_ENDPOINT_URL` (as the
+//! SDK reads it) points them at emulated AWS in tests.
+
+pub mod dynamo;
+pub mod ec2;
+pub mod envelope;
+pub mod secrets;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+
+/// The shared SDK configuration, pinned to `region`.
+pub async fn sdk_config(region: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .load()
+        .await
+}
+
+use std::sync::Arc;
+
+use runner_core::leader::Leadership;
+
+/// Where the runner's AWS resources are.
+#[derive(Debug, Clone)]
+pub struct AdapterSettings {
+    /// The DynamoDB table.
+    pub table: String,
+    /// This runner's id.
+    pub runner_id: String,
+    /// This replica's name in the lease.
+    pub holder: String,
+    /// The Secrets Manager secret.
+    pub secret_id: String,
+    /// EC2 settings.
+    pub ec2: ec2::Ec2Settings,
+}
+
+/// The adapters, built on one SDK configuration.
+#[derive(Debug)]
+pub struct Adapters {
+    /// State store and lease.
+    pub store: Arc<dynamo::DynamoStore>,
+    /// Compute.
+    pub compute: Arc<ec2::Ec2Compute>,
+    /// Credentials.
+    pub secrets: Arc<secrets::SecretsManagerStore>,
+}
+
+/// Builds every adapter; mutations and writes are fenced by `leadership`.
+pub fn adapters(
+    sdk: &SdkConfig,
+    settings: &AdapterSettings,
+    leadership: &Arc<Leadership>,
+) -> Adapters {
+    Adapters {
+        store: Arc::new(dynamo::DynamoStore::new(
+            aws_sdk_dynamodb::Client::new(sdk),
+            &settings.table,
+            &settings.runner_id,
+            &settings.holder,
+            leadership.clone(),
+        )),
+        compute: Arc::new(ec2::Ec2Compute::new(
+            aws_sdk_ec2::Client::new(sdk),
+            settings.ec2.clone(),
+            leadership.clone(),
+        )),
+        secrets: Arc::new(secrets::SecretsManagerStore::new(
+            aws_sdk_secretsmanager::Client::new(sdk),
+            &settings.secret_id,
+        )),
+    }
+}

@@ -157,7 +157,13 @@ pub async fn run_lease(
             },
         }
         // A frozen process sees its local validity run out here.
-        if held.is_some() && !leadership.is_leader() {
+        if let Some(epoch) = held
+            && !leadership.is_leader()
+        {
+            tracing::warn!(
+                epoch,
+                "the leader lease ran out locally (was this process paused?)"
+            );
             held = None;
             leadership.clear();
         }
@@ -171,7 +177,7 @@ pub async fn run_lease(
         match lease.release(epoch).await {
             Ok(()) => tracing::info!(epoch, "released the leader lease"),
             Err(err) => {
-                tracing::warn!(epoch, error = %err, "cannot release the leader lease; it expires by itself")
+                tracing::warn!(epoch, error = %err, "cannot release the leader lease; it expires by itself");
             }
         }
     }

@@ -75,6 +75,12 @@ impl Outbox {
         Some(version)
     }
 
+    /// Drops every pending status and what was last published (on a change
+    /// of leadership: the leader owns reporting).
+    pub fn clear(&self) {
+        self.entries().clear();
+    }
+
     /// Forgets an environment the control plane no longer knows.
     pub fn forget(&self, id: EnvironmentId) {
         self.entries().remove(&id);
@@ -105,6 +111,7 @@ impl Outbox {
             .filter_map(|(id, e)| e.pending.clone().map(|p| (*id, p)))
             .collect();
         let mut round = Round::default();
+        let mut recheck = Vec::new();
         for (id, version, result) in send_all(batch, concurrency, control_plane).await {
             let mut entries = self.entries();
             let Some(entry) = entries.get_mut(&id) else {
@@ -121,11 +128,9 @@ impl Outbox {
                 }
                 Err(ControlPlaneError::Rejected(message)) => {
                     round.rejected += 1;
-                    tracing::warn!(env.id = %id, status_version = version, error = %message, "control plane rejected a status; dropped");
+                    tracing::warn!(env.id = %id, status_version = version, error = %message, "control plane rejected a status");
                     if still_pending {
-                        entry.pending = None;
-                        // Let the next publish of the same content go out again.
-                        entry.last = None;
+                        recheck.push(id);
                     }
                 }
                 Err(ControlPlaneError::Unavailable(message)) => {
@@ -135,14 +140,43 @@ impl Outbox {
                 }
             }
         }
+        // A rejected status is usually numbered below one the control plane
+        // already holds (another replica reported since): continue from the
+        // accepted version, or drop it if the environment is gone.
+        for id in recheck {
+            let fetched = control_plane.get_environment(id).await;
+            let mut entries = self.entries();
+            let Some(entry) = entries.get_mut(&id) else {
+                continue;
+            };
+            match fetched {
+                Ok(Some(environment))
+                    if environment.accepted_status_version + 1 > entry.next_version =>
+                {
+                    entry.next_version = environment.accepted_status_version + 1;
+                    if let Some((version, _)) = &mut entry.pending {
+                        *version = entry.next_version;
+                        entry.next_version += 1;
+                    }
+                }
+                Ok(Some(_)) | Ok(None) => {
+                    // The version was not the problem, or the environment is gone.
+                    entry.pending = None;
+                    entry.last = None;
+                }
+                Err(_) => {}
+            }
+        }
         round
     }
 
-    /// Delivers until `shutdown`: wakes on publish, retries failures with
+    /// Delivers while `leading()` holds, until `shutdown`: wakes on publish,
+    /// retries failures with
     /// `backoff` (by the most failed entry), and makes a last attempt when
     /// shut down.
-    pub async fn run(
+    pub async fn run_while(
         self: Arc<Self>,
+        leading: impl Fn() -> bool,
         control_plane: Arc<dyn ControlPlane>,
         backoff: Backoff,
         concurrency: usize,
@@ -150,6 +184,10 @@ impl Outbox {
         shutdown: CancellationToken,
     ) {
         loop {
+            if !leading() {
+                // Only the leader reports; what a former leader left is stale.
+                self.clear();
+            }
             let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
             on_round(round, self.pending());
             let failures = self
@@ -169,8 +207,10 @@ impl Outbox {
                 () = sleep_or_forever(wait) => {}
             }
         }
-        let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
-        on_round(round, self.pending());
+        if leading() {
+            let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
+            on_round(round, self.pending());
+        }
     }
 }
 

@@ -81,6 +81,7 @@ pub type BoundAddr = tokio::sync::oneshot::Sender<std::net::SocketAddr>;
 
 async fn retry_until<T, E: std::error::Error, Fut: Future<Output = Result<T, E>>>(
     what: &str,
+    health: &Health,
     shutdown: &CancellationToken,
     mut attempt: impl FnMut() -> Fut,
 ) -> Option<T> {
@@ -91,10 +92,15 @@ async fn retry_until<T, E: std::error::Error, Fut: Future<Output = Result<T, E>>
     let mut failures = 0;
     loop {
         match attempt().await {
-            Ok(value) => return Some(value),
+            Ok(value) => {
+                health.set_problem("setup", None);
+                return Some(value);
+            }
             Err(err) => {
                 failures += 1;
-                tracing::warn!(error = %chain(&err), "{what} failed; retrying");
+                let problem = chain(&err);
+                tracing::warn!(error = %problem, "{what} failed; retrying");
+                health.set_problem("setup", Some(format!("{what}: {problem}")));
                 tokio::select! {
                     () = shutdown.cancelled() => return None,
                     () = tokio::time::sleep(backoff.full_jitter(failures)) => {}
@@ -166,16 +172,22 @@ pub async fn run(
         )),
     );
 
-    let Some(subnets) = retry_until("resolve the configured subnets", &shutdown, async || {
-        compute.subnets(&config.placement.subnet_ids).await
-    })
+    let Some(subnets) = retry_until(
+        "check the VPC, subnets and security group",
+        &health,
+        &shutdown,
+        async || compute.subnets(&config.placement.subnet_ids).await,
+    )
     .await
     else {
         return Ok(());
     };
-    let Some(records) = retry_until("load the runner's records", &shutdown, async || {
-        store.list().await
-    })
+    let Some(records) = retry_until(
+        "load the runner's records",
+        &health,
+        &shutdown,
+        async || store.list().await,
+    )
     .await
     else {
         return Ok(());
@@ -296,9 +308,11 @@ pub async fn run(
             base: Duration::from_millis(500),
             max: Duration::from_secs(30),
         };
+        let leadership = deps.leadership.clone();
         async move {
             outbox
-                .run(
+                .run_while(
+                    move || leadership.is_leader(),
                     control_plane,
                     backoff,
                     16,
@@ -316,6 +330,7 @@ pub async fn run(
         let leadership = deps.leadership.clone();
         let (term_context, term_desired, term_queue) =
             (context.clone(), desired.clone(), queue.clone());
+        let term_outbox = outbox.clone();
         async move {
             // No create or terminate before the first full sync.
             tokio::select! {
@@ -371,11 +386,14 @@ pub async fn run(
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
+                term_outbox.clear();
                 for id in term_desired.present().into_iter().chain(term_context.recorded()) {
                     term_queue.enqueue(id);
                 }
                 let drained = scheduler.run(&work, metrics.as_ref(), term.clone(), grace).await;
                 watcher.abort();
+                // Statuses not delivered by now are the next leader's to report.
+                term_outbox.clear();
                 tracing::info!(finished = drained.finished, aborted = drained.aborted, "work queue drained");
                 if shutdown.is_cancelled() {
                     return;

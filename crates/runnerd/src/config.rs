@@ -127,6 +127,9 @@ pub struct DaemonArgs {
     /// Sustained EC2 describe calls per second.
     #[arg(long, env = "RUNNER_EC2_DESCRIBE_RATE", default_value_t = 10.0)]
     pub ec2_describe_rate: f64,
+    /// Instances per DescribeInstances page (5 to 1000).
+    #[arg(long, env = "RUNNER_EC2_DESCRIBE_PAGE_SIZE", default_value_t = 500)]
+    pub ec2_describe_page_size: i32,
     /// Full resync of every environment (list, observe, reconcile).
     #[arg(long, env = "RUNNER_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub resync_interval: Duration,
@@ -261,6 +264,8 @@ pub struct RateLimits {
     pub launch_burst: u32,
     /// Describes per second.
     pub describe_rate: f64,
+    /// Instances per describe page.
+    pub describe_page_size: i32,
 }
 
 /// Work and timing of the reconcile engine.
@@ -494,6 +499,15 @@ impl DaemonArgs {
                 "RUNNER_EC2_DESCRIBE_RATE",
                 self.ec2_describe_rate,
             )?,
+            describe_page_size: if (5..=1000).contains(&self.ec2_describe_page_size) {
+                self.ec2_describe_page_size
+            } else {
+                return Err(bad(
+                    "ec2-describe-page-size",
+                    "RUNNER_EC2_DESCRIBE_PAGE_SIZE",
+                    "must be between 5 and 1000",
+                ));
+            },
         };
         let engine = EngineConfig {
             concurrency: self.concurrency,

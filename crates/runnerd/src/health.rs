@@ -23,6 +23,7 @@ pub struct Health {
     synced: AtomicBool,
     session: AtomicBool,
     store: AtomicBool,
+    problems: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
     degraded: watch::Sender<String>,
 }
 
@@ -32,6 +33,7 @@ impl Default for Health {
             synced: AtomicBool::new(false),
             session: AtomicBool::new(false),
             store: AtomicBool::new(true),
+            problems: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             degraded: watch::channel(String::new()).0,
         }
     }
@@ -68,22 +70,24 @@ impl Health {
         self.degraded.subscribe()
     }
 
-    /// Checks the dependencies once and updates readiness and the degraded
-    /// message.
-    pub async fn check(&self, store: &dyn StateStore, compute: &dyn Compute) {
-        let mut problems = Vec::new();
-        let store_ok = match store.check().await {
-            Ok(()) => true,
-            Err(err) => {
-                problems.push(format!("state store: {}", chain(&err)));
-                false
-            }
+    /// Sets (or clears, with `None`) the problem of one part; the degraded
+    /// message lists every current problem.
+    pub fn set_problem(&self, part: &'static str, problem: Option<String>) {
+        let message = {
+            let mut problems = self
+                .problems
+                .lock()
+                .expect("problems lock is never poisoned");
+            match problem {
+                Some(p) => problems.insert(part, p),
+                None => problems.remove(part),
+            };
+            problems
+                .iter()
+                .map(|(part, p)| format!("{part}: {p}"))
+                .collect::<Vec<_>>()
+                .join("; ")
         };
-        self.store.store(store_ok, Ordering::SeqCst);
-        if let Err(err) = compute.check().await {
-            problems.push(format!("compute: {}", chain(&err)));
-        }
-        let message = problems.join("; ");
         self.degraded.send_if_modified(|current| {
             if *current == message {
                 return false;
@@ -96,6 +100,16 @@ impl Health {
             current.clone_from(&message);
             true
         });
+    }
+
+    /// Checks the dependencies once and updates readiness and the degraded
+    /// message.
+    pub async fn check(&self, store: &dyn StateStore, compute: &dyn Compute) {
+        let store_result = store.check().await;
+        self.store.store(store_result.is_ok(), Ordering::SeqCst);
+        self.set_problem("state store", store_result.err().map(|e| chain(&e)));
+        let compute_result = compute.check().await;
+        self.set_problem("compute", compute_result.err().map(|e| chain(&e)));
     }
 
     /// Checks every `interval` until `shutdown`.

@@ -19,13 +19,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn daemon(config: config::Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signals(shutdown.clone()));
-    let deps = match aws_deps(&config).await {
-        Ok(deps) => deps,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot set up the AWS clients");
-            return ExitCode::FAILURE;
-        }
-    };
+    let deps = aws_deps(&config).await;
     match app::run(config, deps, shutdown, None).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -35,8 +29,53 @@ pub async fn daemon(config: config::Config) -> ExitCode {
     }
 }
 
-async fn aws_deps(_config: &config::Config) -> Result<app::Deps, String> {
-    Err("the AWS adapters are not part of this build yet".to_owned())
+/// This replica's name in the leader lease: the ECS task when there is one,
+/// and a random suffix so that two processes never share a name.
+pub fn holder_name() -> String {
+    let task = std::env::var("ECS_CONTAINER_METADATA_URI_V4")
+        .ok()
+        .and_then(|uri| uri.rsplit('/').next().map(str::to_owned))
+        .unwrap_or_else(|| format!("pid-{}", std::process::id()));
+    let suffix: u32 = rand::random();
+    format!("{task}-{suffix:08x}")
+}
+
+/// The AWS adapters for `config`.
+pub async fn aws_deps(config: &config::Config) -> app::Deps {
+    let sdk = runner_aws::sdk_config(&config.region).await;
+    let leadership = std::sync::Arc::new(runner_core::leader::Leadership::default());
+    let settings = runner_aws::AdapterSettings {
+        table: config.table.clone(),
+        runner_id: config.runner_id.clone(),
+        holder: holder_name(),
+        secret_id: config.secret_id.clone(),
+        ec2: runner_aws::ec2::Ec2Settings {
+            runner_id: config.runner_id.clone(),
+            region: config.region.clone(),
+            vpc_id: config.placement.vpc_id.clone(),
+            security_group_id: config.placement.security_group_id.clone(),
+            instance_profile: config.placement.instance_profile.clone(),
+            ami: config.placement.ami.clone(),
+            describe_page_size: config.rate_limits.describe_page_size,
+            launch_rate: (
+                config.rate_limits.launch_rate,
+                config.rate_limits.launch_burst,
+            ),
+            mutate_rate: (
+                config.rate_limits.mutate_rate,
+                config.rate_limits.mutate_burst,
+            ),
+            describe_rate: config.rate_limits.describe_rate,
+        },
+    };
+    let adapters = runner_aws::adapters(&sdk, &settings, &leadership);
+    app::Deps {
+        store: adapters.store.clone(),
+        compute: adapters.compute,
+        secrets: adapters.secrets,
+        lease: adapters.store,
+        leadership,
+    }
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT; exits at once on the second.

@@ -213,6 +213,15 @@ impl Session {
                         Code::Unauthenticated | Code::InvalidArgument | Code::PermissionDenied
                     ) =>
                 {
+                    // Another replica may have traded it a moment ago.
+                    let now = self.load(shutdown).await?;
+                    if let (Some(token), Some(key)) = (&now.access_token, now.private_key.clone()) {
+                        tracing::info!(
+                            "another replica traded the exchange token; using its credentials"
+                        );
+                        self.auth.set(token).map_err(SessionError::BadToken)?;
+                        return Ok(key);
+                    }
                     return Err(SessionError::ExchangeRefused(status.message().to_owned()));
                 }
                 Err(status) => {

@@ -2,9 +2,11 @@
 //!
 //! [`ControlPlane`] starts the reference control plane in-process on a
 //! loopback port, over real gRPC, and stops it when dropped. [`fakes`] holds
-//! in-memory implementations of the core traits.
+//! in-memory implementations of the core traits; [`proxy`] is a
+//! fault-injecting HTTP proxy in front of emulated AWS.
 
 pub mod fakes;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,615 @@
+//! EC2 compute: launches, observes, starts, stops and terminates the runner's
+//! instances, recognised by their tags.
+//!
+//! Every call waits for a token from a client-side bucket (launch, mutate,
+//! describe) set below EC2's per-account limits; the SDK's standard retries
+//! handle throttling and 5xx; nothing here loops on its own. Mutations refuse
+//! to run unless this replica leads. Instances without this runner's tags are
+//! never described, so never touched.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceStateName, InstanceType,
+    LocationType, ResourceType, Tag, TagSpecification, VolumeType,
+};
+use base64::Engine as _;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use runner_core::leader::Leadership;
+use runner_core::model::{EnvironmentId, Instance, InstanceState, Revision, Subnet};
+use runner_core::traits::{Compute, ComputeError, LaunchRequest};
+
+/// Tag: the runner that owns the instance.
+pub const TAG_RUNNER: &str = "aws-runner:runner-id";
+/// Tag: the environment the instance belongs to.
+pub const TAG_ENVIRONMENT: &str = "aws-runner:environment-id";
+/// Tag: the launch attempt that created it.
+pub const TAG_ATTEMPT: &str = "aws-runner:attempt";
+/// Tag: always `aws-runner`.
+pub const TAG_MANAGED_BY: &str = "aws-runner:managed-by";
+/// Tag: when the runner marked the instance as an orphan (Unix seconds).
+pub const TAG_QUARANTINED: &str = "aws-runner:quarantined-at";
+
+/// What the runner launches with, from its configuration.
+#[derive(Debug, Clone)]
+pub struct Ec2Settings {
+    /// This runner's id (the ownership tag).
+    pub runner_id: String,
+    /// The region, to check subnets' zones.
+    pub region: String,
+    /// The VPC.
+    pub vpc_id: String,
+    /// The environments' security group.
+    pub security_group_id: String,
+    /// The environments' instance profile, a name or an ARN.
+    pub instance_profile: String,
+    /// The AMI: an id, or `resolve:ssm:<parameter>`.
+    pub ami: String,
+    /// Instances per DescribeInstances page.
+    pub describe_page_size: i32,
+    /// RunInstances per second and burst.
+    pub launch_rate: (f64, u32),
+    /// Mutating calls per second and burst.
+    pub mutate_rate: (f64, u32),
+    /// Describe calls per second (burst: twice that, at least 1).
+    pub describe_rate: f64,
+}
+
+fn limiter(per_second: f64, burst: u32) -> DefaultDirectRateLimiter {
+    let period = Duration::from_secs_f64(1.0 / per_second.max(0.001));
+    let burst = NonZeroU32::new(burst.max(1)).expect("burst is at least 1");
+    RateLimiter::direct(
+        Quota::with_period(period)
+            .expect("period is positive")
+            .allow_burst(burst),
+    )
+}
+
+/// The `Compute` trait on EC2.
+pub struct Ec2Compute {
+    client: Client,
+    settings: Ec2Settings,
+    leadership: Arc<Leadership>,
+    launches: DefaultDirectRateLimiter,
+    mutations: DefaultDirectRateLimiter,
+    describes: DefaultDirectRateLimiter,
+    offerings: Mutex<HashMap<String, (Instant, Vec<String>)>>,
+    root_devices: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for Ec2Compute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ec2Compute")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+const OFFERINGS_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_ROOT_DEVICE: &str = "/dev/xvda";
+
+fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+    err: aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
+) -> ComputeError {
+    let code = err
+        .as_service_error()
+        .and_then(|e| e.code())
+        .map(str::to_owned);
+    let message = err
+        .as_service_error()
+        .and_then(|e| e.message())
+        .unwrap_or_default()
+        .to_owned();
+    match code.as_deref() {
+        None => ComputeError::Unavailable(Box::new(err)),
+        Some(c)
+            if c.starts_with("RequestLimitExceeded")
+                || c.contains("Throttl")
+                || c.starts_with("Unavailable")
+                || c == "InternalError"
+                || c == "ServiceUnavailable" =>
+        {
+            ComputeError::Unavailable(Box::new(err))
+        }
+        Some(c) => ComputeError::Rejected(format!("{c}: {message}")),
+    }
+}
+
+fn state(name: Option<&InstanceStateName>) -> InstanceState {
+    match name {
+        Some(InstanceStateName::Running) => InstanceState::Running,
+        Some(InstanceStateName::Stopping) => InstanceState::Stopping,
+        Some(InstanceStateName::Stopped) => InstanceState::Stopped,
+        Some(InstanceStateName::ShuttingDown) => InstanceState::ShuttingDown,
+        Some(InstanceStateName::Terminated) => InstanceState::Terminated,
+        _ => InstanceState::Pending,
+    }
+}
+
+fn tag(key: &str, value: impl Into<String>) -> Tag {
+    Tag::builder().key(key).value(value).build()
+}
+
+/// Reads an instance the runner launched; `None` when its tags are not ours
+/// or are malformed.
+fn instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
+    let tags: HashMap<&str, &str> = i
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?, t.value()?)))
+        .collect();
+    let environment: EnvironmentId = tags.get(TAG_ENVIRONMENT)?.parse().ok()?;
+    let attempt = tags.get(TAG_ATTEMPT)?.parse().ok()?;
+    let quarantined_at = tags
+        .get(TAG_QUARANTINED)
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+    Some(Instance {
+        id: i.instance_id()?.to_owned(),
+        environment,
+        attempt,
+        availability_zone: i
+            .placement()
+            .and_then(|p| p.availability_zone())
+            .unwrap_or_default()
+            .to_owned(),
+        subnet_id: i.subnet_id().unwrap_or_default().to_owned(),
+        private_ip: i.private_ip_address().map(str::to_owned),
+        state: state(i.state().and_then(|s| s.name())),
+        quarantined_at,
+    })
+}
+
+/// The instance's user data: where to check out from. It holds no secret:
+/// the git credential reaches the instance through its own secret.
+pub fn user_data(request: &LaunchRequest) -> String {
+    let revision = match &request.revision {
+        Revision::Default => String::new(),
+        Revision::Branch(b) => format!("branch={b}\n"),
+        Revision::Commit(c) => format!("commit={c}\n"),
+    };
+    format!(
+        "#cloud-config\nwrite_files:\n  - path: /etc/aws-runner/environment\n    permissions: '0644'\n    content: |\n      environment_id={}\n      repository_url={}\n      {}",
+        request.environment,
+        request.repository_url,
+        revision.trim_end().replace('\n', "\n      ")
+    )
+}
+
+impl Ec2Compute {
+    /// EC2 with `settings`, mutating only while `leadership` holds.
+    pub fn new(client: Client, settings: Ec2Settings, leadership: Arc<Leadership>) -> Self {
+        Self {
+            launches: limiter(settings.launch_rate.0, settings.launch_rate.1),
+            mutations: limiter(settings.mutate_rate.0, settings.mutate_rate.1),
+            describes: limiter(
+                settings.describe_rate,
+                (settings.describe_rate * 2.0).ceil() as u32,
+            ),
+            client,
+            settings,
+            leadership,
+            offerings: Mutex::new(HashMap::new()),
+            root_devices: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lead(&self) -> Result<(), ComputeError> {
+        if self.leadership.is_leader() {
+            Ok(())
+        } else {
+            Err(ComputeError::Fenced)
+        }
+    }
+
+    fn owner_filter(&self) -> Filter {
+        Filter::builder()
+            .name(format!("tag:{TAG_RUNNER}"))
+            .values(&self.settings.runner_id)
+            .build()
+    }
+
+    async fn root_device(&self) -> String {
+        let ami = &self.settings.ami;
+        if let Some(device) = self.root_devices.lock().expect("lock").get(ami) {
+            return device.clone();
+        }
+        if ami.starts_with("resolve:ssm:") {
+            return DEFAULT_ROOT_DEVICE.to_owned();
+        }
+        self.describes.until_ready().await;
+        let device = self
+            .client
+            .describe_images()
+            .image_ids(ami)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| {
+                o.images()
+                    .first()
+                    .and_then(|i| i.root_device_name())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| DEFAULT_ROOT_DEVICE.to_owned());
+        self.root_devices
+            .lock()
+            .expect("lock")
+            .insert(ami.clone(), device.clone());
+        device
+    }
+
+    async fn describe(&self, filters: Vec<Filter>) -> Result<Vec<Instance>, ComputeError> {
+        let mut pages = self
+            .client
+            .describe_instances()
+            .set_filters(Some(filters))
+            .max_results(self.settings.describe_page_size)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        loop {
+            self.describes.until_ready().await;
+            let Some(page) = pages.next().await else {
+                break;
+            };
+            let page = page.map_err(classify)?;
+            for reservation in page.reservations() {
+                out.extend(reservation.instances().iter().filter_map(instance));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Compute for Ec2Compute {
+    async fn launch(&self, request: &LaunchRequest) -> Result<Instance, ComputeError> {
+        self.lead()?;
+        let root = self.root_device().await;
+        let tags = vec![
+            tag(TAG_RUNNER, &self.settings.runner_id),
+            tag(TAG_ENVIRONMENT, request.environment.to_string()),
+            tag(TAG_ATTEMPT, request.attempt.to_string()),
+            tag(TAG_MANAGED_BY, "aws-runner"),
+            tag("Name", format!("aws-runner-{}", request.environment)),
+        ];
+        let profile = if self.settings.instance_profile.starts_with("arn:") {
+            IamInstanceProfileSpecification::builder()
+                .arn(&self.settings.instance_profile)
+                .build()
+        } else {
+            IamInstanceProfileSpecification::builder()
+                .name(&self.settings.instance_profile)
+                .build()
+        };
+        self.launches.until_ready().await;
+        self.lead()?;
+        let result = self
+            .client
+            .run_instances()
+            .image_id(&self.settings.ami)
+            .instance_type(InstanceType::from(request.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .client_token(&request.client_token)
+            .subnet_id(&request.subnet.id)
+            .security_group_ids(&self.settings.security_group_id)
+            .iam_instance_profile(profile)
+            .block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(root)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .volume_size(i32::try_from(request.disk_gib).unwrap_or(i32::MAX))
+                            .volume_type(VolumeType::Gp3)
+                            .encrypted(true)
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .http_put_response_hop_limit(2)
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(tags.clone()))
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .set_tags(Some(tags))
+                    .build(),
+            )
+            .user_data(base64::engine::general_purpose::STANDARD.encode(user_data(request)))
+            .send()
+            .await;
+        let output = match result {
+            Ok(output) => output,
+            Err(err) => {
+                let code = err
+                    .as_service_error()
+                    .and_then(|e| e.code())
+                    .unwrap_or_default()
+                    .to_owned();
+                if code == "InsufficientInstanceCapacity" || code == "Unsupported" {
+                    let message = err
+                        .as_service_error()
+                        .and_then(|e| e.message())
+                        .unwrap_or_default()
+                        .to_owned();
+                    return Err(ComputeError::NoCapacity {
+                        zone: request.subnet.availability_zone.clone(),
+                        message: format!("{code}: {message}"),
+                    });
+                }
+                return Err(classify(err));
+            }
+        };
+        output
+            .instances()
+            .first()
+            .and_then(instance)
+            .ok_or_else(|| {
+                ComputeError::Rejected(
+                    "RunInstances returned no instance with the runner's tags".into(),
+                )
+            })
+    }
+
+    async fn find_launch(
+        &self,
+        environment: EnvironmentId,
+        attempt: u32,
+    ) -> Result<Option<Instance>, ComputeError> {
+        let found = self
+            .describe(vec![
+                self.owner_filter(),
+                Filter::builder()
+                    .name(format!("tag:{TAG_ENVIRONMENT}"))
+                    .values(environment.to_string())
+                    .build(),
+                Filter::builder()
+                    .name(format!("tag:{TAG_ATTEMPT}"))
+                    .values(attempt.to_string())
+                    .build(),
+                Filter::builder()
+                    .name("instance-state-name")
+                    .set_values(Some(
+                        ["pending", "running", "stopping", "stopped", "shutting-down"]
+                            .map(str::to_owned)
+                            .to_vec(),
+                    ))
+                    .build(),
+            ])
+            .await?;
+        Ok(found.into_iter().next())
+    }
+
+    async fn observe(&self) -> Result<Vec<Instance>, ComputeError> {
+        self.describe(vec![self.owner_filter()]).await
+    }
+
+    async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {
+        self.lead()?;
+        self.mutations.until_ready().await;
+        self.lead()?;
+        self.client
+            .start_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map(drop)
+            .map_err(classify)
+    }
+
+    async fn stop(&self, instance_id: &str) -> Result<(), ComputeError> {
+        self.lead()?;
+        self.mutations.until_ready().await;
+        self.lead()?;
+        self.client
+            .stop_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map(drop)
+            .map_err(classify)
+    }
+
+    async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError> {
+        self.lead()?;
+        self.mutations.until_ready().await;
+        self.lead()?;
+        self.client
+            .terminate_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map(drop)
+            .map_err(classify)
+    }
+
+    async fn quarantine(&self, instance_id: &str, at: SystemTime) -> Result<(), ComputeError> {
+        self.lead()?;
+        self.mutations.until_ready().await;
+        let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        self.client
+            .create_tags()
+            .resources(instance_id)
+            .tags(tag(TAG_QUARANTINED, secs.to_string()))
+            .send()
+            .await
+            .map(drop)
+            .map_err(classify)
+    }
+
+    async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError> {
+        self.describes.until_ready().await;
+        let vpcs = self
+            .client
+            .describe_vpcs()
+            .vpc_ids(&self.settings.vpc_id)
+            .send()
+            .await;
+        match vpcs {
+            Ok(output) if !output.vpcs().is_empty() => {}
+            Ok(_) => {
+                return Err(ComputeError::Rejected(format!(
+                    "VPC {} does not exist in {}",
+                    self.settings.vpc_id, self.settings.region
+                )));
+            }
+            Err(err)
+                if err
+                    .as_service_error()
+                    .and_then(|e| e.code())
+                    .is_some_and(|c| c.starts_with("InvalidVpcID")) =>
+            {
+                return Err(ComputeError::Rejected(format!(
+                    "VPC {} does not exist in {}",
+                    self.settings.vpc_id, self.settings.region
+                )));
+            }
+            Err(err) => return Err(classify(err)),
+        }
+        self.describes.until_ready().await;
+        let groups = self
+            .client
+            .describe_security_groups()
+            .group_ids(&self.settings.security_group_id)
+            .send()
+            .await;
+        match groups {
+            Ok(output) => {
+                let vpc = output
+                    .security_groups()
+                    .first()
+                    .and_then(|g| g.vpc_id())
+                    .map(str::to_owned);
+                if vpc.as_deref() != Some(self.settings.vpc_id.as_str()) {
+                    return Err(ComputeError::Rejected(format!(
+                        "security group {} is not in VPC {}",
+                        self.settings.security_group_id, self.settings.vpc_id
+                    )));
+                }
+            }
+            Err(err)
+                if err
+                    .as_service_error()
+                    .and_then(|e| e.code())
+                    .is_some_and(|c| c.starts_with("InvalidGroup")) =>
+            {
+                return Err(ComputeError::Rejected(format!(
+                    "security group {} does not exist",
+                    self.settings.security_group_id
+                )));
+            }
+            Err(err) => return Err(classify(err)),
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            self.describes.until_ready().await;
+            let described = self.client.describe_subnets().subnet_ids(id).send().await;
+            let subnet = match described {
+                Ok(output) => output.subnets().first().cloned(),
+                Err(err)
+                    if err
+                        .as_service_error()
+                        .and_then(|e| e.code())
+                        .is_some_and(|c| c.starts_with("InvalidSubnetID")) =>
+                {
+                    None
+                }
+                Err(err) => return Err(classify(err)),
+            };
+            let subnet = subnet.ok_or_else(|| {
+                ComputeError::Rejected(format!(
+                    "subnet {id} does not exist in {}",
+                    self.settings.region
+                ))
+            })?;
+            if subnet.vpc_id() != Some(self.settings.vpc_id.as_str()) {
+                return Err(ComputeError::Rejected(format!(
+                    "subnet {id} is in VPC {}, not in the configured {}",
+                    subnet.vpc_id().unwrap_or("?"),
+                    self.settings.vpc_id
+                )));
+            }
+            let zone = subnet.availability_zone().unwrap_or_default().to_owned();
+            if !zone.starts_with(&self.settings.region) {
+                return Err(ComputeError::Rejected(format!(
+                    "subnet {id} is in {zone}, outside {}",
+                    self.settings.region
+                )));
+            }
+            out.push(Subnet {
+                id: id.clone(),
+                availability_zone: zone,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn offered_zones(&self, instance_type: &str) -> Result<Vec<String>, ComputeError> {
+        if let Some((at, zones)) = self.offerings.lock().expect("lock").get(instance_type)
+            && at.elapsed() < OFFERINGS_TTL
+        {
+            return Ok(zones.clone());
+        }
+        let mut pages = self
+            .client
+            .describe_instance_type_offerings()
+            .location_type(LocationType::AvailabilityZone)
+            .filters(
+                Filter::builder()
+                    .name("instance-type")
+                    .values(instance_type)
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        let mut zones = Vec::new();
+        loop {
+            self.describes.until_ready().await;
+            let Some(page) = pages.next().await else {
+                break;
+            };
+            let page = page.map_err(classify)?;
+            zones.extend(
+                page.instance_type_offerings()
+                    .iter()
+                    .filter_map(|o| o.location().map(str::to_owned)),
+            );
+        }
+        zones.sort();
+        self.offerings
+            .lock()
+            .expect("lock")
+            .insert(instance_type.to_owned(), (Instant::now(), zones.clone()));
+        Ok(zones)
+    }
+
+    async fn check(&self) -> Result<(), ComputeError> {
+        self.describes.until_ready().await;
+        self.client
+            .describe_availability_zones()
+            .send()
+            .await
+            .map(drop)
+            .map_err(classify)
+    }
+}

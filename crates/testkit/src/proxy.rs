@@ -1,0 +1,282 @@
+//! A fault-injecting HTTP proxy in front of emulated AWS.
+//!
+//! It forwards every request to the upstream and, by rules, answers some
+//! instead: throttling errors, 500/503, `InsufficientInstanceCapacity` for
+//! launches into chosen subnets, a delay, or a dropped connection. It counts
+//! every request by operation with its time, so tests can check call rates.
+//! The operation is the EC2 query `Action` or the JSON protocols'
+//! `X-Amz-Target`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::Rng as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// What to do instead of forwarding.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// The service's throttling error (EC2 `RequestLimitExceeded`, DynamoDB
+    /// `ThrottlingException`).
+    Throttle,
+    /// A bare HTTP status (500, 503).
+    Status(u16),
+    /// `InsufficientInstanceCapacity` for RunInstances into this subnet.
+    NoCapacityInSubnet(String),
+    /// Forward after this delay.
+    Delay(Duration),
+    /// Close the connection without an answer.
+    Reset,
+}
+
+/// A fault applied to a share of the matching requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// Operations it applies to (`RunInstances`, `DynamoDB_20120810.PutItem`);
+    /// empty means all.
+    pub operations: Vec<String>,
+    /// Share of matching requests, 0.0 to 1.0.
+    pub rate: f64,
+    /// What happens to them.
+    pub fault: Fault,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    rules: Vec<Rule>,
+    seen: Vec<(String, Instant, bool)>,
+}
+
+/// A running proxy; stops when dropped.
+#[derive(Debug)]
+pub struct FaultProxy {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shared: Arc<Mutex<Shared>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn operation(headers: &hyper::HeaderMap, body: &[u8]) -> String {
+    if let Some(target) = headers.get("x-amz-target").and_then(|v| v.to_str().ok()) {
+        return target.to_owned();
+    }
+    form(body)
+        .remove("Action")
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn form(body: &[u8]) -> HashMap<String, String> {
+    form_urlencoded::parse(body).into_owned().collect()
+}
+
+fn throttle(op: &str) -> Response<Full<Bytes>> {
+    if op.contains('.') {
+        let body = r#"{"__type":"com.amazonaws.dynamodb.v20120810#ThrottlingException","message":"Rate of requests exceeds the allowed throughput (injected)"}"#;
+        Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .header("content-type", "application/x-amz-json-1.0")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    } else {
+        ec2_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "RequestLimitExceeded",
+            "Request limit exceeded (injected).",
+        )
+    }
+}
+
+fn ec2_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>injected</RequestID></Response>"
+    );
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/xml")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+impl FaultProxy {
+    /// Starts a proxy on 127.0.0.1 in front of `upstream` (an http:// URL).
+    pub async fn start(upstream: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let upstream: hyper::Uri = upstream.parse().map_err(std::io::Error::other)?;
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let task = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (shared, client, upstream) =
+                        (shared.clone(), client.clone(), upstream.clone());
+                    tokio::spawn(async move {
+                        let service =
+                            hyper::service::service_fn(move |request: Request<Incoming>| {
+                                let (shared, client, upstream) =
+                                    (shared.clone(), client.clone(), upstream.clone());
+                                async move { handle(request, &shared, &client, &upstream).await }
+                            });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            }
+        });
+        Ok(Self { addr, shared, task })
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Replaces the rules.
+    pub fn set_rules(&self, rules: Vec<Rule>) {
+        self.shared.lock().expect("lock").rules = rules;
+    }
+
+    /// Requests seen for `operation` (forwarded or faulted) with their times.
+    pub fn seen(&self, operation: &str) -> Vec<Instant> {
+        self.shared
+            .lock()
+            .expect("lock")
+            .seen
+            .iter()
+            .filter(|(op, _, _)| op == operation)
+            .map(|(_, at, _)| *at)
+            .collect()
+    }
+
+    /// Requests for `operation` that reached the upstream, with their times.
+    pub fn forwarded(&self, operation: &str) -> Vec<Instant> {
+        self.shared
+            .lock()
+            .expect("lock")
+            .seen
+            .iter()
+            .filter(|(op, _, faulted)| op == operation && !faulted)
+            .map(|(_, at, _)| *at)
+            .collect()
+    }
+
+    /// How many requests were answered with a fault.
+    pub fn faulted(&self) -> usize {
+        self.shared
+            .lock()
+            .expect("lock")
+            .seen
+            .iter()
+            .filter(|(_, _, f)| *f)
+            .count()
+    }
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    shared: &Mutex<Shared>,
+    client: &Client<HttpConnector, Full<Bytes>>,
+    upstream: &hyper::Uri,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    let (mut parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    let op = operation(&parts.headers, &body);
+    let fault = {
+        let mut shared = shared.lock().expect("lock");
+        let mut rng = rand::thread_rng();
+        let fault = shared
+            .rules
+            .iter()
+            .filter(|r| r.operations.is_empty() || r.operations.contains(&op))
+            .find(|r| match &r.fault {
+                Fault::NoCapacityInSubnet(subnet) => {
+                    form(&body).get("SubnetId") == Some(subnet)
+                        && rng.gen_bool(r.rate.clamp(0.0, 1.0))
+                }
+                _ => rng.gen_bool(r.rate.clamp(0.0, 1.0)),
+            })
+            .map(|r| r.fault.clone());
+        let faulted = !matches!(fault, None | Some(Fault::Delay(_)));
+        shared.seen.push((op.clone(), Instant::now(), faulted));
+        fault
+    };
+    match fault {
+        Some(Fault::Throttle) => return Ok(throttle(&op)),
+        Some(Fault::Status(code)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return Ok(if op.contains('.') {
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .expect("a valid response")
+            } else {
+                ec2_error(
+                    status,
+                    "InternalError",
+                    "An internal error has occurred (injected).",
+                )
+            });
+        }
+        Some(Fault::NoCapacityInSubnet(_)) => {
+            return Ok(ec2_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InsufficientInstanceCapacity",
+                "We currently do not have sufficient capacity in the Availability Zone you requested (injected).",
+            ));
+        }
+        Some(Fault::Reset) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "injected reset",
+            ));
+        }
+        Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
+        None => {}
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    parts.uri = format!("{}{}", upstream.to_string().trim_end_matches('/'), path)
+        .parse()
+        .map_err(std::io::Error::other)?;
+    parts.headers.remove(hyper::header::HOST);
+    let response = client
+        .request(Request::from_parts(parts, Full::new(body)))
+        .await
+        .map_err(std::io::Error::other)?;
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok(Response::from_parts(parts, Full::new(body)))
+}

@@ -1,0 +1,529 @@
+//! runnerd on emulated AWS: in-process under injected faults, and as two
+//! real processes sharing one table, the leader frozen past its lease.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use control_plane::{ServerConfig, Settings, SystemClock};
+use runner_aws::ec2::{TAG_ENVIRONMENT, TAG_RUNNER};
+use runner_core::leader::Leadership;
+use runner_proto::admin::v1::{self as admin, admin_service_client::AdminServiceClient};
+use runner_proto::pb::{self, EnvironmentPhase as Phase};
+use testkit::proxy::{Fault, FaultProxy, Rule};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::{Infra, moto_url, sdk};
+
+/// A control plane with a runner and a class, and that runner's AWS resources.
+struct World {
+    _cp: testkit::ControlPlane,
+    cp_url: String,
+    admin: AdminServiceClient<Channel>,
+    class_id: String,
+    infra: Infra,
+    sdk: aws_config::SdkConfig,
+}
+
+impl World {
+    async fn new() -> Self {
+        let plane = control_plane::ControlPlane::new(Settings::default(), Arc::new(SystemClock));
+        let cp = testkit::ControlPlane::start(ServerConfig::default(), plane)
+            .await
+            .expect("control plane");
+        let mut admin = AdminServiceClient::new(cp.channel().await.expect("connect"));
+        let created = admin
+            .create_runner(admin::CreateRunnerRequest {
+                name: "moto".into(),
+                region: crate::REGION.into(),
+            })
+            .await
+            .expect("create runner")
+            .into_inner();
+        let runner_id = created.runner.expect("runner").id;
+        let class_id = admin
+            .create_environment_class(admin::CreateEnvironmentClassRequest {
+                runner_id: runner_id.clone(),
+                display_name: "Small".into(),
+                instance_type: "m5.large".into(),
+                disk_gib: 30,
+            })
+            .await
+            .expect("class")
+            .into_inner()
+            .id;
+        let sdk = sdk(&moto_url()).await;
+        let infra = Infra {
+            runner_id,
+            ..Infra::create(&sdk).await
+        };
+        aws_sdk_secretsmanager::Client::new(&sdk)
+            .put_secret_value()
+            .secret_id(&infra.secret_id)
+            .secret_string(&created.exchange_token)
+            .send()
+            .await
+            .expect("the stack's secret");
+        Self {
+            cp_url: cp.url(),
+            _cp: cp,
+            admin,
+            class_id,
+            infra,
+            sdk,
+        }
+    }
+
+    /// `RUNNER_*` settings for this world.
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("RUNNER_ID", self.infra.runner_id.clone()),
+            ("RUNNER_REGION", crate::REGION.to_owned()),
+            ("RUNNER_CONTROL_PLANE_URL", self.cp_url.clone()),
+            ("RUNNER_ALLOW_PLAINTEXT", "true".to_owned()),
+            ("RUNNER_VPC_ID", self.infra.vpc_id.clone()),
+            ("RUNNER_SUBNET_IDS", self.infra.subnet_ids().join(",")),
+            (
+                "RUNNER_SECURITY_GROUP_ID",
+                self.infra.security_group_id.clone(),
+            ),
+            (
+                "RUNNER_INSTANCE_PROFILE",
+                "aws-runner-environment".to_owned(),
+            ),
+            ("RUNNER_AMI", "ami-0123456789abcdef0".to_owned()),
+            ("RUNNER_TABLE", self.infra.table.clone()),
+            ("RUNNER_SECRET_ID", self.infra.secret_id.clone()),
+            ("RUNNER_KMS_KEY_ID", self.infra.kms_key_id.clone()),
+            ("RUNNER_HEALTH_LISTEN", "127.0.0.1:0".to_owned()),
+            ("RUNNER_POLL_INTERVAL", "200ms".to_owned()),
+            ("RUNNER_OBSERVE_INTERVAL", "200ms".to_owned()),
+            ("RUNNER_RESYNC_INTERVAL", "20s".to_owned()),
+            ("RUNNER_HEALTH_CHECK_INTERVAL", "1s".to_owned()),
+            ("RUNNER_LEASE_TTL", "2s".to_owned()),
+            ("RUNNER_LEASE_RENEW_INTERVAL", "500ms".to_owned()),
+            ("RUNNER_SHUTDOWN_GRACE", "5s".to_owned()),
+            ("RUNNER_EC2_LAUNCH_RATE", "20".to_owned()),
+            ("RUNNER_EC2_LAUNCH_BURST", "10".to_owned()),
+            ("RUNNER_EC2_MUTATE_RATE", "20".to_owned()),
+            ("RUNNER_EC2_DESCRIBE_RATE", "20".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    async fn create_envs(&self, n: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let env = self
+                .admin
+                .clone()
+                .create_environment(admin::CreateEnvironmentRequest {
+                    runner_id: self.infra.runner_id.clone(),
+                    environment_class_id: self.class_id.clone(),
+                    content: Some(pb::EnvironmentContent {
+                        repository_url: "https://github.com/acme/api.git".into(),
+                        revision: None,
+                    }),
+                    creator: "alice".into(),
+                    name: String::new(),
+                    timeout: None,
+                    unchecked: false,
+                })
+                .await
+                .expect("create environment")
+                .into_inner();
+            ids.push(env.environment.expect("environment").id);
+        }
+        ids
+    }
+
+    async fn set_phase(&self, id: &str, phase: Phase) {
+        self.admin
+            .clone()
+            .set_environment_desired_phase(admin::SetEnvironmentDesiredPhaseRequest {
+                environment_id: id.into(),
+                desired_phase: phase as i32,
+            })
+            .await
+            .expect("set phase");
+    }
+
+    async fn wait_for(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&[admin::Environment]) -> bool,
+    ) {
+        let deadline = Instant::now() + within;
+        loop {
+            let envs = self
+                .admin
+                .clone()
+                .list_environments(admin::ListEnvironmentsRequest {
+                    runner_id: self.infra.runner_id.clone(),
+                })
+                .await
+                .expect("list")
+                .into_inner()
+                .environments;
+            if done(&envs) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let failures: Vec<String> = envs
+                    .iter()
+                    .filter_map(|e| e.status.as_ref())
+                    .filter(|s| !s.failure_message.is_empty())
+                    .map(|s| s.failure_message.clone())
+                    .take(3)
+                    .collect();
+                let phases: Vec<Option<i32>> = envs
+                    .iter()
+                    .map(|e| e.status.as_ref().map(|s| s.phase))
+                    .collect();
+                panic!("timed out waiting for {what}: phases {phases:?}, failures {failures:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Every instance tagged with this runner, any state: (environment, instance, zone).
+    async fn instances(&self) -> Vec<(String, String, String, String)> {
+        let ec2 = aws_sdk_ec2::Client::new(&self.sdk);
+        let described = ec2
+            .describe_instances()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name(format!("tag:{TAG_RUNNER}"))
+                    .values(&self.infra.runner_id)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("describe");
+        let mut out = Vec::new();
+        for reservation in described.reservations() {
+            for i in reservation.instances() {
+                let env = i
+                    .tags()
+                    .iter()
+                    .find(|t| t.key() == Some(TAG_ENVIRONMENT))
+                    .and_then(|t| t.value())
+                    .unwrap_or_default();
+                out.push((
+                    env.to_owned(),
+                    i.instance_id().unwrap_or_default().to_owned(),
+                    i.placement()
+                        .and_then(|p| p.availability_zone())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    i.state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_owned())
+                        .unwrap_or_default(),
+                ));
+            }
+        }
+        out
+    }
+
+    async fn one_instance_each(&self, expected: usize) -> Vec<(String, String, String, String)> {
+        let instances = self.instances().await;
+        let mut per_env: HashMap<&str, usize> = HashMap::new();
+        for (env, ..) in &instances {
+            *per_env.entry(env).or_default() += 1;
+        }
+        assert_eq!(per_env.len(), expected, "environments with instances");
+        assert!(
+            per_env.values().all(|n| *n == 1),
+            "an environment has two instances: {per_env:?}"
+        );
+        instances
+    }
+}
+
+fn settled(env: &admin::Environment, phase: Phase) -> bool {
+    let spec_version = env
+        .environment
+        .as_ref()
+        .and_then(|e| e.spec.as_ref())
+        .map_or(0, |s| s.spec_version);
+    env.status.as_ref().is_some_and(|s| {
+        s.phase == phase as i32
+            && s.runner_ack
+                .as_ref()
+                .is_some_and(|a| a.spec_version == spec_version)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_environments_run_under_throttling_with_one_zone_out_of_capacity() {
+    let world = World::new().await;
+    let proxy = FaultProxy::start(&moto_url()).await.expect("proxy");
+    let exhausted = world.infra.subnets[0].clone();
+    proxy.set_rules(vec![
+        Rule {
+            operations: vec!["RunInstances".into()],
+            rate: 1.0,
+            fault: Fault::NoCapacityInSubnet(exhausted.0.clone()),
+        },
+        Rule {
+            operations: Vec::new(),
+            rate: 0.2,
+            fault: Fault::Throttle,
+        },
+    ]);
+    let through = sdk(&proxy.url()).await;
+    let leadership = Arc::new(Leadership::default());
+    let adapters = runner_aws::adapters(
+        &through,
+        &world.infra.settings(&runnerd::holder_name()),
+        &leadership,
+    );
+    let deps = runnerd::app::Deps {
+        store: adapters.store.clone(),
+        compute: adapters.compute,
+        secrets: adapters.secrets,
+        lease: adapters.store,
+        leadership,
+    };
+    let mut argv = vec!["runnerd".to_owned()];
+    // Production lease timing: a 2 s lease renewed through 20 % throttling
+    // would flap, which is not what this test is about.
+    for (k, v) in world
+        .env()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("RUNNER_LEASE_"))
+    {
+        let flag = format!(
+            "--{}",
+            k.trim_start_matches("RUNNER_")
+                .to_lowercase()
+                .replace('_', "-")
+        );
+        let flag = if flag == "--id" {
+            "--runner-id".to_owned()
+        } else {
+            flag
+        };
+        if v == "true" {
+            argv.push(flag);
+        } else {
+            argv.extend([flag, v]);
+        }
+    }
+    let config = runnerd::config::Cli::try_parse_from(argv)
+        .expect("parse")
+        .daemon
+        .validate()
+        .expect("config");
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn(runnerd::app::run(config, deps, shutdown.clone(), None));
+
+    world.create_envs(100).await;
+    world
+        .wait_for("100 RUNNING", Duration::from_secs(240), |envs| {
+            envs.len() == 100 && envs.iter().all(|e| settled(e, Phase::Running))
+        })
+        .await;
+    let instances = world.one_instance_each(100).await;
+    assert!(
+        instances.iter().all(|(_, _, zone, _)| zone != &exhausted.1),
+        "an instance landed in the exhausted zone"
+    );
+    assert!(
+        proxy.faulted() > 50,
+        "faults were injected: {}",
+        proxy.faulted()
+    );
+
+    // RunInstances that reached EC2 never outpaced the bucket (burst 10, 20/s).
+    let forwarded = proxy.forwarded("RunInstances");
+    for (i, start) in forwarded.iter().enumerate() {
+        let in_window = forwarded[i..]
+            .iter()
+            .take_while(|t| t.duration_since(*start) < Duration::from_secs(1))
+            .count();
+        assert!(
+            in_window <= 10 + 20,
+            "{in_window} RunInstances within one second"
+        );
+    }
+    shutdown.cancel();
+    daemon.await.expect("join").expect("clean stop");
+}
+
+/// A runnerd process with its log in a file.
+struct Process {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Process {
+    fn start(world: &World, name: &str) -> Self {
+        let exe = std::env::current_exe().expect("test binary path");
+        let bin = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target dir")
+            .join("runnerd");
+        assert!(
+            bin.exists(),
+            "{} is missing: build the workspace (tests/run does)",
+            bin.display()
+        );
+        let log =
+            std::env::temp_dir().join(format!("runnerd-{}-{name}.log", world.infra.runner_id));
+        let child = Command::new(bin)
+            .env_clear()
+            .envs(world.env())
+            .env("RUNNER_LOG_FORMAT", "json")
+            .env("AWS_ENDPOINT_URL", moto_url())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdout(std::fs::File::create(&log).expect("log file"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start runnerd");
+        Self { child, log }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn stop(mut self) -> Option<i32> {
+        self.signal("-TERM");
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = self.child.kill();
+        panic!("runnerd did not stop within 30 s after SIGTERM");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_table_with_the_leader_frozen_past_its_lease() {
+    let world = World::new().await;
+    let a = Process::start(&world, "a");
+    // The second replica starts once the first holds the credentials, as in
+    // an ECS rolling deployment.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let runner = world
+            .admin
+            .clone()
+            .get_runner(admin::GetRunnerRequest {
+                runner_id: world.infra.runner_id.clone(),
+            })
+            .await
+            .expect("runner")
+            .into_inner();
+        if runner.phase == admin::RunnerPhase::Active as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runner A never became active:\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = Process::start(&world, "b");
+    let first = world.create_envs(20).await;
+    world
+        .wait_for("some RUNNING", Duration::from_secs(120), |envs| {
+            envs.iter().filter(|e| settled(e, Phase::Running)).count() >= 5
+        })
+        .await;
+
+    // Who leads? The lease item names the holder by process id.
+    let lease = aws_sdk_dynamodb::Client::new(&world.sdk)
+        .get_item()
+        .table_name(&world.infra.table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(format!("RUNNER#{}", world.infra.runner_id)),
+        )
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S("LEASE#0".into()),
+        )
+        .send()
+        .await
+        .expect("lease")
+        .item
+        .expect("a lease item");
+    let holder = lease
+        .get("holder")
+        .and_then(|h| h.as_s().ok())
+        .expect("holder")
+        .clone();
+    let (leader, standby) = if holder.starts_with(&format!("pid-{}-", a.child.id())) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert!(
+        holder.starts_with(&format!("pid-{}-", leader.child.id())),
+        "holder {holder} is neither process"
+    );
+
+    leader.signal("-STOP");
+    let more = world.create_envs(10).await;
+    for id in &first[..5] {
+        world.set_phase(id, Phase::Stopped).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    leader.signal("-CONT");
+
+    world
+        .wait_for(
+            "25 RUNNING and 5 STOPPED",
+            Duration::from_secs(120),
+            |envs| {
+                envs.len() == 30
+                    && envs.iter().filter(|e| settled(e, Phase::Running)).count() == 25
+                    && envs.iter().filter(|e| settled(e, Phase::Stopped)).count() == 5
+            },
+        )
+        .await;
+    world.one_instance_each(30).await;
+    assert_eq!(more.len(), 10);
+    let old_leader_logs = leader.logs();
+    assert!(
+        old_leader_logs.contains("lost the leader lease")
+            || old_leader_logs.contains("ran out locally"),
+        "the frozen leader noticed it lost the lease"
+    );
+    assert!(
+        standby.logs().contains("acquired the leader lease"),
+        "the standby took over"
+    );
+    assert_eq!(leader.stop().await, Some(0));
+    assert_eq!(standby.stop().await, Some(0));
+}

@@ -1,0 +1,89 @@
+//! What moto cannot do, injected by the proxy: throttling, 5xx and capacity
+//! errors reach the adapters as the SDK and EC2 would present them.
+
+use runner_core::model::{EnvironmentId, Revision, Subnet, client_token};
+use runner_core::traits::{Compute as _, ComputeError, LaunchRequest};
+use testkit::proxy::{Fault, FaultProxy, Rule};
+
+use crate::{Infra, leading, moto_url, sdk};
+
+fn rule(operations: &[&str], rate: f64, fault: Fault) -> Rule {
+    Rule {
+        operations: operations.iter().map(|o| (*o).to_owned()).collect(),
+        rate,
+        fault,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_5xx_are_retried_by_the_sdk_and_capacity_errors_name_the_zone() {
+    let proxy = FaultProxy::start(&moto_url()).await.expect("proxy");
+    let direct = sdk(&moto_url()).await;
+    let infra = Infra::create(&direct).await;
+    let through = sdk(&proxy.url()).await;
+    let compute = infra.adapters(&through, "a", &leading()).compute;
+
+    // Every other describe throttled or failing: the SDK's retries absorb it.
+    proxy.set_rules(vec![
+        rule(&["DescribeAvailabilityZones"], 0.3, Fault::Throttle),
+        rule(&["DescribeAvailabilityZones"], 0.3, Fault::Status(503)),
+    ]);
+    let mut ok = 0;
+    for _ in 0..10 {
+        if compute.check().await.is_ok() {
+            ok += 1;
+        }
+    }
+    assert!(ok >= 8, "only {ok} of 10 checks succeeded");
+    assert!(proxy.faulted() > 0, "faults were injected");
+    assert!(
+        proxy.seen("DescribeAvailabilityZones").len() > 10,
+        "the SDK retried"
+    );
+
+    // Always throttled: the error surfaces as unavailable, to retry later.
+    proxy.set_rules(vec![rule(
+        &["DescribeAvailabilityZones"],
+        1.0,
+        Fault::Throttle,
+    )]);
+    assert!(matches!(
+        compute.check().await,
+        Err(ComputeError::Unavailable(_))
+    ));
+
+    let (subnet, zone) = infra.subnets[0].clone();
+    proxy.set_rules(vec![rule(
+        &["RunInstances"],
+        1.0,
+        Fault::NoCapacityInSubnet(subnet.clone()),
+    )]);
+    let environment = EnvironmentId(uuid::Uuid::new_v4());
+    let launch = |subnet: &(String, String)| LaunchRequest {
+        environment,
+        attempt: 1,
+        client_token: client_token(environment, 1),
+        subnet: Subnet {
+            id: subnet.0.clone(),
+            availability_zone: subnet.1.clone(),
+        },
+        instance_type: "m5.large".into(),
+        disk_gib: 20,
+        repository_url: "https://github.com/acme/api.git".into(),
+        revision: Revision::Default,
+    };
+    match compute.launch(&launch(&infra.subnets[0])).await {
+        Err(ComputeError::NoCapacity { zone: z, message }) => {
+            assert_eq!(z, zone);
+            assert!(
+                message.starts_with("InsufficientInstanceCapacity"),
+                "{message}"
+            );
+        }
+        other => panic!("expected no capacity, got {other:?}"),
+    }
+    compute
+        .launch(&launch(&infra.subnets[1]))
+        .await
+        .expect("another zone has capacity");
+}
