@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use clap::Parser as _;
 use control_plane::{ServerConfig, Settings, SystemClock};
 use runner_aws::ec2::{TAG_ENVIRONMENT, TAG_RUNNER};
-use runner_core::leader::Leadership;
 use runner_proto::admin::v1::{self as admin, admin_service_client::AdminServiceClient};
 use runner_proto::pb::{self, EnvironmentPhase as Phase};
 use testkit::proxy::{Fault, FaultProxy, Rule};
@@ -247,6 +246,84 @@ impl World {
     }
 }
 
+/// A validated configuration from `RUNNER_*` pairs, as flags.
+fn config(env: impl IntoIterator<Item = (String, String)>) -> runnerd::config::Config {
+    let mut argv = vec!["runnerd".to_owned()];
+    for (k, v) in env {
+        let flag = format!(
+            "--{}",
+            k.trim_start_matches("RUNNER_")
+                .to_lowercase()
+                .replace('_', "-")
+        );
+        let flag = if flag == "--id" {
+            "--runner-id".to_owned()
+        } else {
+            flag
+        };
+        if v == "true" {
+            argv.push(flag);
+        } else {
+            argv.extend([flag, v]);
+        }
+    }
+    runnerd::config::Cli::try_parse_from(argv)
+        .expect("parse")
+        .daemon
+        .validate()
+        .expect("config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_setup_reports_degraded_naming_the_resource_and_launches_nothing() {
+    let world = World::new().await;
+    let wrong_group = world.infra.foreign_security_group.clone();
+    let env = world.env().into_iter().map(|(k, v)| {
+        if k == "RUNNER_SECURITY_GROUP_ID" {
+            (k, wrong_group.clone())
+        } else {
+            (k, v)
+        }
+    });
+    let shutdown = CancellationToken::new();
+    let config = config(env);
+    let deps = runnerd::aws_deps_with(&world.sdk, &config);
+    let daemon = tokio::spawn(runnerd::app::run(config, deps, shutdown.clone(), None));
+    world.create_envs(1).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let runner = loop {
+        let runner = world
+            .admin
+            .clone()
+            .get_runner(admin::GetRunnerRequest {
+                runner_id: world.infra.runner_id.clone(),
+            })
+            .await
+            .expect("runner")
+            .into_inner();
+        if runner.phase == admin::RunnerPhase::Degraded as i32 {
+            break runner;
+        }
+        assert!(Instant::now() < deadline, "never DEGRADED: {runner:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        runner.degraded_message.contains(&wrong_group),
+        "{}",
+        runner.degraded_message
+    );
+    assert!(
+        runner
+            .degraded_message
+            .starts_with("setup: check the VPC, subnets and security group"),
+        "{}",
+        runner.degraded_message
+    );
+    assert!(world.instances().await.is_empty(), "nothing launched");
+    shutdown.cancel();
+    daemon.await.expect("join").expect("clean stop");
+}
+
 fn settled(env: &admin::Environment, phase: Phase) -> bool {
     let spec_version = env
         .environment
@@ -279,49 +356,15 @@ async fn a_hundred_environments_run_under_throttling_with_one_zone_out_of_capaci
         },
     ]);
     let through = sdk(&proxy.url()).await;
-    let leadership = Arc::new(Leadership::default());
-    let adapters = runner_aws::adapters(
-        &through,
-        &world.infra.settings(&runnerd::holder_name()),
-        &leadership,
-    );
-    let deps = runnerd::app::Deps {
-        store: adapters.store.clone(),
-        compute: adapters.compute,
-        secrets: adapters.secrets,
-        lease: adapters.store,
-        leadership,
-    };
-    let mut argv = vec!["runnerd".to_owned()];
     // Production lease timing: a 2 s lease renewed through 20 % throttling
     // would flap, which is not what this test is about.
-    for (k, v) in world
-        .env()
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("RUNNER_LEASE_"))
-    {
-        let flag = format!(
-            "--{}",
-            k.trim_start_matches("RUNNER_")
-                .to_lowercase()
-                .replace('_', "-")
-        );
-        let flag = if flag == "--id" {
-            "--runner-id".to_owned()
-        } else {
-            flag
-        };
-        if v == "true" {
-            argv.push(flag);
-        } else {
-            argv.extend([flag, v]);
-        }
-    }
-    let config = runnerd::config::Cli::try_parse_from(argv)
-        .expect("parse")
-        .daemon
-        .validate()
-        .expect("config");
+    let config = config(
+        world
+            .env()
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("RUNNER_LEASE_")),
+    );
+    let deps = runnerd::aws_deps_with(&through, &config);
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn(runnerd::app::run(config, deps, shutdown.clone(), None));
 

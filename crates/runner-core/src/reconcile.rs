@@ -411,11 +411,19 @@ async fn converge(ctx: &Context, env: &Environment) -> Result<Action, ReconcileE
         ctx.observer.record(found);
     }
 
-    let instances = ctx.instances(id).await?;
+    let mut instances = ctx.instances(id).await?;
     let current_id = record
         .launch
         .as_ref()
         .and_then(|l| l.instance_id().map(str::to_owned));
+    // The view may predate the launch (another replica launched it): look
+    // again before believing the instance is gone.
+    if let Some(cid) = &current_id
+        && !instances.iter().any(|i| &i.id == cid)
+    {
+        ctx.observer.refresh_after(Instant::now()).await?;
+        instances = ctx.observer.instances(id);
+    }
     let current = current_id
         .as_ref()
         .and_then(|cid| instances.iter().find(|i| &i.id == cid))

@@ -172,6 +172,45 @@ pub async fn run(
         )),
     );
 
+    let channel = grpc::channel(&config.control_plane)?;
+    let auth = Auth::default();
+    let client = RunnerServiceClient::with_interceptor(channel.clone(), auth.clone());
+    let control_plane: Arc<dyn ControlPlane> = Arc::new(GrpcControlPlane::new(
+        client.clone(),
+        config.control_plane.timeout,
+    ));
+    let session = Arc::new(Session {
+        runner_id: config.runner_id.clone(),
+        region: config.region.clone(),
+        client,
+        identity: IdentityServiceClient::new(channel),
+        auth,
+        secrets: deps.secrets.clone(),
+        compute: compute.clone(),
+        zones: std::sync::OnceLock::new(),
+        health: health.clone(),
+        metrics: metrics.clone(),
+        timeout: config.control_plane.timeout,
+        max_stream_age: config.control_plane.max_stream_age,
+    });
+    let key = match session.credentials(&shutdown).await {
+        Ok(key) => key,
+        Err(SessionError::Cancelled) => return Ok(()),
+        Err(err) => return Err(AppError::Session(err)),
+    };
+    match session.signup(&key, &shutdown).await {
+        Ok(()) => {}
+        Err(SessionError::Cancelled) => return Ok(()),
+        Err(err) => return Err(AppError::Session(err)),
+    }
+
+    // The session runs before the setup checks, so that a broken setup
+    // shows as DEGRADED in the control plane.
+    spawn_critical(
+        "heartbeat",
+        Box::pin(session.clone().heartbeat(shutdown.clone())),
+    );
+
     let Some(subnets) = retry_until(
         "check the VPC, subnets and security group",
         &health,
@@ -198,37 +237,7 @@ pub async fn run(
         "state loaded"
     );
 
-    let channel = grpc::channel(&config.control_plane)?;
-    let auth = Auth::default();
-    let client = RunnerServiceClient::with_interceptor(channel.clone(), auth.clone());
-    let control_plane: Arc<dyn ControlPlane> = Arc::new(GrpcControlPlane::new(
-        client.clone(),
-        config.control_plane.timeout,
-    ));
-    let session = Arc::new(Session {
-        runner_id: config.runner_id.clone(),
-        region: config.region.clone(),
-        client,
-        identity: IdentityServiceClient::new(channel),
-        auth,
-        secrets: deps.secrets.clone(),
-        compute: compute.clone(),
-        zones: zones(&subnets),
-        health: health.clone(),
-        metrics: metrics.clone(),
-        timeout: config.control_plane.timeout,
-        max_stream_age: config.control_plane.max_stream_age,
-    });
-    let key = match session.credentials(&shutdown).await {
-        Ok(key) => key,
-        Err(SessionError::Cancelled) => return Ok(()),
-        Err(err) => return Err(AppError::Session(err)),
-    };
-    match session.signup(&key, &shutdown).await {
-        Ok(()) => {}
-        Err(SessionError::Cancelled) => return Ok(()),
-        Err(err) => return Err(AppError::Session(err)),
-    }
+    let _ = session.zones.set(zones(&subnets));
 
     let observer = Arc::new(Observer::new(
         compute.clone(),
@@ -266,10 +275,6 @@ pub async fn run(
 
     let (events_tx, events_rx) = mpsc::channel(1024);
     spawn_critical(
-        "heartbeat",
-        Box::pin(session.clone().heartbeat(shutdown.clone())),
-    );
-    spawn_critical(
         "watch",
         Box::pin(session.clone().watch(events_tx, shutdown.clone())),
     );
@@ -289,7 +294,7 @@ pub async fn run(
                 control_plane: control_plane.clone(),
                 desired: desired.clone(),
                 context: context.clone(),
-                observer,
+                observer: observer.clone(),
                 queue: queue.clone(),
                 health: health.clone(),
                 resync: config.engine.resync_interval,
@@ -331,6 +336,7 @@ pub async fn run(
         let (term_context, term_desired, term_queue) =
             (context.clone(), desired.clone(), queue.clone());
         let term_outbox = outbox.clone();
+        let term_observer = observer.clone();
         async move {
             // No create or terminate before the first full sync.
             tokio::select! {
@@ -387,6 +393,10 @@ pub async fn run(
                     }
                 }
                 term_outbox.clear();
+                // The standby's view of instances may predate the old leader's last launches.
+                if let Err(err) = term_observer.refresh().await {
+                    tracing::warn!(error = %chain(&err), "cannot refresh the view of instances");
+                }
                 for id in term_desired.present().into_iter().chain(term_context.recorded()) {
                     term_queue.enqueue(id);
                 }

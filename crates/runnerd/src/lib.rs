@@ -43,6 +43,11 @@ pub fn holder_name() -> String {
 /// The AWS adapters for `config`.
 pub async fn aws_deps(config: &config::Config) -> app::Deps {
     let sdk = runner_aws::sdk_config(&config.region).await;
+    aws_deps_with(&sdk, config)
+}
+
+/// The AWS adapters for `config` on a given SDK configuration.
+pub fn aws_deps_with(sdk: &aws_config::SdkConfig, config: &config::Config) -> app::Deps {
     let leadership = std::sync::Arc::new(runner_core::leader::Leadership::default());
     let settings = runner_aws::AdapterSettings {
         table: config.table.clone(),
@@ -68,7 +73,7 @@ pub async fn aws_deps(config: &config::Config) -> app::Deps {
             describe_rate: config.rate_limits.describe_rate,
         },
     };
-    let adapters = runner_aws::adapters(&sdk, &settings, &leadership);
+    let adapters = runner_aws::adapters(sdk, &settings, &leadership);
     app::Deps {
         store: adapters.store.clone(),
         compute: adapters.compute,

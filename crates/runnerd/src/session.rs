@@ -92,7 +92,7 @@ pub struct Session {
     /// For validate_environment_class.
     pub compute: Arc<dyn Compute>,
     /// Availability zones of the configured subnets.
-    pub zones: Vec<String>,
+    pub zones: std::sync::OnceLock<Vec<String>>,
     /// Health and degradation.
     pub health: Arc<Health>,
     /// Metrics.
@@ -543,13 +543,13 @@ impl Session {
                 Ok(zones) => {
                     availability_zones = zones
                         .into_iter()
-                        .filter(|z| self.zones.contains(z))
+                        .filter(|z| self.zones.get().is_some_and(|zs| zs.contains(z)))
                         .collect();
                     if availability_zones.is_empty() {
                         problems.push(format!(
                             "instance_type: {} is not offered in any of the runner's availability zones ({})",
                             class.instance_type,
-                            self.zones.join(", ")
+                            self.zones.get().map(|zs| zs.join(", ")).unwrap_or_default()
                         ));
                     }
                 }
