@@ -102,8 +102,8 @@ impl World {
             ("RUNNER_OBSERVE_INTERVAL", "200ms".to_owned()),
             ("RUNNER_RESYNC_INTERVAL", "20s".to_owned()),
             ("RUNNER_HEALTH_CHECK_INTERVAL", "1s".to_owned()),
-            ("RUNNER_LEASE_TTL", "2s".to_owned()),
-            ("RUNNER_LEASE_RENEW_INTERVAL", "500ms".to_owned()),
+            ("RUNNER_LEASE_TTL", "5s".to_owned()),
+            ("RUNNER_LEASE_RENEW_INTERVAL", "1s".to_owned()),
             ("RUNNER_SHUTDOWN_GRACE", "5s".to_owned()),
             ("RUNNER_EC2_LAUNCH_RATE", "20".to_owned()),
             ("RUNNER_EC2_LAUNCH_BURST", "10".to_owned()),
@@ -541,7 +541,8 @@ async fn two_processes_on_one_table_with_the_leader_frozen_past_its_lease() {
     for id in &first[..5] {
         world.set_phase(id, Phase::Stopped).await;
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Frozen well past its 5 s lease.
+    tokio::time::sleep(Duration::from_secs(8)).await;
     leader.signal("-CONT");
 
     world

@@ -1,7 +1,8 @@
 //! Status delivery to the control plane.
 //!
 //! Invariants: versions per environment strictly grow (continuing from the
-//! highest the control plane accepted, so a restart never reuses one); a
+//! highest the control plane accepted, so a restart never reuses one, and
+//! starting each leadership term above every version of earlier terms); a
 //! status equal to the last published one is not sent again; an unsent status
 //! is replaced by a newer one (each status is complete, so the newest carries
 //! everything); undelivered statuses are retried with backoff until
@@ -36,6 +37,7 @@ struct Entry {
 pub struct Outbox {
     entries: Mutex<HashMap<EnvironmentId, Entry>>,
     wake: Notify,
+    floor: std::sync::atomic::AtomicU64,
 }
 
 /// What one delivery round did, for metrics.
@@ -61,7 +63,8 @@ impl Outbox {
         let version = {
             let mut entries = self.entries();
             let entry = entries.entry(id).or_default();
-            entry.next_version = entry.next_version.max(accepted + 1);
+            let floor = self.floor.load(std::sync::atomic::Ordering::SeqCst);
+            entry.next_version = entry.next_version.max(accepted + 1).max(floor);
             if entry.last.as_ref() == Some(&status) {
                 return None;
             }
@@ -73,6 +76,18 @@ impl Outbox {
         };
         self.wake.notify_one();
         Some(version)
+    }
+
+    /// Starts a leadership term: versions from now on are at least
+    /// `epoch · 2³²`, above anything an earlier leader (a lower epoch) can
+    /// send, so a late status from a deposed leader is refused by the control
+    /// plane instead of overwriting a newer one.
+    pub fn start_term(&self, epoch: u64) {
+        self.clear();
+        self.floor.store(
+            epoch.saturating_mul(1 << 32),
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     /// Drops every pending status and what was last published (on a change

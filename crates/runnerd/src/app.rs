@@ -392,7 +392,7 @@ pub async fn run(
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
-                term_outbox.clear();
+                term_outbox.start_term(epoch);
                 // The standby's view of instances may predate the old leader's last launches.
                 if let Err(err) = term_observer.refresh().await {
                     tracing::warn!(error = %chain(&err), "cannot refresh the view of instances");
