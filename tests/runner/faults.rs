@@ -33,6 +33,12 @@ async fn a_failing_state_store_degrades_the_runner_until_it_recovers() {
         }
     };
     wait_phase(admin::RunnerPhase::Active).await;
+    // Fully started (records loaded, first sync done) before the outage.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while http_get(runner.health, "/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     world.store.set_down(true);
     let degraded = wait_phase(admin::RunnerPhase::Degraded).await;
     assert!(

@@ -24,21 +24,28 @@ impl Write for Capture {
     }
 }
 
-/// Every task of this test runs on this thread, so a thread-local
-/// subscriber sees all of the daemon's and the control plane's events.
-#[tokio::test(flavor = "current_thread")]
-async fn secrets_never_appear_in_logs() {
-    let capture = Capture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter("trace,h2=info,hyper=info,hyper_util=info,tower=info,tonic=debug")
-        .with_writer({
-            let capture = capture.clone();
-            move || capture.clone()
-        })
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+/// Every log line of this test binary, whichever test wrote it.
+fn capture() -> &'static Capture {
+    static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("info,runnerd=trace,runner_core=trace,control_plane=trace")
+            .with_writer({
+                let capture = capture.clone();
+                move || capture.clone()
+            })
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("the only global subscriber of this binary");
+        capture
+    })
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_logs() {
+    let capture = capture();
     let world = World::new().await;
     let runner = world.start_runner().await;
     world.create_env().await;
@@ -87,7 +94,7 @@ async fn secrets_never_appear_in_logs() {
         .to_owned();
     runner.stop().await.expect("clean stop");
 
-    let logs = String::from_utf8(capture.0.lock().expect("lock").clone()).expect("utf-8 logs");
+    let logs = String::from_utf8_lossy(&capture.0.lock().expect("lock")).into_owned();
     assert!(
         logs.contains("signed up"),
         "the capture saw the daemon's logs"
