@@ -100,3 +100,57 @@ fn health_fails_when_nothing_answers() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.starts_with("runnerd health: "), "{stderr}");
 }
+
+/// `(variable, default)` for every flag in `runnerd --help`.
+fn help_variables() -> Vec<(String, String)> {
+    let out = Command::new(BIN).env_clear().arg("--help").output().expect("help");
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let options = help.split("Options:").nth(1).expect("an Options section");
+    let mut entries: Vec<String> = Vec::new();
+    for line in options.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('-') {
+            entries.push(trimmed.to_owned());
+        } else if let Some(last) = entries.last_mut() {
+            last.push(' ');
+            last.push_str(trimmed);
+        }
+    }
+    let between = |text: &str, start: &str| -> Option<String> {
+        let rest = text.split(start).nth(1)?;
+        Some(rest.split(']').next()?.to_owned())
+    };
+    entries
+        .iter()
+        .filter_map(|e| {
+            let variable = between(e, "[env: ")?;
+            // clap shows a variable that is set as NAME=value.
+            let variable = variable.split('=').next().unwrap_or_default().to_owned();
+            Some((variable, between(e, "[default: ").unwrap_or_default()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_readme_configuration_table_matches_help() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).expect("README.md");
+    let table = readme
+        .split("<!-- configuration table: checked by crates/runnerd/tests/binary.rs -->")
+        .nth(1)
+        .and_then(|t| t.split("<!-- end of configuration table -->").next())
+        .expect("the configuration table markers");
+    let mut documented: Vec<(String, String)> = table
+        .lines()
+        .filter(|l| l.starts_with("| `RUNNER_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            let default = cells[2].trim_matches('`');
+            let default = if default == "required" || default == "–" { "" } else { default };
+            (cells[0].trim_matches('`').to_owned(), default.to_owned())
+        })
+        .collect();
+    let mut actual = help_variables();
+    documented.sort();
+    actual.sort();
+    assert_eq!(documented, actual, "README.md's configuration table and runnerd --help differ");
+}
