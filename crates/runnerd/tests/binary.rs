@@ -103,7 +103,11 @@ fn health_fails_when_nothing_answers() {
 
 /// `(variable, default)` for every flag in `runnerd --help`.
 fn help_variables() -> Vec<(String, String)> {
-    let out = Command::new(BIN).env_clear().arg("--help").output().expect("help");
+    let out = Command::new(BIN)
+        .env_clear()
+        .arg("--help")
+        .output()
+        .expect("help");
     let help = String::from_utf8_lossy(&out.stdout).into_owned();
     let options = help.split("Options:").nth(1).expect("an Options section");
     let mut entries: Vec<String> = Vec::new();
@@ -133,7 +137,8 @@ fn help_variables() -> Vec<(String, String)> {
 
 #[test]
 fn the_readme_configuration_table_matches_help() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).expect("README.md");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
     let table = readme
         .split("<!-- configuration table: checked by crates/runnerd/tests/binary.rs -->")
         .nth(1)
@@ -145,12 +150,19 @@ fn the_readme_configuration_table_matches_help() {
         .map(|l| {
             let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
             let default = cells[2].trim_matches('`');
-            let default = if default == "required" || default == "–" { "" } else { default };
+            let default = if default == "required" || default == "–" {
+                ""
+            } else {
+                default
+            };
             (cells[0].trim_matches('`').to_owned(), default.to_owned())
         })
         .collect();
     let mut actual = help_variables();
     documented.sort();
     actual.sort();
-    assert_eq!(documented, actual, "README.md's configuration table and runnerd --help differ");
+    assert_eq!(
+        documented, actual,
+        "README.md's configuration table and runnerd --help differ"
+    );
 }
