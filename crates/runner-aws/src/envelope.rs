@@ -60,6 +60,19 @@ fn associated_data(context: &BTreeMap<String, String>) -> Vec<u8> {
     out
 }
 
+/// The AES-256-GCM cipher of a plaintext data key from KMS.
+fn cipher(data_key: Option<&aws_sdk_kms::primitives::Blob>) -> Result<Aes256Gcm, EnvelopeError> {
+    let data_key = Zeroizing::new(
+        data_key
+            .map(|b| b.as_ref().to_vec())
+            .ok_or(EnvelopeError::Open)?,
+    );
+    if data_key.len() != 32 {
+        return Err(EnvelopeError::Open);
+    }
+    Ok(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&data_key)))
+}
+
 impl Envelope {
     /// Under the KMS key `key_id` (id, ARN or alias).
     pub fn new(client: Client, key_id: &str) -> Self {
@@ -87,19 +100,11 @@ impl Envelope {
                 operation: "GenerateDataKey",
                 source: Box::new(e),
             })?;
-        let data_key = Zeroizing::new(
-            key.plaintext()
-                .map(|b| b.as_ref().to_vec())
-                .ok_or(EnvelopeError::Open)?,
-        );
+        let cipher = cipher(key.plaintext())?;
         let encrypted_key = key
             .ciphertext_blob()
             .map(|b| b.as_ref().to_vec())
             .ok_or(EnvelopeError::Open)?;
-        if data_key.len() != 32 {
-            return Err(EnvelopeError::Open);
-        }
-        let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&data_key));
         let mut nonce = [0u8; 12];
         rand::thread_rng().fill_bytes(&mut nonce);
         let aad = associated_data(context);
@@ -139,15 +144,7 @@ impl Envelope {
                 operation: "Decrypt",
                 source: Box::new(e),
             })?;
-        let data_key = Zeroizing::new(
-            key.plaintext()
-                .map(|b| b.as_ref().to_vec())
-                .ok_or(EnvelopeError::Open)?,
-        );
-        if data_key.len() != 32 {
-            return Err(EnvelopeError::Open);
-        }
-        let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&data_key));
+        let cipher = cipher(key.plaintext())?;
         let aad = associated_data(context);
         cipher
             .decrypt(
