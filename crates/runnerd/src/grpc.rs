@@ -219,36 +219,49 @@ impl GrpcControlPlane {
 
 const PAGE_SIZE: u32 = 500;
 
+/// Every item of a paged list: all pages, or the first error.
+async fn all_pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>, ControlPlaneError>
+where
+    F: FnMut(pb::PageRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<pb::PageResponse>), GrpcStatus>>,
+{
+    let mut page_token = String::new();
+    let mut out = Vec::new();
+    loop {
+        let (items, page) = fetch(pb::PageRequest {
+            page_size: PAGE_SIZE,
+            page_token,
+        })
+        .await
+        .map_err(|s| classify(&s))?;
+        out.extend(items);
+        page_token = page.map(|p| p.next_page_token).unwrap_or_default();
+        if page_token.is_empty() {
+            return Ok(out);
+        }
+    }
+}
+
 #[async_trait]
 impl ControlPlane for GrpcControlPlane {
     async fn list_environments(&self) -> Result<Vec<Environment>, ControlPlaneError> {
-        let mut client = self.client.clone();
-        let mut token = String::new();
-        let mut out = Vec::new();
-        loop {
-            let page = client
-                .list_environments(self.request(pb::ListEnvironmentsRequest {
-                    page: Some(pb::PageRequest {
-                        page_size: PAGE_SIZE,
-                        page_token: token,
-                    }),
-                }))
-                .await
-                .map_err(|s| classify(&s))?
-                .into_inner();
-            for env in page.environments {
-                match environment_from_proto(env) {
-                    Ok(env) => out.push(env),
-                    Err(problem) => {
-                        tracing::warn!(problem = %problem, "skipping a malformed environment");
-                    }
-                }
+        let environments = all_pages(|page| {
+            let mut client = self.client.clone();
+            let request = self.request(pb::ListEnvironmentsRequest { page: Some(page) });
+            async move {
+                let response = client.list_environments(request).await?.into_inner();
+                Ok((response.environments, response.page))
             }
-            token = page.page.map(|p| p.next_page_token).unwrap_or_default();
-            if token.is_empty() {
-                return Ok(out);
-            }
-        }
+        })
+        .await?;
+        Ok(environments
+            .into_iter()
+            .filter_map(|env| {
+                environment_from_proto(env)
+                    .map_err(|problem| tracing::warn!(problem = %problem, "skipping a malformed environment"))
+                    .ok()
+            })
+            .collect())
     }
 
     async fn get_environment(
@@ -277,26 +290,16 @@ impl ControlPlane for GrpcControlPlane {
     }
 
     async fn list_classes(&self) -> Result<Vec<EnvironmentClass>, ControlPlaneError> {
-        let mut client = self.client.clone();
-        let mut token = String::new();
-        let mut out = Vec::new();
-        loop {
-            let page = client
-                .list_environment_classes(self.request(pb::ListEnvironmentClassesRequest {
-                    page: Some(pb::PageRequest {
-                        page_size: PAGE_SIZE,
-                        page_token: token,
-                    }),
-                }))
-                .await
-                .map_err(|s| classify(&s))?
-                .into_inner();
-            out.extend(page.environment_classes.into_iter().map(class_from_proto));
-            token = page.page.map(|p| p.next_page_token).unwrap_or_default();
-            if token.is_empty() {
-                return Ok(out);
+        let classes = all_pages(|page| {
+            let mut client = self.client.clone();
+            let request = self.request(pb::ListEnvironmentClassesRequest { page: Some(page) });
+            async move {
+                let response = client.list_environment_classes(request).await?.into_inner();
+                Ok((response.environment_classes, response.page))
             }
-        }
+        })
+        .await?;
+        Ok(classes.into_iter().map(class_from_proto).collect())
     }
 
     async fn update_status(
