@@ -37,6 +37,23 @@ async fn lead(store: &DynamoStore, leadership: &Leadership) -> u64 {
     term.epoch
 }
 
+/// An instance launched outside the runner, without its tags.
+async fn launch_untagged(sdk: &aws_config::SdkConfig, subnet: &str) -> String {
+    aws_sdk_ec2::Client::new(sdk)
+        .run_instances()
+        .image_id("ami-0123456789abcdef0")
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(subnet)
+        .send()
+        .await
+        .expect("an untagged instance")
+        .instances()[0]
+        .instance_id()
+        .expect("id")
+        .to_owned()
+}
+
 fn env() -> EnvironmentId {
     EnvironmentId(uuid::Uuid::new_v4())
 }
@@ -364,19 +381,7 @@ async fn observation_pages_through_only_this_runners_instances() {
         .launch(&request(&other, env(), 1, 0))
         .await
         .expect("another runner's");
-    let untagged = aws_sdk_ec2::Client::new(&sdk)
-        .run_instances()
-        .image_id("ami-0123456789abcdef0")
-        .min_count(1)
-        .max_count(1)
-        .subnet_id(&infra.subnets[0].0)
-        .send()
-        .await
-        .expect("an untagged instance")
-        .instances()[0]
-        .instance_id()
-        .expect("id")
-        .to_owned();
+    let untagged = launch_untagged(&sdk, &infra.subnets[0].0).await;
     let mut seen: Vec<String> = compute
         .observe()
         .await
@@ -580,19 +585,7 @@ async fn orphans_are_marked_then_terminated_after_the_grace_period_a_few_per_pas
             .await
             .expect("an orphan");
     }
-    let untagged = aws_sdk_ec2::Client::new(&sdk)
-        .run_instances()
-        .image_id("ami-0123456789abcdef0")
-        .min_count(1)
-        .max_count(1)
-        .subnet_id(&infra.subnets[0].0)
-        .send()
-        .await
-        .expect("untagged")
-        .instances()[0]
-        .instance_id()
-        .expect("id")
-        .to_owned();
+    let untagged = launch_untagged(&sdk, &infra.subnets[0].0).await;
     let observer = Arc::new(Observer::new(compute.clone(), Duration::ZERO));
     let context = Context::new(
         adapters.store.clone(),
