@@ -246,11 +246,16 @@ impl DynamoStore {
         }
     }
 
-    fn version_condition(version: u64) -> (&'static str, Option<AttributeValue>) {
+    /// The condition that the stored item has `version` (0: does not exist),
+    /// with its attribute values.
+    fn version_condition(version: u64) -> (&'static str, Option<Item>) {
         if version == 0 {
             ("attribute_not_exists(pk)", None)
         } else {
-            ("version = :version", Some(n(version)))
+            (
+                "version = :version",
+                Some(HashMap::from([(":version".to_owned(), n(version))])),
+            )
         }
     }
 }
@@ -296,14 +301,12 @@ impl StateStore for DynamoStore {
 
     async fn put(&self, record: &Record) -> Result<Record, StoreError> {
         let version = record.version + 1;
-        let (condition, expected) = Self::version_condition(record.version);
+        let (condition, values) = Self::version_condition(record.version);
         let put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(self.encode(record, version)))
             .condition_expression(condition)
-            .set_expression_attribute_values(
-                expected.map(|v| HashMap::from([(":version".to_owned(), v)])),
-            )
+            .set_expression_attribute_values(values)
             .build()
             .map_err(unavailable)?;
         self.transact(
@@ -318,14 +321,12 @@ impl StateStore for DynamoStore {
     }
 
     async fn delete(&self, record: &Record) -> Result<(), StoreError> {
-        let (condition, expected) = Self::version_condition(record.version);
+        let (condition, values) = Self::version_condition(record.version);
         let delete = Delete::builder()
             .table_name(&self.table)
             .set_key(Some(self.key(format!("ENV#{}", record.environment))))
             .condition_expression(condition)
-            .set_expression_attribute_values(
-                expected.map(|v| HashMap::from([(":version".to_owned(), v)])),
-            )
+            .set_expression_attribute_values(values)
             .build()
             .map_err(unavailable)?;
         self.transact(

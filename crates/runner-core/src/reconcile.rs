@@ -538,7 +538,7 @@ async fn stop(
         return Ok(Action::Requeue(ctx.settings.resync));
     };
     let Some(instance) = current else {
-        return missing(ctx, env, instance_id).await;
+        return Ok(lost_instance(ctx, env, None, instance_id));
     };
     let (phase, next) = match instance.state {
         InstanceState::Running => {
@@ -550,34 +550,31 @@ async fn stop(
         InstanceState::Pending | InstanceState::Stopping => (Phase::Stopping, ctx.settings.poll),
         InstanceState::Stopped => (Phase::Stopped, ctx.settings.resync),
         InstanceState::ShuttingDown | InstanceState::Terminated => {
-            ctx.publish(
-                env,
-                status(
-                    &env.spec,
-                    Phase::Stopped,
-                    Some(instance),
-                    lost_message(&instance.id),
-                ),
-            );
-            return Ok(Action::Requeue(ctx.settings.resync));
+            return Ok(lost_instance(ctx, env, Some(instance), &instance.id));
         }
     };
     ctx.publish(env, status(&env.spec, phase, Some(instance), ""));
     Ok(Action::Requeue(next))
 }
 
-/// The record names an instance a view taken after its launch does not
-/// show: terminated so long ago that EC2 no longer lists it.
-async fn missing(
+/// The environment's instance was terminated outside the runner, or so long
+/// ago that EC2 no longer lists it (`machine` is `None` then).
+fn lost_instance(
     ctx: &Context,
     env: &Environment,
+    machine: Option<&Instance>,
     instance_id: &str,
-) -> Result<Action, ReconcileError> {
+) -> Action {
     ctx.publish(
         env,
-        status(&env.spec, Phase::Stopped, None, lost_message(instance_id)),
+        status(
+            &env.spec,
+            Phase::Stopped,
+            machine,
+            lost_message(instance_id),
+        ),
     );
-    Ok(Action::Requeue(ctx.settings.resync))
+    Action::Requeue(ctx.settings.resync)
 }
 
 async fn run(
@@ -590,7 +587,7 @@ async fn run(
 ) -> Result<Action, ReconcileError> {
     if let Some(instance_id) = current_id {
         let Some(instance) = current else {
-            return missing(ctx, env, instance_id).await;
+            return Ok(lost_instance(ctx, env, None, instance_id));
         };
         let last_phase = ctx.outbox.last(env.id).map(|s| s.phase);
         let (phase, next) = match instance.state {
@@ -607,16 +604,7 @@ async fn run(
             // Wait for the stop to finish, then start.
             InstanceState::Stopping => (Phase::Starting, ctx.settings.poll),
             InstanceState::ShuttingDown | InstanceState::Terminated => {
-                ctx.publish(
-                    env,
-                    status(
-                        &env.spec,
-                        Phase::Stopped,
-                        Some(instance),
-                        lost_message(&instance.id),
-                    ),
-                );
-                return Ok(Action::Requeue(ctx.settings.resync));
+                return Ok(lost_instance(ctx, env, Some(instance), &instance.id));
             }
         };
         ctx.publish(env, status(&env.spec, phase, Some(instance), ""));
