@@ -338,6 +338,9 @@ pub enum ScmCommand {
         /// API base URL when not the kind's default for the host.
         #[arg(long, default_value = "")]
         api_base_url: String,
+        /// OAuth endpoints' base URL when not the kind's default for the host.
+        #[arg(long, default_value = "")]
+        oauth_base_url: String,
     },
     /// Change an integration; options not given stay as they are.
     Update {
@@ -365,6 +368,9 @@ pub enum ScmCommand {
         /// New API base URL; "" for the default.
         #[arg(long)]
         api_base_url: Option<String>,
+        /// New OAuth base URL; "" for the default.
+        #[arg(long)]
+        oauth_base_url: Option<String>,
     },
     /// Delete an integration (the runner deletes all its tokens).
     Delete {
@@ -449,6 +455,28 @@ pub enum CallCommand {
         /// The URL.
         #[arg(long)]
         url: String,
+    },
+    /// Hand the runner an OAuth authorization code (read from stdin) to
+    /// exchange for the user's token.
+    ExchangeOauth {
+        /// Runner id.
+        #[arg(long)]
+        runner: String,
+        /// The user who completed the OAuth flow.
+        #[arg(long)]
+        principal: String,
+        /// The SCM host.
+        #[arg(long)]
+        host: String,
+        /// The redirect URI used in the authorization request.
+        #[arg(long)]
+        redirect_uri: String,
+        /// The PKCE code verifier, when PKCE was used.
+        #[arg(long, default_value = "")]
+        code_verifier: String,
+        /// Read the code from standard input (required: never an argument).
+        #[arg(long, required = true)]
+        code_stdin: bool,
     },
     /// Ask the runner whether an environment class works in its region and AZs.
     ValidateClass {
@@ -844,6 +872,7 @@ async fn scm(client: &mut Client, cmd: ScmCommand, out: Output) -> anyhow::Resul
             oauth_client_secret_stdin: _,
             pat,
             api_base_url,
+            oauth_base_url,
         } => {
             let oauth = sealed_oauth(client, &runner, oauth_client_id).await?;
             client
@@ -854,6 +883,7 @@ async fn scm(client: &mut Client, cmd: ScmCommand, out: Output) -> anyhow::Resul
                     oauth,
                     pat_enabled: pat,
                     api_base_url,
+                    oauth_base_url,
                 })
                 .await?
         }
@@ -865,6 +895,7 @@ async fn scm(client: &mut Client, cmd: ScmCommand, out: Output) -> anyhow::Resul
             no_oauth,
             pat,
             api_base_url,
+            oauth_base_url,
         } => {
             let oauth = if no_oauth {
                 Some(admin::OAuthUpdate { app: None })
@@ -879,6 +910,7 @@ async fn scm(client: &mut Client, cmd: ScmCommand, out: Output) -> anyhow::Resul
                     oauth,
                     pat_enabled: pat.map(OnOff::is_on),
                     api_base_url,
+                    oauth_base_url,
                 })
                 .await?
         }
@@ -981,6 +1013,27 @@ async fn call(client: &mut Client, cmd: CallCommand, out: Output) -> anyhow::Res
             runner,
             runner_request::Kind::ParseContext(pb::ParseContext { principal, url }),
         ),
+        CallCommand::ExchangeOauth {
+            runner,
+            principal,
+            host,
+            redirect_uri,
+            code_verifier,
+            code_stdin: _,
+        } => {
+            let code = String::from_utf8(read_secret_stdin("authorization code")?)
+                .context("the authorization code is not UTF-8")?;
+            (
+                runner,
+                runner_request::Kind::ExchangeOauthCode(pb::ExchangeOauthCode {
+                    principal,
+                    host,
+                    code,
+                    redirect_uri,
+                    code_verifier,
+                }),
+            )
+        }
         CallCommand::ValidateClass { runner, class } => {
             let classes = client
                 .list_environment_classes(admin::ListEnvironmentClassesRequest {

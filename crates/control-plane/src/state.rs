@@ -239,17 +239,17 @@ fn check_oauth(oauth: Option<&pb::OAuthApp>) -> Result<(), Status> {
     Ok(())
 }
 
-fn check_api_base_url(value: &str) -> Result<(), Status> {
+fn check_base_url(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
         return Ok(());
     }
     let url = url_scheme(value);
     if url != Some("https") && url != Some("http") {
-        return Err(Status::invalid_argument(
-            "api_base_url: must be an http(s) URL",
-        ));
+        return Err(Status::invalid_argument(format!(
+            "{field}: must be an http(s) URL"
+        )));
     }
-    validate::text("api_base_url", value, 2048).map_err(invalid)
+    validate::text(field, value, 2048).map_err(invalid)
 }
 
 fn url_scheme(value: &str) -> Option<&str> {
@@ -808,7 +808,8 @@ impl State {
         }
         validate::host("host", &req.host).map_err(invalid)?;
         check_oauth(req.oauth.as_ref())?;
-        check_api_base_url(&req.api_base_url)?;
+        check_base_url("api_base_url", &req.api_base_url)?;
+        check_base_url("oauth_base_url", &req.oauth_base_url)?;
         if self
             .integrations
             .values()
@@ -827,6 +828,7 @@ impl State {
             oauth: req.oauth.clone(),
             pat_enabled: req.pat_enabled,
             api_base_url: req.api_base_url.clone(),
+            oauth_base_url: req.oauth_base_url.clone(),
         };
         self.integrations.insert(
             id,
@@ -848,7 +850,10 @@ impl State {
             check_oauth(update.app.as_ref())?;
         }
         if let Some(url) = &req.api_base_url {
-            check_api_base_url(url)?;
+            check_base_url("api_base_url", url)?;
+        }
+        if let Some(url) = &req.oauth_base_url {
+            check_base_url("oauth_base_url", url)?;
         }
         let record = self
             .integrations
@@ -862,6 +867,9 @@ impl State {
         }
         if let Some(url) = &req.api_base_url {
             record.integration.api_base_url.clone_from(url);
+        }
+        if let Some(url) = &req.oauth_base_url {
+            record.integration.oauth_base_url.clone_from(url);
         }
         Ok((
             record.integration.clone(),

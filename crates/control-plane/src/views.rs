@@ -201,6 +201,7 @@ pub(crate) struct IntegrationView {
     oauth_client_id: Option<String>,
     pat_enabled: bool,
     api_base_url: String,
+    oauth_base_url: String,
 }
 
 impl From<&pb::ScmIntegration> for IntegrationView {
@@ -212,6 +213,7 @@ impl From<&pb::ScmIntegration> for IntegrationView {
             oauth_client_id: i.oauth.as_ref().map(|o| o.client_id.clone()),
             pat_enabled: i.pat_enabled,
             api_base_url: i.api_base_url.clone(),
+            oauth_base_url: i.oauth_base_url.clone(),
         }
     }
 }
