@@ -14,5 +14,6 @@ pub mod orphans;
 pub mod outbox;
 pub mod reconcile;
 pub mod scheduler;
+pub mod scm;
 pub mod traits;
 pub mod validate;
