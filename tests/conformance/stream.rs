@@ -480,6 +480,7 @@ async fn scm_and_token_changes_reach_the_runner_sealed() {
             }),
             pat_enabled: false,
             api_base_url: String::new(),
+            oauth_base_url: String::new(),
         })
         .await
         .expect("create integration")
@@ -492,6 +493,7 @@ async fn scm_and_token_changes_reach_the_runner_sealed() {
             oauth: None,
             pat_enabled: true,
             api_base_url: String::new(),
+            oauth_base_url: String::new(),
         })
         .await;
     assert_status(duplicate, Code::AlreadyExists, "host");
@@ -517,6 +519,7 @@ async fn scm_and_token_changes_reach_the_runner_sealed() {
             oauth: None,
             pat_enabled: Some(true),
             api_base_url: None,
+            oauth_base_url: None,
         })
         .await
         .expect("enable PAT");

@@ -3,10 +3,12 @@
 //! [`ControlPlane`] starts the reference control plane in-process on a
 //! loopback port, over real gRPC, and stops it when dropped. [`fakes`] holds
 //! in-memory implementations of the core traits; [`proxy`] is a
-//! fault-injecting HTTP proxy in front of emulated AWS.
+//! fault-injecting HTTP proxy in front of emulated AWS; [`scm`] fakes the
+//! source-control providers over HTTPS.
 
 pub mod fakes;
 pub mod proxy;
+pub mod scm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
