@@ -26,7 +26,10 @@ use crate::model::{
 };
 use crate::observer::Observer;
 use crate::outbox::Outbox;
-use crate::traits::{Compute, ComputeError, LaunchRequest, StateStore, StoreError};
+use crate::traits::{
+    AnonymousCheckout, Checkout, CheckoutError, Compute, ComputeError, LaunchRequest, StateStore,
+    StoreError,
+};
 use crate::validate;
 
 /// Why a reconcile failed; it is retried with backoff.
@@ -38,6 +41,9 @@ pub enum ReconcileError {
     /// A compute call failed.
     #[error("compute")]
     Compute(#[from] ComputeError),
+    /// The checkout credential could not be prepared, bound or removed.
+    #[error("checkout credential")]
+    Checkout(#[from] CheckoutError),
 }
 
 impl ReconcileError {
@@ -58,6 +64,7 @@ impl ReconcileError {
             Self::Compute(ComputeError::Unavailable(_)) => "compute_unavailable",
             Self::Compute(ComputeError::NoCapacity { .. }) => "no_capacity",
             Self::Compute(ComputeError::Rejected(_)) => "compute_rejected",
+            Self::Checkout(_) => "checkout_unavailable",
         }
     }
 }
@@ -73,6 +80,8 @@ pub struct ReconcileSettings {
     pub capacity_retry: Duration,
     /// How long to wait after the cloud rejected a launch.
     pub rejected_retry: Duration,
+    /// How soon to look again for the creator's token.
+    pub auth_retry: Duration,
 }
 
 impl Default for ReconcileSettings {
@@ -82,6 +91,7 @@ impl Default for ReconcileSettings {
             resync: Duration::from_secs(300),
             capacity_retry: Duration::from_secs(60),
             rejected_retry: Duration::from_secs(300),
+            auth_retry: Duration::from_secs(60),
         }
     }
 }
@@ -102,6 +112,8 @@ pub struct Context {
     pub subnets: Vec<Subnet>,
     /// Timing.
     pub settings: ReconcileSettings,
+    /// Repository credentials for instances.
+    pub checkout: Arc<dyn Checkout>,
     records: Mutex<HashMap<EnvironmentId, Record>>,
     mutated: Mutex<HashMap<EnvironmentId, Instant>>,
 }
@@ -135,9 +147,17 @@ impl Context {
             desired,
             subnets,
             settings,
+            checkout: Arc::new(AnonymousCheckout),
             records: Mutex::new(records.into_iter().map(|r| (r.environment, r)).collect()),
             mutated: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Uses `checkout` for repository credentials (the default: none).
+    #[must_use]
+    pub fn with_checkout(mut self, checkout: Arc<dyn Checkout>) -> Self {
+        self.checkout = checkout;
+        self
     }
 
     /// Every environment the runner holds a record of.
@@ -372,6 +392,7 @@ async fn teardown(ctx: &Context, id: EnvironmentId) -> Result<Action, ReconcileE
     {
         return Ok(Action::Requeue(ctx.settings.poll));
     }
+    ctx.checkout.remove(id).await?;
     if let Some(record) = ctx.record(id) {
         ctx.remove(&record).await?;
     }
@@ -400,6 +421,8 @@ async fn converge(ctx: &Context, env: &Environment) -> Result<Action, ReconcileE
         && let Some(found) = ctx.compute.find_launch(id, launch.attempt).await?
     {
         tracing::info!(instance.id = %found.id, attempt = launch.attempt, "found the instance of an interrupted launch");
+        // A launched record implies a bound credential.
+        ctx.checkout.bind(id, &found.id).await?;
         record.launch = Some(LaunchIntent {
             state: LaunchState::Launched {
                 instance_id: found.id.clone(),
@@ -513,6 +536,7 @@ async fn delete(
         ctx.publish(env, status(&env.spec, Phase::Deleting, machine, ""));
         return Ok(Action::Requeue(ctx.settings.poll));
     }
+    ctx.checkout.remove(env.id).await?;
     if record.version > 0 {
         ctx.remove(&record).await?;
     }
@@ -624,6 +648,21 @@ async fn launch(
         .as_ref()
         .expect("a valid running spec has a class");
     let id = env.id;
+    // The credential before the intent: no launch for a creator without a token.
+    let checkout_secret = match ctx
+        .checkout
+        .prepare(id, &env.spec.creator, &env.spec.repository_url)
+        .await
+    {
+        Ok(secret) => secret,
+        Err(err @ (CheckoutError::AuthRequired(_) | CheckoutError::Invalid(_))) => {
+            let message = err.to_string();
+            tracing::warn!(problem = %message, "cannot check out the repository");
+            ctx.publish(env, status(&env.spec, Phase::Creating, None, message));
+            return Ok(Action::Requeue(ctx.settings.auth_retry));
+        }
+        Err(err) => return Err(err.into()),
+    };
     // Intent first: reuse an unresolved intent (same token, same subnet), or
     // decide a new one.
     let intent = match record.launch.clone() {
@@ -675,11 +714,15 @@ async fn launch(
         disk_gib: class.disk_gib,
         repository_url: env.spec.repository_url.clone(),
         revision: env.spec.revision.clone(),
+        checkout_secret,
     };
     match ctx.compute.launch(&request).await {
         Ok(instance) => {
             tracing::info!(instance.id = %instance.id, attempt = intent.attempt, subnet.id = %intent.subnet.id, "launched");
             ctx.mark_mutated(id);
+            // Until bound, the record stays an intent: the next pass finds the
+            // instance by its tags and binds then.
+            ctx.checkout.bind(id, &instance.id).await?;
             record.launch = Some(LaunchIntent {
                 state: LaunchState::Launched {
                     instance_id: instance.id.clone(),

@@ -9,6 +9,7 @@ use secrecy::SecretString;
 use crate::model::{
     Environment, EnvironmentClass, EnvironmentId, Instance, Record, Revision, Status, Subnet,
 };
+use crate::scm::TokenKey;
 
 /// A boxed error from an adapter, kept as the source of a typed error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -90,6 +91,8 @@ pub struct LaunchRequest {
     pub repository_url: String,
     /// What to check out.
     pub revision: Revision,
+    /// The secret holding the checkout credential, when the host needs one.
+    pub checkout_secret: Option<String>,
 }
 
 /// The cloud's instances.
@@ -208,5 +211,166 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
         SystemTime::now()
+    }
+}
+
+/// A user's token for a host, in the clear: only ever in memory.
+#[derive(Clone)]
+pub struct HostToken {
+    /// The token presented to the provider.
+    pub access_token: SecretString,
+    /// Trades for a new access token (OAuth, when the provider issues one).
+    pub refresh_token: Option<SecretString>,
+    /// When the access token expires; `None`: it does not.
+    pub expires_at: Option<SystemTime>,
+    /// The account the token authenticates as.
+    pub username: String,
+}
+
+impl std::fmt::Debug for HostToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostToken")
+            .field("username", &self.username)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stored token and its bookkeeping.
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    /// Whose, for which host, obtained how.
+    pub key: TokenKey,
+    /// The token.
+    pub token: HostToken,
+    /// When it was written.
+    pub stored_at: SystemTime,
+    /// The item's version, for conditional writes.
+    pub version: u64,
+}
+
+/// A stored token without its value, as listing returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenEntry {
+    /// Whose, for which host, obtained how.
+    pub key: TokenKey,
+    /// When it was written.
+    pub stored_at: SystemTime,
+    /// The item's version.
+    pub version: u64,
+}
+
+/// Why the token store refused or failed. Never carries a token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenStoreError {
+    /// The item changed since it was read.
+    #[error("the stored token changed concurrently")]
+    Conflict,
+    /// The item does not decrypt under its own key (tampered with, or moved
+    /// from another principal or host).
+    #[error("the stored token does not decrypt for this principal and host")]
+    Undecryptable,
+    /// The store or KMS could not be reached or failed.
+    #[error("token store unavailable")]
+    Unavailable(#[source] BoxError),
+}
+
+/// Where users' host tokens live, encrypted; one per [`TokenKey`].
+#[async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    /// One token, decrypted.
+    async fn get(&self, key: &TokenKey) -> Result<Option<StoredToken>, TokenStoreError>;
+    /// Writes a token: over whatever is stored (`expected: None`), or only
+    /// if the stored version is `expected`. Returns the new version.
+    async fn put(
+        &self,
+        key: &TokenKey,
+        token: &HostToken,
+        expected: Option<u64>,
+    ) -> Result<u64, TokenStoreError>;
+    /// Every stored token, without values (one query).
+    async fn list(&self) -> Result<Vec<TokenEntry>, TokenStoreError>;
+    /// Deletes a token; deleting a missing one succeeds.
+    async fn delete(&self, key: &TokenKey) -> Result<(), TokenStoreError>;
+}
+
+/// Per-environment secrets: the checkout credential an instance reads once.
+#[async_trait]
+pub trait EnvironmentSecrets: Send + Sync + 'static {
+    /// Creates or overwrites the environment's secret; returns its id for
+    /// the instance to fetch.
+    async fn put(
+        &self,
+        environment: EnvironmentId,
+        value: &SecretString,
+    ) -> Result<String, SecretError>;
+    /// Lets only `instance_id` read the environment's secret.
+    async fn bind(&self, environment: EnvironmentId, instance_id: &str) -> Result<(), SecretError>;
+    /// Deletes the environment's secret at once; a missing one succeeds.
+    async fn delete(&self, environment: EnvironmentId) -> Result<(), SecretError>;
+}
+
+/// Why the checkout credential could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    /// The creator has no usable token for the repository's host.
+    #[error("authentication required for {0}")]
+    AuthRequired(String),
+    /// The repository cannot be checked out as asked (for the user).
+    #[error("{0}")]
+    Invalid(String),
+    /// A store, KMS or the provider failed: retry later.
+    #[error("checkout credential unavailable")]
+    Unavailable(#[source] BoxError),
+}
+
+/// Gets an environment's repository credential to its instance, and only
+/// to it.
+#[async_trait]
+pub trait Checkout: Send + Sync + 'static {
+    /// Prepares the credential for `creator`'s checkout of `repository_url`;
+    /// returns the secret id for the instance, or `None` when the host needs
+    /// no credential.
+    async fn prepare(
+        &self,
+        environment: EnvironmentId,
+        creator: &str,
+        repository_url: &str,
+    ) -> Result<Option<String>, CheckoutError>;
+    /// Lets only the environment's instance read its credential.
+    async fn bind(
+        &self,
+        environment: EnvironmentId,
+        instance_id: &str,
+    ) -> Result<(), CheckoutError>;
+    /// Deletes the environment's credential (idempotent).
+    async fn remove(&self, environment: EnvironmentId) -> Result<(), CheckoutError>;
+}
+
+/// No repository credentials: every checkout is anonymous.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AnonymousCheckout;
+
+#[async_trait]
+impl Checkout for AnonymousCheckout {
+    async fn prepare(
+        &self,
+        _environment: EnvironmentId,
+        _creator: &str,
+        _repository_url: &str,
+    ) -> Result<Option<String>, CheckoutError> {
+        Ok(None)
+    }
+
+    async fn bind(
+        &self,
+        _environment: EnvironmentId,
+        _instance_id: &str,
+    ) -> Result<(), CheckoutError> {
+        Ok(())
+    }
+
+    async fn remove(&self, _environment: EnvironmentId) -> Result<(), CheckoutError> {
+        Ok(())
     }
 }
