@@ -167,20 +167,45 @@ fn instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
     })
 }
 
-/// The instance's user data: where to check out from. It holds no secret:
-/// the git credential reaches the instance through its own secret.
-pub fn user_data(request: &LaunchRequest) -> String {
-    let revision = match &request.revision {
-        Revision::Default => String::new(),
-        Revision::Branch(b) => format!("branch={b}\n"),
-        Revision::Commit(c) => format!("commit={c}\n"),
+/// The bootstrap script every instance runs (`deploy/bootstrap.sh`).
+pub const BOOTSTRAP: &str = include_str!("../../../deploy/bootstrap.sh");
+
+/// `value` as one single-quoted shell word.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// The instance's user data: the bootstrap script after shell assignments
+/// saying what to check out and from which secret. It holds no secret: the
+/// git credential reaches the instance through its own secret.
+pub fn user_data(request: &LaunchRequest, region: &str) -> String {
+    let (branch, commit) = match &request.revision {
+        Revision::Default => ("", ""),
+        Revision::Branch(b) => (b.as_str(), ""),
+        Revision::Commit(c) => ("", c.as_str()),
     };
-    format!(
-        "#cloud-config\nwrite_files:\n  - path: /etc/aws-runner/environment\n    permissions: '0644'\n    content: |\n      environment_id={}\n      repository_url={}\n      {}",
-        request.environment,
-        request.repository_url,
-        revision.trim_end().replace('\n', "\n      ")
-    )
+    let mut out = String::from("#!/bin/bash\n");
+    for (name, value) in [
+        (
+            "AWS_RUNNER_ENVIRONMENT_ID",
+            request.environment.to_string().as_str(),
+        ),
+        ("AWS_RUNNER_REPOSITORY_URL", request.repository_url.as_str()),
+        ("AWS_RUNNER_BRANCH", branch),
+        ("AWS_RUNNER_COMMIT", commit),
+        (
+            "AWS_RUNNER_SECRET_ID",
+            request.checkout_secret.as_deref().unwrap_or_default(),
+        ),
+        ("AWS_RUNNER_REGION", region),
+    ] {
+        out.push_str(name);
+        out.push('=');
+        out.push_str(&shell_quote(value));
+        out.push('\n');
+    }
+    out.push_str(BOOTSTRAP);
+    out
 }
 
 impl Ec2Compute {
@@ -335,7 +360,10 @@ impl Compute for Ec2Compute {
                     .set_tags(Some(tags))
                     .build(),
             )
-            .user_data(base64::engine::general_purpose::STANDARD.encode(user_data(request)))
+            .user_data(
+                base64::engine::general_purpose::STANDARD
+                    .encode(user_data(request, &self.settings.region)),
+            )
             .send()
             .await;
         let output = match result {

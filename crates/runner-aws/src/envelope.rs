@@ -140,9 +140,18 @@ impl Envelope {
             .set_encryption_context(Some(context.clone().into_iter().collect()))
             .send()
             .await
-            .map_err(|e| EnvelopeError::Kms {
-                operation: "Decrypt",
-                source: Box::new(e),
+            .map_err(|e| {
+                // A wrong context (a value moved elsewhere) is refused by KMS.
+                if e.as_service_error().is_some_and(
+                    aws_sdk_kms::operation::decrypt::DecryptError::is_invalid_ciphertext_exception,
+                ) {
+                    EnvelopeError::Open
+                } else {
+                    EnvelopeError::Kms {
+                        operation: "Decrypt",
+                        source: Box::new(e),
+                    }
+                }
             })?;
         let cipher = cipher(key.plaintext())?;
         let aad = associated_data(context);

@@ -1,6 +1,6 @@
-//! AWS adapters for the runner's core traits: the DynamoDB state store and
-//! leader lease, EC2 compute, the Secrets Manager credential store, and KMS
-//! envelope encryption.
+//! AWS adapters for the runner's core traits: the DynamoDB state store,
+//! leader lease and token store, EC2 compute, the Secrets Manager credential
+//! store and per-environment secrets, and KMS envelope encryption.
 //!
 //! Adapters translate and classify errors once; they never decide policy.
 //! Every client is pinned to the configured region. `AWS_ENDPOINT_URL` (as the
@@ -10,6 +10,7 @@ pub mod dynamo;
 pub mod ec2;
 pub mod envelope;
 pub mod secrets;
+pub mod tokens;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 
@@ -36,6 +37,8 @@ pub struct AdapterSettings {
     pub holder: String,
     /// The Secrets Manager secret.
     pub secret_id: String,
+    /// The KMS key for users' tokens and environments' secrets.
+    pub kms_key_id: String,
     /// EC2 settings.
     pub ec2: ec2::Ec2Settings,
 }
@@ -49,6 +52,10 @@ pub struct Adapters {
     pub compute: Arc<ec2::Ec2Compute>,
     /// Credentials.
     pub secrets: Arc<secrets::SecretsManagerStore>,
+    /// Users' host tokens.
+    pub tokens: Arc<tokens::DynamoTokenStore>,
+    /// Environments' checkout secrets.
+    pub environment_secrets: Arc<secrets::EnvironmentSecretsManager>,
 }
 
 /// Builds every adapter; mutations and writes are fenced by `leadership`.
@@ -73,6 +80,18 @@ pub fn adapters(
         secrets: Arc::new(secrets::SecretsManagerStore::new(
             aws_sdk_secretsmanager::Client::new(sdk),
             &settings.secret_id,
+        )),
+        tokens: Arc::new(tokens::DynamoTokenStore::new(
+            aws_sdk_dynamodb::Client::new(sdk),
+            &settings.table,
+            &settings.runner_id,
+            envelope::Envelope::new(aws_sdk_kms::Client::new(sdk), &settings.kms_key_id),
+        )),
+        environment_secrets: Arc::new(secrets::EnvironmentSecretsManager::new(
+            aws_sdk_secretsmanager::Client::new(sdk),
+            &settings.runner_id,
+            Some(&settings.kms_key_id),
+            &settings.ec2.region,
         )),
     }
 }

@@ -132,3 +132,181 @@ impl SecretStore for SecretsManagerStore {
             .map_err(|e| SecretError::Unavailable(Box::new(e)))
     }
 }
+
+/// Per-environment secrets, named `aws-runner/<runner id>/environments/<id>`
+/// (the stack's environment role reads only that prefix, and only a secret
+/// whose `aws-runner:instance-arn` tag is the reading instance).
+#[derive(Debug, Clone)]
+pub struct EnvironmentSecretsManager {
+    client: Client,
+    runner_id: String,
+    kms_key_id: Option<String>,
+    region: String,
+    /// `arn:<partition>:...:<account>` prefix learned from a secret's ARN.
+    arn_parts: std::sync::Arc<std::sync::OnceLock<(String, String)>>,
+}
+
+fn not_found(code: Option<&str>) -> bool {
+    code == Some("ResourceNotFoundException")
+}
+
+impl EnvironmentSecretsManager {
+    /// Secrets of `runner_id`'s environments, encrypted under `kms_key_id`
+    /// (the account's default key when `None`).
+    pub fn new(client: Client, runner_id: &str, kms_key_id: Option<&str>, region: &str) -> Self {
+        Self {
+            client,
+            runner_id: runner_id.to_owned(),
+            kms_key_id: kms_key_id.map(str::to_owned),
+            region: region.to_owned(),
+            arn_parts: std::sync::Arc::default(),
+        }
+    }
+
+    /// The secret name of an environment.
+    pub fn name(&self, environment: runner_core::model::EnvironmentId) -> String {
+        format!("aws-runner/{}/environments/{environment}", self.runner_id)
+    }
+
+    fn learn(&self, arn: Option<&str>) {
+        // arn:<partition>:secretsmanager:<region>:<account>:secret:<name>
+        if let Some(arn) = arn {
+            let parts: Vec<&str> = arn.splitn(6, ':').collect();
+            if parts.len() == 6 {
+                let _ = self
+                    .arn_parts
+                    .set((parts[1].to_owned(), parts[4].to_owned()));
+            }
+        }
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        environment: runner_core::model::EnvironmentId,
+        value: &SecretString,
+    ) -> Result<
+        Option<String>,
+        aws_sdk_secretsmanager::error::SdkError<
+            aws_sdk_secretsmanager::operation::create_secret::CreateSecretError,
+        >,
+    > {
+        use aws_sdk_secretsmanager::types::Tag;
+        let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
+        let output = self
+            .client
+            .create_secret()
+            .name(name)
+            .description("aws-runner: an environment's repository credential")
+            .secret_string(value.expose_secret())
+            .set_kms_key_id(self.kms_key_id.clone())
+            .tags(tag("aws-runner:runner-id", &self.runner_id))
+            .tags(tag("aws-runner:environment-id", &environment.to_string()))
+            .tags(tag("aws-runner:managed-by", "aws-runner"))
+            .send()
+            .await?;
+        Ok(output.arn)
+    }
+}
+
+#[async_trait]
+impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
+    async fn put(
+        &self,
+        environment: runner_core::model::EnvironmentId,
+        value: &SecretString,
+    ) -> Result<String, SecretError> {
+        let name = self.name(environment);
+        let unavailable = |e: Box<dyn std::error::Error + Send + Sync>| SecretError::Unavailable(e);
+        match self
+            .client
+            .put_secret_value()
+            .secret_id(&name)
+            .secret_string(value.expose_secret())
+            .send()
+            .await
+        {
+            Ok(output) => self.learn(output.arn()),
+            Err(err) if not_found(err.code()) => match self.create(&name, environment, value).await
+            {
+                Ok(arn) => self.learn(arn.as_deref()),
+                // Created concurrently: overwrite.
+                Err(err) if err.code() == Some("ResourceExistsException") => {
+                    let output = self
+                        .client
+                        .put_secret_value()
+                        .secret_id(&name)
+                        .secret_string(value.expose_secret())
+                        .send()
+                        .await
+                        .map_err(|e| unavailable(Box::new(e)))?;
+                    self.learn(output.arn());
+                }
+                Err(err) => return Err(unavailable(Box::new(err))),
+            },
+            Err(err) => return Err(unavailable(Box::new(err))),
+        }
+        Ok(name)
+    }
+
+    async fn bind(
+        &self,
+        environment: runner_core::model::EnvironmentId,
+        instance_id: &str,
+    ) -> Result<(), SecretError> {
+        use aws_sdk_secretsmanager::types::Tag;
+        let name = self.name(environment);
+        if self.arn_parts.get().is_none() {
+            match self.client.describe_secret().secret_id(&name).send().await {
+                Ok(output) => self.learn(output.arn()),
+                Err(err) if not_found(err.code()) => return Ok(()),
+                Err(err) => return Err(SecretError::Unavailable(Box::new(err))),
+            }
+        }
+        let Some((partition, account)) = self.arn_parts.get() else {
+            return Err(SecretError::Malformed(format!(
+                "secret {name} has no parsable ARN"
+            )));
+        };
+        let instance_arn = format!(
+            "arn:{partition}:ec2:{}:{account}:instance/{instance_id}",
+            self.region
+        );
+        match self
+            .client
+            .tag_resource()
+            .secret_id(&name)
+            .tags(
+                Tag::builder()
+                    .key("aws-runner:instance-arn")
+                    .value(instance_arn)
+                    .build(),
+            )
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            // No credential for this environment: nothing to bind.
+            Err(err) if not_found(err.code()) => Ok(()),
+            Err(err) => Err(SecretError::Unavailable(Box::new(err))),
+        }
+    }
+
+    async fn delete(
+        &self,
+        environment: runner_core::model::EnvironmentId,
+    ) -> Result<(), SecretError> {
+        match self
+            .client
+            .delete_secret()
+            .secret_id(self.name(environment))
+            .force_delete_without_recovery(true)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(err) if not_found(err.code()) => Ok(()),
+            Err(err) => Err(SecretError::Unavailable(Box::new(err))),
+        }
+    }
+}
