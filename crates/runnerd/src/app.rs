@@ -19,7 +19,9 @@ use runner_core::observer::Observer;
 use runner_core::outbox::Outbox;
 use runner_core::reconcile::{Context, ReconcileSettings, reconcile};
 use runner_core::scheduler::{Scheduler, SchedulerConfig};
-use runner_core::traits::{Compute, ControlPlane, SecretStore, StateStore};
+use runner_core::traits::{
+    Compute, ControlPlane, EnvironmentSecrets, SecretStore, StateStore, TokenStore,
+};
 use runner_proto::pb::identity_service_client::IdentityServiceClient;
 use runner_proto::pb::runner_service_client::RunnerServiceClient;
 use tokio::sync::mpsc;
@@ -31,7 +33,8 @@ use crate::config::Config;
 use crate::grpc::{self, Auth, GrpcControlPlane};
 use crate::health::{self, Health, chain};
 use crate::informer::Informer;
-use crate::session::{Session, SessionError};
+use crate::scm::Scm;
+use crate::session::{ScmEvent, Session, SessionError};
 use crate::telemetry::{InstrumentedCompute, Metrics};
 
 /// The adapters the daemon runs on.
@@ -46,6 +49,10 @@ pub struct Deps {
     pub lease: Arc<dyn Lease>,
     /// This replica's leadership, which the adapters consult before mutating.
     pub leadership: Arc<Leadership>,
+    /// Users' host tokens.
+    pub tokens: Arc<dyn TokenStore>,
+    /// Environments' checkout secrets.
+    pub environment_secrets: Arc<dyn EnvironmentSecrets>,
 }
 
 impl std::fmt::Debug for Deps {
@@ -66,6 +73,9 @@ pub enum AppError {
     /// The session could not be established.
     #[error("control-plane session")]
     Session(#[source] SessionError),
+    /// The SCM HTTP client could not be configured.
+    #[error("SCM client: {0}")]
+    Scm(String),
     /// A task that must run for the daemon's life ended.
     #[error("critical task {task} ended: {reason}")]
     TaskEnded {
@@ -175,10 +185,20 @@ pub async fn run(
     let channel = grpc::channel(&config.control_plane)?;
     let auth = Auth::default();
     let client = RunnerServiceClient::with_interceptor(channel.clone(), auth.clone());
-    let control_plane: Arc<dyn ControlPlane> = Arc::new(GrpcControlPlane::new(
-        client.clone(),
+    let grpc_control_plane = GrpcControlPlane::new(client.clone(), config.control_plane.timeout);
+    let control_plane: Arc<dyn ControlPlane> = Arc::new(grpc_control_plane.clone());
+    let scm_client = runner_scm::ScmClient::new(
+        config.control_plane.ca_bundle.as_deref(),
         config.control_plane.timeout,
+        &format!("aws-runner/{}", crate::session::VERSION),
+    )
+    .map_err(|e| AppError::Scm(e.to_string()))?;
+    let scm = Arc::new(Scm::new(
+        deps.tokens.clone(),
+        deps.environment_secrets.clone(),
+        scm_client,
     ));
+    let (scm_events_tx, scm_events_rx) = mpsc::channel(256);
     let session = Arc::new(Session {
         runner_id: config.runner_id.clone(),
         region: config.region.clone(),
@@ -192,12 +212,15 @@ pub async fn run(
         metrics: metrics.clone(),
         timeout: config.control_plane.timeout,
         max_stream_age: config.control_plane.max_stream_age,
+        scm: scm.clone(),
+        scm_events: scm_events_tx,
     });
     let key = match session.credentials(&shutdown).await {
         Ok(key) => key,
         Err(SessionError::Cancelled) => return Ok(()),
         Err(err) => return Err(AppError::Session(err)),
     };
+    scm.set_key(&key);
     match session.signup(&key, &shutdown).await {
         Ok(()) => {}
         Err(SessionError::Cancelled) => return Ok(()),
@@ -245,20 +268,35 @@ pub async fn run(
     ));
     let outbox = Arc::new(Outbox::default());
     let desired = Arc::new(Desired::default());
-    let context = Arc::new(Context::new(
-        store.clone(),
-        compute.clone(),
-        observer.clone(),
-        outbox.clone(),
-        desired.clone(),
-        subnets,
-        ReconcileSettings {
-            poll: config.engine.poll_interval,
-            resync: config.engine.resync_interval,
-            ..ReconcileSettings::default()
-        },
-        records,
-    ));
+    let context = Arc::new(
+        Context::new(
+            store.clone(),
+            compute.clone(),
+            observer.clone(),
+            outbox.clone(),
+            desired.clone(),
+            subnets,
+            ReconcileSettings {
+                poll: config.engine.poll_interval,
+                resync: config.engine.resync_interval,
+                auth_retry: config.engine.poll_interval * 5,
+                ..ReconcileSettings::default()
+            },
+            records,
+        )
+        .with_checkout(scm.clone()),
+    );
+
+    spawn_critical(
+        "scm-sync",
+        Box::pin(scm_sync(
+            scm.clone(),
+            grpc_control_plane.clone(),
+            scm_events_rx,
+            config.engine.resync_interval,
+            shutdown.clone(),
+        )),
+    );
 
     spawn_critical(
         "lease",
@@ -444,4 +482,81 @@ fn zones(subnets: &[Subnet]) -> Vec<String> {
     zones.sort();
     zones.dedup();
     zones
+}
+
+/// Keeps the SCM integrations in sync (on every event, reconnect and
+/// resync) and applies their revocations; deletes tokens on request.
+async fn scm_sync(
+    scm: Arc<Scm>,
+    control_plane: GrpcControlPlane,
+    mut events: mpsc::Receiver<ScmEvent>,
+    resync: Duration,
+    shutdown: CancellationToken,
+) {
+    let backoff = Backoff {
+        base: Duration::from_millis(500),
+        max: Duration::from_secs(60),
+    };
+    let mut failures = 0u32;
+    let mut next = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(next) => {}
+            event = events.recv() => match event {
+                None => return,
+                Some(ScmEvent::Resync) => {}
+                Some(ScmEvent::TokenDeleted { principal, host }) => {
+                    let mut attempt = 0;
+                    while let Err(err) = scm.delete_tokens(&principal, &host).await {
+                        attempt += 1;
+                        tracing::warn!(error = %chain(&err), host = %host, "cannot delete the user's tokens; retrying");
+                        if attempt >= 8 {
+                            tracing::error!(principal = %principal, host = %host, "gave up deleting the user's tokens");
+                            break;
+                        }
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(backoff.full_jitter(attempt)) => {}
+                        }
+                    }
+                    continue;
+                }
+            },
+        }
+        let listed_at = std::time::SystemTime::now();
+        let result = match control_plane.list_integrations().await {
+            Ok(list) => {
+                let listed = list.len();
+                let integrations = list
+                    .into_iter()
+                    .filter_map(|i| {
+                        crate::scm::integration_from_proto(i)
+                            .map_err(|problem| tracing::warn!(problem = %problem, "skipping a malformed SCM integration"))
+                            .ok()
+                    })
+                    .collect::<Vec<_>>();
+                let count = integrations.len();
+                // A malformed integration's tokens must not look revoked.
+                let revoke = count == listed;
+                scm.sync(integrations, listed_at, revoke)
+                    .await
+                    .map(|revoked| (count, revoked))
+                    .map_err(|e| chain(&e))
+            }
+            Err(err) => Err(err.to_string()),
+        };
+        match result {
+            Ok((integrations, revoked)) => {
+                failures = 0;
+                tracing::debug!(integrations, revoked, "SCM integrations synced");
+                next = tokio::time::Instant::now() + resync;
+            }
+            Err(problem) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %problem, "cannot sync the SCM integrations; retrying");
+                next = tokio::time::Instant::now() + backoff.full_jitter(failures);
+            }
+        }
+    }
 }

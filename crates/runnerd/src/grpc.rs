@@ -217,6 +217,21 @@ impl GrpcControlPlane {
     }
 }
 
+impl GrpcControlPlane {
+    /// Every SCM integration of this runner (all pages, or an error).
+    pub async fn list_integrations(&self) -> Result<Vec<pb::ScmIntegration>, ControlPlaneError> {
+        all_pages(|page| {
+            let mut client = self.client.clone();
+            let request = self.request(pb::ListScmIntegrationsRequest { page: Some(page) });
+            async move {
+                let response = client.list_scm_integrations(request).await?.into_inner();
+                Ok((response.integrations, response.page))
+            }
+        })
+        .await
+    }
+}
+
 const PAGE_SIZE: u32 = 500;
 
 /// Every item of a paged list: all pages, or the first error.

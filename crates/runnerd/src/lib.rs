@@ -7,6 +7,7 @@ pub mod config;
 pub mod grpc;
 pub mod health;
 pub mod informer;
+pub mod scm;
 pub mod session;
 pub mod telemetry;
 
@@ -54,6 +55,7 @@ pub fn aws_deps_with(sdk: &aws_config::SdkConfig, config: &config::Config) -> ap
         runner_id: config.runner_id.clone(),
         holder: holder_name(),
         secret_id: config.secret_id.clone(),
+        kms_key_id: config.kms_key_id.clone(),
         ec2: runner_aws::ec2::Ec2Settings {
             runner_id: config.runner_id.clone(),
             region: config.region.clone(),
@@ -78,6 +80,8 @@ pub fn aws_deps_with(sdk: &aws_config::SdkConfig, config: &config::Config) -> ap
         store: adapters.store.clone(),
         compute: adapters.compute,
         secrets: adapters.secrets,
+        tokens: adapters.tokens,
+        environment_secrets: adapters.environment_secrets,
         lease: adapters.store,
         leadership,
     }

@@ -28,6 +28,7 @@ use tonic::{Code, Request};
 
 use crate::grpc::{Auth, RunnerClient};
 use crate::health::{Health, chain};
+use crate::scm::{CallError, Scm};
 use crate::telemetry::Metrics;
 
 /// The runner's release version.
@@ -40,6 +41,20 @@ pub enum SessionEvent {
     Connected,
     /// Re-fetch this environment.
     EnvironmentChanged(EnvironmentId),
+}
+
+/// What the stream task tells the SCM sync task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScmEvent {
+    /// A stream was (re)opened, or an integration changed: list them again.
+    Resync,
+    /// Forget this principal's tokens for this host.
+    TokenDeleted {
+        /// The user.
+        principal: String,
+        /// The host.
+        host: String,
+    },
 }
 
 /// Why the session cannot go on; the process exits non-zero.
@@ -101,6 +116,10 @@ pub struct Session {
     pub timeout: Duration,
     /// Longest stream age.
     pub max_stream_age: Duration,
+    /// Repository access.
+    pub scm: Arc<Scm>,
+    /// Events for the SCM sync task.
+    pub scm_events: mpsc::Sender<ScmEvent>,
 }
 
 impl std::fmt::Debug for Session {
@@ -247,7 +266,11 @@ impl Session {
     }
 
     fn capabilities() -> Vec<i32> {
-        vec![pb::RunnerCapability::StopStart as i32]
+        vec![
+            pb::RunnerCapability::StopStart as i32,
+            pb::RunnerCapability::ParseContext as i32,
+            pb::RunnerCapability::Oauth as i32,
+        ]
     }
 
     /// Signs up with the public key; retries until the control plane answers.
@@ -268,7 +291,7 @@ impl Session {
                     region: self.region.clone(),
                     capabilities: Self::capabilities(),
                     environment_class_schema: environment_class_schema(),
-                    scm_providers: Vec::new(),
+                    scm_providers: crate::scm::providers(),
                 }))
                 .await;
             match result {
@@ -379,6 +402,7 @@ impl Session {
             if events.send(SessionEvent::Connected).await.is_err() {
                 return;
             }
+            let _ = self.scm_events.try_send(ScmEvent::Resync);
             let opened_at = Instant::now();
             let jitter = rand::thread_rng().gen_range(Duration::ZERO..=self.max_stream_age / 10);
             let retire_at = opened_at + self.max_stream_age + jitter;
@@ -450,8 +474,18 @@ impl Session {
                     }
                 }
             }
-            Kind::ScmIntegrationChanged(_) | Kind::HostTokenDeleted(_) => {
-                tracing::debug!(request.id = %request_id, kind = kind_name(&kind), "event not handled by this runner version");
+            Kind::ScmIntegrationChanged(_) => {
+                // Level-triggered: whatever changed, list them all again.
+                let _ = self.scm_events.try_send(ScmEvent::Resync);
+            }
+            Kind::HostTokenDeleted(deleted) => {
+                let _ = self
+                    .scm_events
+                    .send(ScmEvent::TokenDeleted {
+                        principal: deleted.principal,
+                        host: deleted.host,
+                    })
+                    .await;
             }
             call => self.answer_later(request_id, Some(call), calls, shutdown),
         }
@@ -510,9 +544,40 @@ impl Session {
                     )),
                 }),
             },
-            Some(other) => error(
-                Code::Unimplemented,
-                format!("this runner does not handle {} calls", kind_name(&other)),
+            Some(Kind::CheckAuthenticationForHost(request)) => respond(
+                self.scm
+                    .check_authentication(&request.principal, &request.host)
+                    .await
+                    .map(runner_result::Kind::CheckAuthenticationForHost),
+            ),
+            Some(Kind::ParseContext(request)) => respond(
+                self.scm
+                    .parse_context(&request.principal, &request.url)
+                    .await
+                    .map(runner_result::Kind::ParseContext),
+            ),
+            Some(Kind::StoreHostToken(request)) => respond(
+                self.scm
+                    .store_pat(&request.principal, &request.host, &request.sealed_token)
+                    .await
+                    .map(|username| {
+                        runner_result::Kind::StoreHostToken(pb::StoreHostTokenResult { username })
+                    }),
+            ),
+            Some(Kind::ExchangeOauthCode(request)) => {
+                respond(self.scm.exchange_oauth(request).await.map(|expires_at| {
+                    runner_result::Kind::ExchangeOauthCode(pb::ExchangeOauthCodeResult {
+                        expires_at: expires_at.map(prost_types::Timestamp::from),
+                    })
+                }))
+            }
+            Some(
+                other @ (Kind::EnvironmentChanged(_)
+                | Kind::ScmIntegrationChanged(_)
+                | Kind::HostTokenDeleted(_)),
+            ) => error(
+                Code::InvalidArgument,
+                format!("{} is an event, not a call", kind_name(&other)),
             ),
             None => error(
                 Code::Unimplemented,
@@ -563,6 +628,21 @@ impl Session {
             problems,
             availability_zones,
         }
+    }
+}
+
+fn respond(result: Result<runner_result::Kind, CallError>) -> pb::send_response_request::Outcome {
+    use pb::send_response_request::Outcome;
+    match result {
+        Ok(kind) => Outcome::Result(pb::RunnerResult { kind: Some(kind) }),
+        Err(err) => Outcome::Error(pb::RunnerError {
+            code: err.code as i32,
+            message: err
+                .message
+                .chars()
+                .take(validate::MAX_MESSAGE_LEN)
+                .collect(),
+        }),
     }
 }
 
