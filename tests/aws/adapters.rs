@@ -77,6 +77,7 @@ fn request(
         disk_gib: 40,
         repository_url: "https://github.com/acme/api.git".into(),
         revision: Revision::Branch("main".into()),
+        checkout_secret: None,
     }
 }
 
@@ -330,11 +331,23 @@ async fn launch_sets_tags_disk_imds_profile_and_secret_free_user_data() {
             .expect("base64"),
     )
     .expect("utf-8");
+    assert!(user_data.starts_with("#!/bin/bash\n"), "{user_data}");
     assert!(
-        user_data.contains("repository_url=https://github.com/acme/api.git"),
+        user_data.contains("\nAWS_RUNNER_REPOSITORY_URL='https://github.com/acme/api.git'\n"),
         "{user_data}"
     );
-    assert!(user_data.contains("branch=main"), "{user_data}");
+    assert!(
+        user_data.contains("\nAWS_RUNNER_BRANCH='main'\n"),
+        "{user_data}"
+    );
+    assert!(
+        user_data.contains("\nAWS_RUNNER_SECRET_ID=''\n"),
+        "{user_data}"
+    );
+    assert!(
+        user_data.ends_with(runner_aws::ec2::BOOTSTRAP),
+        "the bootstrap script follows"
+    );
     for secret in ["token", "password", "ghp_"] {
         assert!(
             !user_data.to_lowercase().contains(secret),

@@ -71,6 +71,7 @@ async fn throttling_and_5xx_are_retried_by_the_sdk_and_capacity_errors_name_the_
         disk_gib: 20,
         repository_url: "https://github.com/acme/api.git".into(),
         revision: Revision::Default,
+        checkout_secret: None,
     };
     match compute.launch(&launch(&infra.subnets[0])).await {
         Err(ComputeError::NoCapacity { zone: z, message }) => {

@@ -3,8 +3,10 @@
 //! (throttling, capacity errors) comes from `testkit::proxy`.
 
 mod adapters;
+mod checkout;
 mod daemon;
 mod faults;
+mod tokens;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -197,6 +199,7 @@ impl Infra {
             runner_id: self.runner_id.clone(),
             holder: holder.to_owned(),
             secret_id: self.secret_id.clone(),
+            kms_key_id: self.kms_key_id.clone(),
             ec2: runner_aws::ec2::Ec2Settings {
                 runner_id: self.runner_id.clone(),
                 region: REGION.to_owned(),

@@ -7,7 +7,7 @@ use runner_proto::pb::{self, runner_request::Kind, runner_result};
 
 use crate::World;
 
-async fn call(world: &World, kind: Kind) -> admin::call_runner_response::Outcome {
+pub(crate) async fn call(world: &World, kind: Kind) -> admin::call_runner_response::Outcome {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let result = world
@@ -49,7 +49,7 @@ fn class(instance_type: &str, disk_gib: u32) -> Kind {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ping_validate_class_and_unknown_calls() {
+async fn ping_validate_class_and_parse_context() {
     let world = World::new().await;
     let runner = world.start_runner().await;
 
@@ -86,10 +86,13 @@ async fn ping_validate_class_and_unknown_calls() {
         principal: "alice".into(),
         url: "https://github.com/acme/api".into(),
     });
+    // A public host needs no integration for a repository URL.
     match call(&world, parse).await {
-        admin::call_runner_response::Outcome::Error(e) => {
-            assert_eq!(e.code, tonic::Code::Unimplemented as i32);
-            assert_eq!(e.message, "this runner does not handle parse_context calls");
+        admin::call_runner_response::Outcome::Result(pb::RunnerResult {
+            kind: Some(runner_result::Kind::ParseContext(r)),
+        }) => {
+            assert_eq!(r.kind, pb::ScmKind::Github as i32);
+            assert_eq!(r.clone_url, "https://github.com/acme/api.git");
         }
         other => panic!("unexpected {other:?}"),
     }

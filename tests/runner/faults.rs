@@ -184,6 +184,7 @@ async fn an_interrupted_launch_is_found_by_its_tags_before_any_new_launch() {
             disk_gib: 50,
             repository_url: "https://github.com/acme/api.git".into(),
             revision: runner_core::model::Revision::Default,
+            checkout_secret: None,
         })
         .await
         .expect("seed the instance");

@@ -5,6 +5,7 @@ mod calls;
 mod faults;
 mod lifecycle;
 mod logs;
+mod scm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +36,11 @@ pub(crate) struct World {
     pub(crate) store: Arc<MemoryStore>,
     pub(crate) compute: Arc<MemoryCompute>,
     pub(crate) secrets: Arc<MemorySecrets>,
+    pub(crate) tokens: Arc<testkit::fakes::MemoryTokens>,
+    pub(crate) environment_secrets: Arc<testkit::fakes::MemoryEnvironmentSecrets>,
     pub(crate) lease: Arc<MemoryLease>,
+    /// More daemon flags (e.g. `--ca-bundle`).
+    pub(crate) extra_args: Vec<String>,
 }
 
 /// A running daemon.
@@ -91,10 +96,13 @@ impl World {
             runner_id,
             class_id,
             secrets: Arc::new(MemorySecrets::with_exchange_token(&created.exchange_token)),
+            tokens: Arc::default(),
+            environment_secrets: Arc::default(),
             exchange_token: created.exchange_token,
             store: Arc::new(MemoryStore::default()),
             compute: Arc::new(MemoryCompute::with_zones(&ZONES)),
             lease: Arc::new(MemoryLease::default()),
+            extra_args: Vec::new(),
         }
     }
 
@@ -143,11 +151,15 @@ impl World {
             "--lease-renew-interval",
             "200ms",
         ];
-        Cli::try_parse_from(args)
-            .expect("parse")
-            .daemon
-            .validate()
-            .expect("valid config")
+        Cli::try_parse_from(
+            args.into_iter()
+                .map(str::to_owned)
+                .chain(self.extra_args.iter().cloned()),
+        )
+        .expect("parse")
+        .daemon
+        .validate()
+        .expect("valid config")
     }
 
     pub(crate) async fn start_runner(&self) -> Runner {
@@ -157,6 +169,8 @@ impl World {
             secrets: self.secrets.clone(),
             lease: Arc::new(self.lease.handle(&uuid::Uuid::new_v4().to_string())),
             leadership: Arc::new(runner_core::leader::Leadership::default()),
+            tokens: self.tokens.clone(),
+            environment_secrets: self.environment_secrets.clone(),
         };
         let shutdown = CancellationToken::new();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();

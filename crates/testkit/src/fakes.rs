@@ -8,10 +8,12 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use runner_core::model::{EnvironmentId, Instance, InstanceState, Record, Subnet};
+use runner_core::scm::TokenKey;
 use runner_core::traits::{
-    Compute, ComputeError, Credentials, LaunchRequest, SecretError, SecretStore, StateStore,
-    StoreError,
+    Compute, ComputeError, Credentials, EnvironmentSecrets, HostToken, LaunchRequest, SecretError,
+    SecretStore, StateStore, StoreError, StoredToken, TokenEntry, TokenStore, TokenStoreError,
 };
+use secrecy::SecretString;
 
 fn outage() -> runner_core::traits::BoxError {
     "injected outage".into()
@@ -121,6 +123,8 @@ struct Cloud {
     faults: Vec<LaunchFault>,
     /// Client tokens seen, as EC2 keeps them per zone: token → instance.
     tokens: HashMap<(String, String), String>,
+    /// Every launch request received.
+    requests: Vec<LaunchRequest>,
 }
 
 /// A cloud in memory. State changes complete on the next `observe`, as a
@@ -153,6 +157,11 @@ impl MemoryCompute {
     /// Removes every fault.
     pub fn clear_faults(&self) {
         self.cloud.lock().expect("lock").faults.clear();
+    }
+
+    /// Every launch request received, in order.
+    pub fn launch_requests(&self) -> Vec<LaunchRequest> {
+        self.cloud.lock().expect("lock").requests.clone()
     }
 
     /// Every instance ever launched, terminated ones included.
@@ -229,6 +238,7 @@ impl MemoryCompute {
 impl Compute for MemoryCompute {
     async fn launch(&self, request: &LaunchRequest) -> Result<Instance, ComputeError> {
         let mut cloud = self.enter("launch")?;
+        cloud.requests.push(request.clone());
         let zone = request.subnet.availability_zone.clone();
         if cloud
             .faults
@@ -504,6 +514,135 @@ impl runner_core::leader::Lease for LeaseHandle {
         if matches!(&*state, Some((holder, e, _)) if *holder == self.holder && *e == epoch) {
             *state = None;
         }
+        Ok(())
+    }
+}
+
+/// A token store in memory (values held as given: tests only).
+#[derive(Debug, Default)]
+pub struct MemoryTokens {
+    tokens: Mutex<BTreeMap<TokenKey, StoredToken>>,
+}
+
+impl MemoryTokens {
+    /// The keys stored now.
+    pub fn keys(&self) -> Vec<TokenKey> {
+        self.tokens.lock().expect("lock").keys().cloned().collect()
+    }
+}
+
+#[async_trait]
+impl TokenStore for MemoryTokens {
+    async fn get(&self, key: &TokenKey) -> Result<Option<StoredToken>, TokenStoreError> {
+        Ok(self.tokens.lock().expect("lock").get(key).cloned())
+    }
+
+    async fn put(
+        &self,
+        key: &TokenKey,
+        token: &HostToken,
+        expected: Option<u64>,
+    ) -> Result<u64, TokenStoreError> {
+        let mut tokens = self.tokens.lock().expect("lock");
+        let current = tokens.get(key).map_or(0, |t| t.version);
+        if expected.is_some_and(|v| v != current) {
+            return Err(TokenStoreError::Conflict);
+        }
+        let version = current + 1;
+        tokens.insert(
+            key.clone(),
+            StoredToken {
+                key: key.clone(),
+                token: token.clone(),
+                stored_at: SystemTime::now(),
+                version,
+            },
+        );
+        Ok(version)
+    }
+
+    async fn list(&self) -> Result<Vec<TokenEntry>, TokenStoreError> {
+        Ok(self
+            .tokens
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|t| TokenEntry {
+                key: t.key.clone(),
+                stored_at: t.stored_at,
+                version: t.version,
+            })
+            .collect())
+    }
+
+    async fn delete(&self, key: &TokenKey) -> Result<(), TokenStoreError> {
+        self.tokens.lock().expect("lock").remove(key);
+        Ok(())
+    }
+}
+
+/// Per-environment secrets in memory: value and the instance bound to it.
+#[derive(Debug, Default)]
+pub struct MemoryEnvironmentSecrets {
+    secrets: Mutex<BTreeMap<EnvironmentId, (SecretString, Option<String>)>>,
+}
+
+impl MemoryEnvironmentSecrets {
+    /// The instance bound to an environment's secret, if it exists.
+    pub fn bound(&self, environment: EnvironmentId) -> Option<Option<String>> {
+        self.secrets
+            .lock()
+            .expect("lock")
+            .get(&environment)
+            .map(|(_, instance)| instance.clone())
+    }
+
+    /// An environment's secret value (tests only).
+    pub fn value(&self, environment: EnvironmentId) -> Option<String> {
+        use secrecy::ExposeSecret as _;
+        self.secrets
+            .lock()
+            .expect("lock")
+            .get(&environment)
+            .map(|(v, _)| v.expose_secret().to_owned())
+    }
+
+    /// How many secrets exist.
+    pub fn len(&self) -> usize {
+        self.secrets.lock().expect("lock").len()
+    }
+
+    /// Whether no secret exists.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl EnvironmentSecrets for MemoryEnvironmentSecrets {
+    async fn put(
+        &self,
+        environment: EnvironmentId,
+        value: &SecretString,
+    ) -> Result<String, SecretError> {
+        self.secrets
+            .lock()
+            .expect("lock")
+            .entry(environment)
+            .and_modify(|(v, _)| *v = value.clone())
+            .or_insert_with(|| (value.clone(), None));
+        Ok(format!("memory/environments/{environment}"))
+    }
+
+    async fn bind(&self, environment: EnvironmentId, instance_id: &str) -> Result<(), SecretError> {
+        if let Some((_, bound)) = self.secrets.lock().expect("lock").get_mut(&environment) {
+            *bound = Some(instance_id.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, environment: EnvironmentId) -> Result<(), SecretError> {
+        self.secrets.lock().expect("lock").remove(&environment);
         Ok(())
     }
 }
