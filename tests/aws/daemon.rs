@@ -18,17 +18,17 @@ use tonic::transport::Channel;
 use crate::{Infra, moto_url, sdk};
 
 /// A control plane with a runner and a class, and that runner's AWS resources.
-struct World {
+pub(crate) struct World {
     _cp: testkit::ControlPlane,
     cp_url: String,
-    admin: AdminServiceClient<Channel>,
-    class_id: String,
-    infra: Infra,
-    sdk: aws_config::SdkConfig,
+    pub(crate) admin: AdminServiceClient<Channel>,
+    pub(crate) class_id: String,
+    pub(crate) infra: Infra,
+    pub(crate) sdk: aws_config::SdkConfig,
 }
 
 impl World {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let plane = control_plane::ControlPlane::new(Settings::default(), Arc::new(SystemClock));
         let cp = testkit::ControlPlane::start(ServerConfig::default(), plane)
             .await
@@ -152,7 +152,7 @@ impl World {
             .expect("set phase");
     }
 
-    async fn wait_for(
+    pub(crate) async fn wait_for(
         &self,
         what: &str,
         within: Duration,
@@ -324,7 +324,7 @@ async fn a_broken_setup_reports_degraded_naming_the_resource_and_launches_nothin
     daemon.await.expect("join").expect("clean stop");
 }
 
-fn settled(env: &admin::Environment, phase: Phase) -> bool {
+pub(crate) fn settled(env: &admin::Environment, phase: Phase) -> bool {
     let spec_version = env
         .environment
         .as_ref()
@@ -402,13 +402,23 @@ async fn a_hundred_environments_run_under_throttling_with_one_zone_out_of_capaci
 }
 
 /// A runnerd process with its log in a file.
-struct Process {
+pub(crate) struct Process {
     child: Child,
     log: std::path::PathBuf,
 }
 
 impl Process {
     fn start(world: &World, name: &str) -> Self {
+        Self::start_with(world, name, &moto_url(), &[])
+    }
+
+    /// Starts runnerd with AWS at `endpoint` and more settings.
+    pub(crate) fn start_with(
+        world: &World,
+        name: &str,
+        endpoint: &str,
+        extra: &[(&str, String)],
+    ) -> Self {
         let exe = std::env::current_exe().expect("test binary path");
         let bin = exe
             .parent()
@@ -425,8 +435,9 @@ impl Process {
         let child = Command::new(bin)
             .env_clear()
             .envs(world.env())
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUNNER_LOG_FORMAT", "json")
-            .env("AWS_ENDPOINT_URL", moto_url())
+            .env("AWS_ENDPOINT_URL", endpoint)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -437,7 +448,7 @@ impl Process {
         Self { child, log }
     }
 
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
             .status()
@@ -445,11 +456,11 @@ impl Process {
         assert!(status.success(), "kill {signal} failed");
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    async fn stop(mut self) -> Option<i32> {
+    pub(crate) async fn stop(mut self) -> Option<i32> {
         self.signal("-TERM");
         for _ in 0..300 {
             if let Some(status) = self.child.try_wait().expect("wait") {

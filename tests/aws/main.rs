@@ -6,6 +6,7 @@ mod adapters;
 mod checkout;
 mod daemon;
 mod faults;
+mod repository;
 mod tokens;
 
 use std::collections::BTreeMap;

@@ -73,8 +73,9 @@ pub struct DaemonArgs {
     /// The control plane's URL (https://...).
     #[arg(long, env = "RUNNER_CONTROL_PLANE_URL", required = true)]
     pub control_plane_url: Option<String>,
-    /// PEM file of CA certificates trusted for the control plane, in addition
-    /// to the system's roots.
+    /// PEM file of CA certificates trusted for the control plane and for SCM
+    /// hosts (self-hosted GitLab, GitHub Enterprise, ...), in addition to the
+    /// system's roots.
     #[arg(long, env = "RUNNER_CA_BUNDLE")]
     pub ca_bundle: Option<PathBuf>,
     /// Allow an http:// control-plane URL on a loopback address (local runs).

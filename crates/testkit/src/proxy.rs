@@ -37,6 +37,15 @@ pub enum Fault {
     Delay(Duration),
     /// Close the connection without an answer.
     Reset,
+    /// Forward the first `pass` matching requests (counted over the proxy's
+    /// life), then delay each later one by `delay`: a call that hangs at a
+    /// chosen point, for crashing the caller there.
+    DelayAfter {
+        /// Requests forwarded untouched.
+        pass: usize,
+        /// The delay of every later one.
+        delay: Duration,
+    },
 }
 
 /// A fault applied to a share of the matching requests.
@@ -215,6 +224,14 @@ async fn handle(
             .iter()
             .filter(|r| r.operations.is_empty() || r.operations.contains(&op))
             .find(|r| match &r.fault {
+                Fault::DelayAfter { pass, .. } => {
+                    let before = shared
+                        .seen
+                        .iter()
+                        .filter(|(o, _, _)| r.operations.is_empty() || r.operations.contains(o))
+                        .count();
+                    before >= *pass
+                }
                 Fault::NoCapacityInSubnet(subnet) => {
                     form(&body).get("SubnetId") == Some(subnet)
                         && rng.gen_bool(r.rate.clamp(0.0, 1.0))
@@ -222,7 +239,10 @@ async fn handle(
                 _ => rng.gen_bool(r.rate.clamp(0.0, 1.0)),
             })
             .map(|r| r.fault.clone());
-        let faulted = !matches!(fault, None | Some(Fault::Delay(_)));
+        let faulted = !matches!(
+            fault,
+            None | Some(Fault::Delay(_) | Fault::DelayAfter { .. })
+        );
         shared.seen.push((op.clone(), Instant::now(), faulted));
         fault
     };
@@ -256,7 +276,9 @@ async fn handle(
                 "injected reset",
             ));
         }
-        Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::Delay(delay) | Fault::DelayAfter { delay, .. }) => {
+            tokio::time::sleep(delay).await;
+        }
         None => {}
     }
     let path = parts
