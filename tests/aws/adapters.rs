@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
 use runner_aws::dynamo::DynamoStore;
 use runner_aws::ec2::{TAG_ATTEMPT, TAG_ENVIRONMENT, TAG_MANAGED_BY, TAG_QUARANTINED, TAG_RUNNER};
 use runner_aws::envelope::Envelope;
@@ -315,22 +314,7 @@ async fn launch_sets_tags_disk_imds_profile_and_secret_free_user_data() {
         "{volume_tags:?}"
     );
 
-    let user_data = ec2
-        .describe_instance_attribute()
-        .instance_id(&instance.id)
-        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-        .send()
-        .await
-        .expect("user data")
-        .user_data
-        .and_then(|u| u.value)
-        .expect("user data value");
-    let user_data = String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(user_data)
-            .expect("base64"),
-    )
-    .expect("utf-8");
+    let user_data = crate::user_data(&ec2, &instance.id).await;
     assert!(user_data.starts_with("#!/bin/bash\n"), "{user_data}");
     assert!(
         user_data.contains("\nAWS_RUNNER_REPOSITORY_URL='https://github.com/acme/api.git'\n"),

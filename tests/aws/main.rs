@@ -226,6 +226,27 @@ impl Infra {
     }
 }
 
+/// An instance's user data, decoded.
+pub(crate) async fn user_data(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> String {
+    use base64::Engine as _;
+    let encoded = ec2
+        .describe_instance_attribute()
+        .instance_id(instance_id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .expect("user data")
+        .user_data
+        .and_then(|u| u.value)
+        .expect("user data value");
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .expect("base64"),
+    )
+    .expect("utf-8")
+}
+
 /// Leadership held for a century: for adapter tests that are not about the lease.
 pub(crate) fn leading() -> Arc<Leadership> {
     Arc::new(Leadership::always())

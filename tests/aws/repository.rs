@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use base64::Engine as _;
 use runner_core::scm::{AuthSource, ScmKind};
 use runner_proto::admin::v1 as admin;
 use runner_proto::pb::{self, EnvironmentPhase as Phase};
@@ -174,22 +173,7 @@ async fn a_pat_checks_out_leaks_nowhere_and_a_revocation_cut_by_sigkill_finishes
         .expect("one instance")
         .clone();
     let instance_id = instance.instance_id().expect("id").to_owned();
-    let user_data = ec2
-        .describe_instance_attribute()
-        .instance_id(&instance_id)
-        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-        .send()
-        .await
-        .expect("user data")
-        .user_data
-        .and_then(|u| u.value)
-        .expect("value");
-    let user_data = String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(user_data)
-            .expect("base64"),
-    )
-    .expect("utf-8");
+    let user_data = crate::user_data(&ec2, &instance_id).await;
     let secret_id = format!("aws-runner/{}/environments/{env}", world.infra.runner_id);
     assert!(
         user_data.contains(&format!("AWS_RUNNER_SECRET_ID='{secret_id}'")),
@@ -290,6 +274,35 @@ async fn a_pat_checks_out_leaks_nowhere_and_a_revocation_cut_by_sigkill_finishes
         },
     )
     .await;
+    let answer = world
+        .admin
+        .clone()
+        .call_runner(admin::CallRunnerRequest {
+            runner_id: world.infra.runner_id.clone(),
+            request: Some(pb::RunnerRequest {
+                request_id: String::new(),
+                kind: Some(pb::runner_request::Kind::CheckAuthenticationForHost(
+                    pb::CheckAuthenticationForHost {
+                        principal: "alice".into(),
+                        host: host.clone(),
+                    },
+                )),
+            }),
+            timeout_ms: 10_000,
+        })
+        .await
+        .expect("check authentication")
+        .into_inner()
+        .outcome;
+    match answer {
+        Some(admin::call_runner_response::Outcome::Result(pb::RunnerResult {
+            kind: Some(pb::runner_result::Kind::CheckAuthenticationForHost(r)),
+        })) => {
+            assert!(!r.authenticated, "{r:?}");
+            assert!(r.available_methods.is_empty(), "PATs are off: {r:?}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
     let logs_b = b.logs();
     assert_eq!(b.stop().await, Some(0));
     for (name, logs) in [("first", &logs_a), ("second", &logs_b)] {

@@ -30,7 +30,7 @@ use runner_core::traits::{StateStore, StoreError};
 pub const SCHEMA_VERSION: u64 = 1;
 const LEASE_SK: &str = "LEASE#0";
 
-type Item = HashMap<String, AttributeValue>;
+pub(crate) type Item = HashMap<String, AttributeValue>;
 
 /// Records and the lease of one runner in one table.
 #[derive(Debug, Clone)]
@@ -46,15 +46,15 @@ fn unavailable(err: impl std::error::Error + Send + Sync + 'static) -> StoreErro
     StoreError::Unavailable(Box::new(err))
 }
 
-fn n(value: u64) -> AttributeValue {
+pub(crate) fn n(value: u64) -> AttributeValue {
     AttributeValue::N(value.to_string())
 }
 
-fn s(value: impl Into<String>) -> AttributeValue {
+pub(crate) fn s(value: impl Into<String>) -> AttributeValue {
     AttributeValue::S(value.into())
 }
 
-fn millis(t: SystemTime) -> u64 {
+pub(crate) fn millis(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -66,13 +66,13 @@ pub struct Malformed {
     problem: String,
 }
 
-fn get_n(item: &Item, name: &str) -> Option<u64> {
+pub(crate) fn get_n(item: &Item, name: &str) -> Option<u64> {
     item.get(name)
         .and_then(|v| v.as_n().ok())
         .and_then(|v| v.parse().ok())
 }
 
-fn get_s<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+pub(crate) fn get_s<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
     item.get(name)
         .and_then(|v| v.as_s().ok())
         .map(String::as_str)

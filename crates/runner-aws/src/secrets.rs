@@ -218,28 +218,22 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
     ) -> Result<String, SecretError> {
         let name = self.name(environment);
         let unavailable = |e: Box<dyn std::error::Error + Send + Sync>| SecretError::Unavailable(e);
-        match self
-            .client
-            .put_secret_value()
-            .secret_id(&name)
-            .secret_string(value.expose_secret())
-            .send()
-            .await
-        {
+        let overwrite = async || {
+            self.client
+                .put_secret_value()
+                .secret_id(&name)
+                .secret_string(value.expose_secret())
+                .send()
+                .await
+        };
+        match overwrite().await {
             Ok(output) => self.learn(output.arn()),
             Err(err) if not_found(err.code()) => match self.create(&name, environment, value).await
             {
                 Ok(arn) => self.learn(arn.as_deref()),
                 // Created concurrently: overwrite.
                 Err(err) if err.code() == Some("ResourceExistsException") => {
-                    let output = self
-                        .client
-                        .put_secret_value()
-                        .secret_id(&name)
-                        .secret_string(value.expose_secret())
-                        .send()
-                        .await
-                        .map_err(|e| unavailable(Box::new(e)))?;
+                    let output = overwrite().await.map_err(|e| unavailable(Box::new(e)))?;
                     self.learn(output.arn());
                 }
                 Err(err) => return Err(unavailable(Box::new(err))),

@@ -24,10 +24,8 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::dynamo::SCHEMA_VERSION;
+use crate::dynamo::{Item, SCHEMA_VERSION, get_n, get_s, millis, n, s};
 use crate::envelope::{Envelope, EnvelopeError, Sealed};
-
-type Item = HashMap<String, AttributeValue>;
 
 /// The token store of one runner.
 #[derive(Debug, Clone)]
@@ -64,32 +62,8 @@ fn malformed(problem: &str) -> TokenStoreError {
     TokenStoreError::Unavailable(problem.to_owned().into())
 }
 
-fn n(value: u64) -> AttributeValue {
-    AttributeValue::N(value.to_string())
-}
-
-fn s(value: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(value.into())
-}
-
 fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
-}
-
-fn millis(t: SystemTime) -> u64 {
-    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
-}
-
-fn get_n(item: &Item, name: &str) -> Option<u64> {
-    item.get(name)
-        .and_then(|v| v.as_n().ok())
-        .and_then(|v| v.parse().ok())
-}
-
-fn get_s<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
-    item.get(name)
-        .and_then(|v| v.as_s().ok())
-        .map(String::as_str)
 }
 
 fn get_b<'a>(item: &'a Item, name: &str) -> Option<&'a [u8]> {
