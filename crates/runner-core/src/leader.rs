@@ -84,10 +84,13 @@ impl Leadership {
 
     /// Records a held term, valid locally until `valid_until`.
     pub fn set(&self, epoch: u64, valid_until: Instant) {
+        let was_leading = self.epoch() == Some(epoch);
         *self.held.lock().expect("leadership lock is never poisoned") =
             Some(Held { epoch, valid_until });
+        // Watchers hear of a new epoch, and of validity that lapsed (a slow
+        // renewal) and came back at the same epoch.
         self.changed.send_if_modified(|current| {
-            let changed = *current != Some(epoch);
+            let changed = *current != Some(epoch) || !was_leading;
             *current = Some(epoch);
             changed
         });
@@ -167,9 +170,10 @@ pub async fn run_lease(
             held = None;
             leadership.clear();
         }
+        // Renewals start every `renew_every`, however long one took.
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(timing.renew_every) => {}
+            () = tokio::time::sleep_until(started + timing.renew_every) => {}
         }
     }
     if let Some(epoch) = held {
@@ -180,5 +184,28 @@ pub async fn run_lease(
                 tracing::warn!(epoch, error = %err, "cannot release the leader lease; it expires by itself");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn validity_that_lapses_and_returns_at_the_same_epoch_wakes_watchers() {
+        let leadership = Leadership::default();
+        let mut watch = leadership.watch();
+        leadership.set(5, Instant::now() + Duration::from_secs(2));
+        assert!(watch.has_changed().expect("open"));
+        watch.borrow_and_update();
+        // A renewal in time is not news.
+        leadership.set(5, Instant::now() + Duration::from_secs(2));
+        assert!(!watch.has_changed().expect("open"));
+        // A slow renewal: validity lapses, then comes back at the same epoch.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(!leadership.is_leader());
+        leadership.set(5, Instant::now() + Duration::from_secs(2));
+        assert!(watch.has_changed().expect("open"));
+        assert!(leadership.is_leader());
     }
 }

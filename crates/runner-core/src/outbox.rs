@@ -38,6 +38,8 @@ pub struct Outbox {
     entries: Mutex<HashMap<EnvironmentId, Entry>>,
     wake: Notify,
     floor: std::sync::atomic::AtomicU64,
+    /// The highest version this process assigned, across terms.
+    issued: std::sync::atomic::AtomicU64,
 }
 
 /// What one delivery round did, for metrics.
@@ -70,6 +72,8 @@ impl Outbox {
             }
             let version = entry.next_version;
             entry.next_version += 1;
+            self.issued
+                .fetch_max(version, std::sync::atomic::Ordering::SeqCst);
             entry.last = Some(status.clone());
             entry.pending = Some((version, status));
             version
@@ -84,8 +88,11 @@ impl Outbox {
     /// plane instead of overwriting a newer one.
     pub fn start_term(&self, epoch: u64) {
         self.clear();
+        // A term resumed at the same epoch (local validity lapsed and came
+        // back) continues after every version already issued.
+        let issued = self.issued.load(std::sync::atomic::Ordering::SeqCst);
         self.floor.store(
-            epoch.saturating_mul(1 << 32),
+            epoch.saturating_mul(1 << 32).max(issued + 1),
             std::sync::atomic::Ordering::SeqCst,
         );
     }
@@ -250,4 +257,37 @@ async fn send_all(
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Phase;
+
+    fn status(phase: Phase) -> Status {
+        Status {
+            spec_version: 1,
+            spec_valid: true,
+            phase,
+            machine: None,
+            failure_message: String::new(),
+            warning_message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_term_resumed_at_the_same_epoch_never_reuses_a_version() {
+        let outbox = Outbox::default();
+        let id = EnvironmentId(uuid::Uuid::new_v4());
+        outbox.start_term(3);
+        let first = outbox.publish(id, 0, status(Phase::Creating)).expect("new");
+        assert_eq!(first, 3 << 32);
+        // Local validity lapsed and came back: a new term, the same epoch.
+        outbox.start_term(3);
+        let second = outbox.publish(id, 0, status(Phase::Running)).expect("new");
+        assert!(second > first, "{second} after {first}");
+        outbox.start_term(4);
+        let third = outbox.publish(id, 0, status(Phase::Stopped)).expect("new");
+        assert_eq!(third, 4 << 32);
+    }
 }
