@@ -15,10 +15,33 @@ pub mod server;
 pub mod state;
 mod views;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use server::{ServerConfig, Settings, serve};
+
+/// A fault in the environment lists served to runners, for tests of a
+/// runner's trust in lists (it must never tear down what a list omits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ListFault {
+    /// Lists are complete.
+    #[default]
+    None,
+    /// Every list is empty.
+    Empty,
+    /// Every other environment of each page is left out.
+    Partial,
+}
+
+/// Status updates the control plane answered, by outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatusCounts {
+    /// Stored.
+    pub accepted: u64,
+    /// Refused: a lower version, or the same version with other content.
+    pub stale: u64,
+}
 
 /// Everything the two APIs share.
 pub struct ControlPlane {
@@ -26,6 +49,9 @@ pub struct ControlPlane {
     hub: hub::Hub,
     clock: Arc<dyn Clock>,
     settings: Settings,
+    list_fault: Mutex<ListFault>,
+    statuses_accepted: AtomicU64,
+    statuses_stale: AtomicU64,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -44,7 +70,27 @@ impl ControlPlane {
             hub: hub::Hub::default(),
             clock,
             settings,
+            list_fault: Mutex::default(),
+            statuses_accepted: AtomicU64::new(0),
+            statuses_stale: AtomicU64::new(0),
         })
+    }
+
+    /// Serves faulty environment lists (tests only; not in the admin API).
+    pub fn set_list_fault(&self, fault: ListFault) {
+        *self.list_fault.lock().expect("lock") = fault;
+    }
+
+    fn list_fault(&self) -> ListFault {
+        *self.list_fault.lock().expect("lock")
+    }
+
+    /// How many status updates were stored and refused as stale.
+    pub fn status_counts(&self) -> StatusCounts {
+        StatusCounts {
+            accepted: self.statuses_accepted.load(Ordering::SeqCst),
+            stale: self.statuses_stale.load(Ordering::SeqCst),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, state::State> {

@@ -97,10 +97,24 @@ impl RunnerService for RunnerApi {
         request: Request<pb::ListEnvironmentsRequest>,
     ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
         let runner_id = self.authenticate(&request)?;
-        let (environments, page) = self
+        let (mut environments, mut page) = self
             .0
             .state()
             .list_runner_environments(runner_id, request.get_ref().page.as_ref())?;
+        match self.0.list_fault() {
+            crate::ListFault::None => {}
+            crate::ListFault::Empty => {
+                environments.clear();
+                page = pb::PageResponse::default();
+            }
+            crate::ListFault::Partial => {
+                let mut keep = false;
+                environments.retain(|_| {
+                    keep = !keep;
+                    keep
+                });
+            }
+        }
         Ok(Response::new(pb::ListEnvironmentsResponse {
             environments,
             page: Some(page),
@@ -127,9 +141,27 @@ impl RunnerService for RunnerApi {
     ) -> Result<Response<pb::UpdateEnvironmentStatusResponse>, Status> {
         let runner_id = self.authenticate(&request)?;
         let now = self.0.clock.now();
-        self.0
+        let result = self
+            .0
             .state()
-            .update_environment_status(runner_id, request.get_ref(), now)?;
+            .update_environment_status(runner_id, request.get_ref(), now);
+        match &result {
+            Ok(_) => {
+                self.0
+                    .statuses_accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Err(status)
+                if status.code() == tonic::Code::FailedPrecondition
+                    && status.message().starts_with("status.status_version") =>
+            {
+                self.0
+                    .statuses_stale
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Err(_) => {}
+        }
+        result?;
         Ok(Response::new(pb::UpdateEnvironmentStatusResponse {}))
     }
 
