@@ -19,7 +19,8 @@ use crate::{Infra, moto_url, sdk};
 
 /// A control plane with a runner and a class, and that runner's AWS resources.
 pub(crate) struct World {
-    _cp: testkit::ControlPlane,
+    pub(crate) cp: tokio::sync::Mutex<Option<testkit::ControlPlane>>,
+    pub(crate) plane: Arc<control_plane::ControlPlane>,
     cp_url: String,
     pub(crate) admin: AdminServiceClient<Channel>,
     pub(crate) class_id: String,
@@ -29,8 +30,13 @@ pub(crate) struct World {
 
 impl World {
     pub(crate) async fn new() -> Self {
+        Self::on(&moto_url()).await
+    }
+
+    /// A world whose AWS is the emulator at `aws`.
+    pub(crate) async fn on(aws: &str) -> Self {
         let plane = control_plane::ControlPlane::new(Settings::default(), Arc::new(SystemClock));
-        let cp = testkit::ControlPlane::start(ServerConfig::default(), plane)
+        let cp = testkit::ControlPlane::start(ServerConfig::default(), plane.clone())
             .await
             .expect("control plane");
         let mut admin = AdminServiceClient::new(cp.channel().await.expect("connect"));
@@ -54,7 +60,7 @@ impl World {
             .expect("class")
             .into_inner()
             .id;
-        let sdk = sdk(&moto_url()).await;
+        let sdk = sdk(aws).await;
         let infra = Infra {
             runner_id,
             ..Infra::create(&sdk).await
@@ -68,7 +74,8 @@ impl World {
             .expect("the stack's secret");
         Self {
             cp_url: cp.url(),
-            _cp: cp,
+            cp: tokio::sync::Mutex::new(Some(cp)),
+            plane,
             admin,
             class_id,
             infra,
@@ -115,7 +122,7 @@ impl World {
         .collect()
     }
 
-    async fn create_envs(&self, n: usize) -> Vec<String> {
+    pub(crate) async fn create_envs(&self, n: usize) -> Vec<String> {
         let mut ids = Vec::new();
         for _ in 0..n {
             let env = self
@@ -141,7 +148,7 @@ impl World {
         ids
     }
 
-    async fn set_phase(&self, id: &str, phase: Phase) {
+    pub(crate) async fn set_phase(&self, id: &str, phase: Phase) {
         self.admin
             .clone()
             .set_environment_desired_phase(admin::SetEnvironmentDesiredPhaseRequest {
@@ -192,9 +199,9 @@ impl World {
     }
 
     /// Every instance tagged with this runner, any state: (environment, instance, zone).
-    async fn instances(&self) -> Vec<(String, String, String, String)> {
+    pub(crate) async fn instances(&self) -> Vec<(String, String, String, String)> {
         let ec2 = aws_sdk_ec2::Client::new(&self.sdk);
-        let described = ec2
+        let pages: Vec<_> = ec2
             .describe_instances()
             .filters(
                 aws_sdk_ec2::types::Filter::builder()
@@ -202,11 +209,16 @@ impl World {
                     .values(&self.infra.runner_id)
                     .build(),
             )
+            .max_results(100)
+            .into_paginator()
             .send()
-            .await
-            .expect("describe");
+            .collect::<Vec<_>>()
+            .await;
         let mut out = Vec::new();
-        for reservation in described.reservations() {
+        for reservation in pages
+            .into_iter()
+            .flat_map(|page| page.expect("describe").reservations.unwrap_or_default())
+        {
             for i in reservation.instances() {
                 let env = i
                     .tags()
@@ -419,12 +431,18 @@ impl Process {
         endpoint: &str,
         extra: &[(&str, String)],
     ) -> Self {
-        let exe = std::env::current_exe().expect("test binary path");
-        let bin = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("target dir")
-            .join("runnerd");
+        // RUNNERD_BIN: a runnerd built elsewhere; by default the one beside
+        // this test binary.
+        let bin = std::env::var_os("RUNNERD_BIN").map_or_else(
+            || {
+                let exe = std::env::current_exe().expect("test binary path");
+                exe.parent()
+                    .and_then(|deps| deps.parent())
+                    .expect("target dir")
+                    .join("runnerd")
+            },
+            std::path::PathBuf::from,
+        );
         assert!(
             bin.exists(),
             "{} is missing: build the workspace (tests/run does)",
@@ -446,6 +464,11 @@ impl Process {
             .spawn()
             .expect("start runnerd");
         Self { child, log }
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub(crate) fn signal(&self, signal: &str) {

@@ -3,6 +3,7 @@
 //! (throttling, capacity errors) comes from `testkit::proxy`.
 
 mod adapters;
+mod chaos;
 mod checkout;
 mod daemon;
 mod faults;

@@ -75,6 +75,9 @@ fn limiter(per_second: f64, burst: u32) -> DefaultDirectRateLimiter {
 /// The `Compute` trait on EC2.
 pub struct Ec2Compute {
     client: Client,
+    /// The same client without the SDK's retries: launches and mutations
+    /// retry here, each attempt through its token bucket.
+    gated: Client,
     settings: Ec2Settings,
     leadership: Arc<Leadership>,
     launches: DefaultDirectRateLimiter,
@@ -119,6 +122,61 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>
             ComputeError::Unavailable(Box::new(err))
         }
         Some(c) => ComputeError::Rejected(format!("{c}: {message}")),
+    }
+}
+
+/// Whether another attempt of the same request may succeed: throttling,
+/// 5xx and transport failures, not a definite answer.
+fn transient<E: ProvideErrorMetadata>(
+    err: &aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
+) -> bool {
+    match err.as_service_error().and_then(|e| e.code()) {
+        None => true,
+        Some(c) => {
+            c.starts_with("RequestLimitExceeded")
+                || c.contains("Throttl")
+                || c.starts_with("Unavailable")
+                || c == "InternalError"
+                || c == "ServiceUnavailable"
+        }
+    }
+}
+
+/// Attempts of one launch or mutation.
+const ATTEMPTS: u32 = 4;
+
+/// Sends a launch or mutation: every attempt, retries included, first takes
+/// a token from `bucket`, so EC2 never sees more than the bucket allows;
+/// transient failures are retried with full-jitter backoff, a bounded
+/// number of times, with the same request (same client token).
+async fn gated<T, E, Fut>(
+    bucket: &DefaultDirectRateLimiter,
+    leadership: &Leadership,
+    mut send: impl FnMut() -> Fut,
+) -> Result<T, aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>
+where
+    E: ProvideErrorMetadata,
+    Fut: std::future::Future<
+            Output = Result<
+                T,
+                aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
+            >,
+        >,
+{
+    let backoff = runner_core::backoff::Backoff {
+        base: Duration::from_millis(200),
+        max: Duration::from_secs(5),
+    };
+    let mut attempt = 1;
+    loop {
+        bucket.until_ready().await;
+        match send().await {
+            Err(err) if attempt < ATTEMPTS && transient(&err) && leadership.is_leader() => {
+                tokio::time::sleep(backoff.full_jitter(attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
     }
 }
 
@@ -218,6 +276,13 @@ impl Ec2Compute {
                 settings.describe_rate,
                 (settings.describe_rate * 2.0).ceil() as u32,
             ),
+            gated: Client::from_conf(
+                client
+                    .config()
+                    .to_builder()
+                    .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+                    .build(),
+            ),
             client,
             settings,
             leadership,
@@ -315,10 +380,9 @@ impl Compute for Ec2Compute {
                 .name(&self.settings.instance_profile)
                 .build()
         };
-        self.launches.until_ready().await;
         self.lead()?;
-        let result = self
-            .client
+        let run = self
+            .gated
             .run_instances()
             .image_id(&self.settings.ami)
             .instance_type(InstanceType::from(request.instance_type.as_str()))
@@ -363,9 +427,8 @@ impl Compute for Ec2Compute {
             .user_data(
                 base64::engine::general_purpose::STANDARD
                     .encode(user_data(request, &self.settings.region)),
-            )
-            .send()
-            .await;
+            );
+        let result = gated(&self.launches, &self.leadership, || run.clone().send()).await;
         let output = match result {
             Ok(output) => output,
             Err(err) => {
@@ -434,12 +497,8 @@ impl Compute for Ec2Compute {
 
     async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {
         self.lead()?;
-        self.mutations.until_ready().await;
-        self.lead()?;
-        self.client
-            .start_instances()
-            .instance_ids(instance_id)
-            .send()
+        let request = self.gated.start_instances().instance_ids(instance_id);
+        gated(&self.mutations, &self.leadership, || request.clone().send())
             .await
             .map(drop)
             .map_err(classify)
@@ -447,12 +506,8 @@ impl Compute for Ec2Compute {
 
     async fn stop(&self, instance_id: &str) -> Result<(), ComputeError> {
         self.lead()?;
-        self.mutations.until_ready().await;
-        self.lead()?;
-        self.client
-            .stop_instances()
-            .instance_ids(instance_id)
-            .send()
+        let request = self.gated.stop_instances().instance_ids(instance_id);
+        gated(&self.mutations, &self.leadership, || request.clone().send())
             .await
             .map(drop)
             .map_err(classify)
@@ -460,12 +515,8 @@ impl Compute for Ec2Compute {
 
     async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError> {
         self.lead()?;
-        self.mutations.until_ready().await;
-        self.lead()?;
-        self.client
-            .terminate_instances()
-            .instance_ids(instance_id)
-            .send()
+        let request = self.gated.terminate_instances().instance_ids(instance_id);
+        gated(&self.mutations, &self.leadership, || request.clone().send())
             .await
             .map(drop)
             .map_err(classify)
@@ -473,13 +524,13 @@ impl Compute for Ec2Compute {
 
     async fn quarantine(&self, instance_id: &str, at: SystemTime) -> Result<(), ComputeError> {
         self.lead()?;
-        self.mutations.until_ready().await;
         let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        self.client
+        let request = self
+            .gated
             .create_tags()
             .resources(instance_id)
-            .tags(tag(TAG_QUARANTINED, secs.to_string()))
-            .send()
+            .tags(tag(TAG_QUARANTINED, secs.to_string()));
+        gated(&self.mutations, &self.leadership, || request.clone().send())
             .await
             .map(drop)
             .map_err(classify)

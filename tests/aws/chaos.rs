@@ -1,0 +1,566 @@
+//! The runner's promises under crashes, overlaps, AWS faults and
+//! control-plane faults. One mixed workload (environments created, stopped,
+//! started and deleted in a random order), the real `runnerd` binary, each
+//! test on its own moto, and one end state checked against emulated EC2:
+//! every environment in its desired phase, at most one instance per
+//! environment over its whole life, no instance of ours without an
+//! environment, and the control plane holding each environment's last status.
+//!
+//! Sizes: `CHAOS_ENVS` (default 200) and `CHAOS_KILLS` (default 30); a soak
+//! run raises them. `CHAOS_SEED` replays a workload.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use runner_proto::admin::v1 as admin;
+use runner_proto::pb::EnvironmentPhase as Phase;
+use testkit::proxy::{Fault, FaultProxy, Rule};
+
+use crate::daemon::{Process, World, settled};
+
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A moto server of this test's own, on a free loopback port.
+pub(crate) struct Moto {
+    pub(crate) url: String,
+    child: Child,
+}
+
+impl Moto {
+    pub(crate) async fn start() -> Self {
+        let bin =
+            std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"))
+                .join("../.tools/venv/bin/moto_server");
+        assert!(bin.exists(), "{} is missing: run tests/run", bin.display());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto");
+        let moto = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return moto;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("moto did not start on {}", moto.url);
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Create,
+    Stop,
+    Start,
+    Delete,
+}
+
+/// Each environment's steps, interleaved at random, and its final phase.
+struct Plan {
+    steps: Vec<(usize, Op)>,
+    finals: Vec<Phase>,
+}
+
+fn plan(n: usize, rng: &mut StdRng) -> Plan {
+    let mut per_env: Vec<Vec<Op>> = Vec::with_capacity(n);
+    let mut finals = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut ops = vec![Op::Create];
+        let mut last = Phase::Running;
+        if rng.gen_bool(0.5) {
+            ops.push(Op::Stop);
+            last = Phase::Stopped;
+            if rng.gen_bool(0.5) {
+                ops.push(Op::Start);
+                last = Phase::Running;
+            }
+        }
+        if rng.gen_bool(0.3) {
+            ops.push(Op::Delete);
+            last = Phase::Deleted;
+        }
+        per_env.push(ops);
+        finals.push(last);
+    }
+    // A random merge that keeps each environment's order.
+    let mut next = vec![0usize; n];
+    let mut steps = Vec::new();
+    let mut open: Vec<usize> = (0..n).collect();
+    while !open.is_empty() {
+        let pick = rng.gen_range(0..open.len());
+        let env = open[pick];
+        steps.push((env, per_env[env][next[env]]));
+        next[env] += 1;
+        if next[env] == per_env[env].len() {
+            open.swap_remove(pick);
+        }
+    }
+    Plan { steps, finals }
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("CHAOS_SEED={seed}");
+    seed
+}
+
+/// Runs the plan's steps against the control plane, spread over `over`;
+/// returns each environment's id.
+async fn drive(world: &World, plan: &Plan, over: Duration) -> Vec<String> {
+    let pace = over / u32::try_from(plan.steps.len().max(1)).unwrap_or(u32::MAX);
+    let mut ids: Vec<Option<String>> = vec![None; plan.finals.len()];
+    for &(env, op) in &plan.steps {
+        match op {
+            Op::Create => {
+                ids[env] = Some(world.create_envs(1).await.remove(0));
+            }
+            Op::Stop | Op::Start | Op::Delete => {
+                let phase = match op {
+                    Op::Stop => Phase::Stopped,
+                    Op::Start => Phase::Running,
+                    _ => Phase::Deleted,
+                };
+                let id = ids[env].as_deref().expect("created before");
+                world.set_phase(id, phase).await;
+            }
+        }
+        tokio::time::sleep(pace).await;
+    }
+    ids.into_iter().map(|id| id.expect("created")).collect()
+}
+
+/// The end state every test must reach.
+async fn verify(world: &World, ids: &[String], finals: &[Phase], within: Duration) {
+    let wanted: HashMap<&str, Phase> = ids
+        .iter()
+        .map(String::as_str)
+        .zip(finals.iter().copied())
+        .collect();
+    world
+        .wait_for("every environment in its desired phase", within, |envs| {
+            envs.len() == ids.len()
+                && envs.iter().all(|e| {
+                    let id = e
+                        .environment
+                        .as_ref()
+                        .map(|x| x.id.as_str())
+                        .unwrap_or_default();
+                    wanted.get(id).is_some_and(|phase| settled(e, *phase))
+                })
+        })
+        .await;
+    // Instances settle a moment after the statuses that announce them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let instances = world.instances().await;
+        let problems = instance_problems(&instances, &wanted);
+        if problems.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the instances do not match the environments:\n{}",
+            problems.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// What is wrong with the instances tagged as ours (env, id, zone, state).
+fn instance_problems(
+    instances: &[(String, String, String, String)],
+    wanted: &HashMap<&str, Phase>,
+) -> Vec<String> {
+    let mut per_env: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
+    let mut problems = Vec::new();
+    for (env, id, _, state) in instances {
+        if !wanted.contains_key(env.as_str()) {
+            if state != "terminated" {
+                problems.push(format!(
+                    "instance {id} ({state}) belongs to no environment ({env:?})"
+                ));
+            }
+            continue;
+        }
+        per_env.entry(env).or_default().push((id, state));
+    }
+    for (env, phase) in wanted {
+        let mine = per_env.get(env).cloned().unwrap_or_default();
+        let distinct: HashSet<&str> = mine.iter().map(|(id, _)| *id).collect();
+        if distinct.len() > 1 {
+            problems.push(format!(
+                "environment {env} had {} instances: {mine:?}",
+                distinct.len()
+            ));
+            continue;
+        }
+        let state = mine.first().map(|(_, s)| *s);
+        let ok = match phase {
+            Phase::Running => state == Some("running"),
+            // Stopped before its launch, or stopped.
+            Phase::Stopped => state.is_none() || state == Some("stopped"),
+            // Deleted before its launch, or terminated.
+            _ => state.is_none() || state == Some("terminated"),
+        };
+        if !ok {
+            problems.push(format!(
+                "environment {env} wants {phase:?}; its instance is {state:?}"
+            ));
+        }
+    }
+    problems
+}
+
+/// Settings for short leases, so that restarts take over quickly.
+fn fast_lease() -> Vec<(&'static str, String)> {
+    vec![
+        ("RUNNER_LEASE_TTL", "4s".to_owned()),
+        ("RUNNER_LEASE_RENEW_INTERVAL", "1s".to_owned()),
+        ("RUNNER_RESYNC_INTERVAL", "10s".to_owned()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_consistency_under_repeated_sigkill() {
+    let n = setting("CHAOS_ENVS", 200);
+    let kills = setting("CHAOS_KILLS", 30);
+    let mut rng = StdRng::seed_from_u64(seed());
+    let moto = Moto::start().await;
+    let world = Arc::new(World::on(&moto.url).await);
+    let plan = plan(n, &mut rng);
+    let extra = fast_lease();
+    let mut process = Process::start_with(&world, "crash-0", &moto.url, &extra);
+    let driver = tokio::spawn({
+        let world = world.clone();
+        let plan = Plan {
+            steps: plan.steps.clone(),
+            finals: plan.finals.clone(),
+        };
+        async move { drive(&world, &plan, Duration::from_secs(60)).await }
+    });
+    for k in 1..=kills {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2500))).await;
+        process.signal("-KILL");
+        drop(process);
+        process = Process::start_with(&world, &format!("crash-{k}"), &moto.url, &extra);
+    }
+    let ids = driver.await.expect("the workload ran");
+    verify(&world, &ids, &plan.finals, Duration::from_secs(300)).await;
+    assert_eq!(process.stop().await, Some(0));
+}
+
+/// The pid in a lease holder's name (`pid-<pid>-<suffix>` outside ECS).
+async fn leader_pid(world: &World) -> Option<u32> {
+    let item = aws_sdk_dynamodb::Client::new(&world.sdk)
+        .get_item()
+        .table_name(&world.infra.table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(format!("RUNNER#{}", world.infra.runner_id)),
+        )
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S("LEASE#0".into()),
+        )
+        .consistent_read(true)
+        .send()
+        .await
+        .ok()?
+        .item?;
+    let holder = item.get("holder")?.as_s().ok()?;
+    holder.strip_prefix("pid-")?.split('-').next()?.parse().ok()
+}
+
+/// The sum of a process's metric samples whose line contains `needle`.
+async fn metric_sum(port: u16, needle: &str) -> f64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return 0.0;
+    };
+    let _ = stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await;
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body).await;
+    body.lines()
+        .filter(|l| !l.starts_with('#') && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Two distinct free loopback ports.
+fn free_ports() -> [u16; 2] {
+    let listeners = [0, 1].map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"));
+    listeners.map(|l| l.local_addr().expect("address").port())
+}
+
+/// Waits until a process's health port answers `/readyz` with 200.
+async fn ready(port: u16, name: &str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    for _ in 0..300 {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let _ = stream
+                .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .await;
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer).await;
+            if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{name} never became ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_throughout_with_the_leader_frozen_past_its_lease() {
+    let n = setting("CHAOS_ENVS", 200);
+    let mut rng = StdRng::seed_from_u64(seed());
+    let moto = Moto::start().await;
+    let world = Arc::new(World::on(&moto.url).await);
+    let plan = plan(n, &mut rng);
+    let ports = free_ports();
+    let start = |name: &str, port: u16| {
+        let mut extra = fast_lease();
+        extra.push(("RUNNER_HEALTH_LISTEN", format!("127.0.0.1:{port}")));
+        Process::start_with(&world, name, &moto.url, &extra)
+    };
+    let replicas = [start("overlap-a", ports[0]), start("overlap-b", ports[1])];
+    ready(ports[0], "overlap-a").await;
+    ready(ports[1], "overlap-b").await;
+    let driver = tokio::spawn({
+        let world = world.clone();
+        let plan = Plan {
+            steps: plan.steps.clone(),
+            finals: plan.finals.clone(),
+        };
+        async move { drive(&world, &plan, Duration::from_secs(45)).await }
+    });
+    // Mid-workload, freeze whichever replica leads, past its lease.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let mut leader = None;
+    for _ in 0..50 {
+        if let Some(pid) = leader_pid(&world).await
+            && let Some(i) = replicas.iter().position(|p| p.pid() == pid)
+        {
+            leader = Some(i);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let frozen = leader.expect("one replica leads");
+    let fenced_metrics = [
+        "outcome=\"fenced\"",
+        "result=\"fenced\"",
+        "outcome=\"rejected\"",
+    ];
+    let mut before = 0.0;
+    for needle in fenced_metrics {
+        before += metric_sum(ports[frozen], needle).await;
+    }
+    let stale_before = world.plane.status_counts().stale;
+    replicas[frozen].signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(4 + 5)).await;
+    replicas[frozen].signal("-CONT");
+    // Its late writes meet the fence: give them a moment to be tried.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut after = 0.0;
+    for needle in fenced_metrics {
+        after += metric_sum(ports[frozen], needle).await;
+    }
+    let stale = world.plane.status_counts().stale - stale_before;
+    let refused_by_runner = after - before;
+    eprintln!(
+        "late writes of the frozen leader: {refused_by_runner} refused by its own fence or the store's condition, {stale} statuses refused by the control plane"
+    );
+    let ids = driver.await.expect("the workload ran");
+    verify(&world, &ids, &plan.finals, Duration::from_secs(300)).await;
+    let logs = replicas[frozen].logs();
+    assert!(
+        logs.contains("lost the leader lease") || logs.contains("the leader lease ran out locally"),
+        "the frozen leader (pid {}) noticed",
+        replicas[frozen].pid()
+    );
+    let standby = replicas[1 - frozen].logs();
+    assert!(
+        standby.contains("acquired the leader lease"),
+        "the standby took over"
+    );
+    let [a, b] = replicas;
+    assert_eq!(a.stop().await, Some(0));
+    assert_eq!(b.stop().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_faults_throttling_5xx_latency_and_a_zone_out_of_capacity() {
+    let n = setting("CHAOS_ENVS", 200);
+    let mut rng = StdRng::seed_from_u64(seed());
+    let moto = Moto::start().await;
+    let world = Arc::new(World::on(&moto.url).await);
+    let proxy = FaultProxy::start(&moto.url).await.expect("proxy");
+    let exhausted = world.infra.subnets[0].0.clone();
+    proxy.set_rules(vec![
+        Rule {
+            operations: vec!["RunInstances".into()],
+            rate: 1.0,
+            fault: Fault::NoCapacityInSubnet(exhausted.clone()),
+        },
+        Rule {
+            operations: vec![],
+            rate: 0.20,
+            fault: Fault::Throttle,
+        },
+        Rule {
+            operations: vec![],
+            rate: 0.05,
+            fault: Fault::Status(500),
+        },
+        Rule {
+            operations: vec![],
+            rate: 0.25,
+            fault: Fault::Delay(Duration::from_millis(150)),
+        },
+    ]);
+    let plan = plan(n, &mut rng);
+    let process = Process::start_with(&world, "aws-faults", &proxy.url(), &[]);
+    let ids = drive(&world, &plan, Duration::from_secs(40)).await;
+    verify(&world, &ids, &plan.finals, Duration::from_secs(300)).await;
+    assert_eq!(process.stop().await, Some(0));
+
+    // Nothing launched in the exhausted zone; calls within the buckets
+    // (World::env: launches 20/s burst 10, mutations 20/s burst 20).
+    let zone = world.infra.subnets[0].1.clone();
+    let in_zone = world
+        .instances()
+        .await
+        .into_iter()
+        .filter(|(_, _, z, _)| *z == zone)
+        .count();
+    assert_eq!(in_zone, 0, "instances in the exhausted zone {zone}");
+    for (ops, rate, burst) in [
+        (vec!["RunInstances"], 20, 10),
+        (
+            vec![
+                "StartInstances",
+                "StopInstances",
+                "TerminateInstances",
+                "CreateTags",
+            ],
+            20,
+            20,
+        ),
+    ] {
+        let mut times: Vec<Instant> = ops.iter().flat_map(|op| proxy.seen(op)).collect();
+        times.sort();
+        let worst = (0..times.len())
+            .map(|i| {
+                times[i..]
+                    .iter()
+                    .take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        // The SDK retries a throttled call; retries count against the bucket too.
+        assert!(
+            worst <= rate + burst,
+            "{ops:?}: {worst} calls within one second"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_faults_cut_streams_restarts_and_partial_lists() {
+    let n = setting("CHAOS_ENVS", 200);
+    let mut rng = StdRng::seed_from_u64(seed());
+    let moto = Moto::start().await;
+    let world = Arc::new(World::on(&moto.url).await);
+    let plan = plan(n, &mut rng);
+    let process = Process::start_with(
+        &world,
+        "cp-faults",
+        &moto.url,
+        &[("RUNNER_RESYNC_INTERVAL", "3s".to_owned())],
+    );
+    let driver = tokio::spawn({
+        let world = world.clone();
+        let plan = Plan {
+            steps: plan.steps.clone(),
+            finals: plan.finals.clone(),
+        };
+        async move { drive(&world, &plan, Duration::from_secs(45)).await }
+    });
+    let started = Instant::now();
+    let mut restarts = 0;
+    let mut tick = 0u32;
+    while started.elapsed() < Duration::from_secs(50) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tick += 1;
+        let _ = world
+            .admin
+            .clone()
+            .close_runner_streams(admin::CloseRunnerStreamsRequest {
+                runner_id: world.infra.runner_id.clone(),
+            })
+            .await;
+        world.plane.set_list_fault(match tick % 4 {
+            1 => control_plane::ListFault::Partial,
+            2 => control_plane::ListFault::Empty,
+            _ => control_plane::ListFault::None,
+        });
+        if tick.is_multiple_of(6) && restarts < 2 {
+            let mut cp = world.cp.lock().await;
+            let restarted = cp
+                .take()
+                .expect("running")
+                .restart()
+                .await
+                .expect("restart");
+            *cp = Some(restarted);
+            restarts += 1;
+        }
+    }
+    world.plane.set_list_fault(control_plane::ListFault::None);
+    assert_eq!(restarts, 2);
+    let ids = driver.await.expect("the workload ran");
+    verify(&world, &ids, &plan.finals, Duration::from_secs(300)).await;
+    let counts = world.plane.status_counts();
+    assert_eq!(
+        counts.stale, 0,
+        "one runner's statuses arrive in order ({} accepted)",
+        counts.accepted
+    );
+    assert_eq!(process.stop().await, Some(0));
+}
