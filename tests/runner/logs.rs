@@ -14,7 +14,7 @@ use testkit::scm::FakeScm;
 use crate::settled;
 
 #[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Capture(pub(crate) Arc<Mutex<Vec<u8>>>);
 
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -28,7 +28,7 @@ impl Write for Capture {
 }
 
 /// Every log line of this test binary, whichever test wrote it.
-fn capture() -> &'static Capture {
+pub(crate) fn capture() -> &'static Capture {
     static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
     CAPTURE.get_or_init(|| {
         let capture = Capture::default();

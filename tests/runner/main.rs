@@ -1,6 +1,7 @@
 //! runnerd end to end: the real reference control plane over gRPC on
 //! loopback, the daemon in-process, and in-memory fakes for AWS.
 
+mod bad_input;
 mod calls;
 mod faults;
 mod lifecycle;

@@ -23,16 +23,16 @@ pub(crate) async fn world_with(fake: &FakeScm) -> World {
     world
 }
 
-struct Integration<'a> {
-    kind: pb::ScmKind,
-    host: &'a str,
-    pat: bool,
-    oauth: Option<(&'a str, &'a str)>,
-    api_base_url: String,
-    oauth_base_url: String,
+pub(crate) struct Integration<'a> {
+    pub(crate) kind: pb::ScmKind,
+    pub(crate) host: &'a str,
+    pub(crate) pat: bool,
+    pub(crate) oauth: Option<(&'a str, &'a str)>,
+    pub(crate) api_base_url: String,
+    pub(crate) oauth_base_url: String,
 }
 
-async fn public_key(world: &World) -> Vec<u8> {
+pub(crate) async fn public_key(world: &World) -> Vec<u8> {
     for _ in 0..200 {
         let key = world.runner().await.public_key;
         if !key.is_empty() {
@@ -43,7 +43,7 @@ async fn public_key(world: &World) -> Vec<u8> {
     panic!("the runner never signed up");
 }
 
-async fn create_integration(world: &World, i: Integration<'_>) -> String {
+pub(crate) async fn create_integration(world: &World, i: Integration<'_>) -> String {
     let oauth = match i.oauth {
         None => None,
         Some((client_id, secret)) => Some(pb::OAuthApp {
@@ -73,7 +73,7 @@ async fn create_integration(world: &World, i: Integration<'_>) -> String {
         .id
 }
 
-async fn add_pat(
+pub(crate) async fn add_pat(
     world: &World,
     principal: &str,
     host: &str,

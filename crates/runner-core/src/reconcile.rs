@@ -289,7 +289,8 @@ pub fn validate_spec(
     if !class.enabled {
         return Err(format!(
             "environment class {} ({}) is disabled",
-            class.id, class.display_name
+            class.id,
+            validate::printable(&class.display_name, validate::MAX_DISPLAY_NAME_LEN)
         ));
     }
     validate::instance_type("environment_class.instance_type", &class.instance_type)

@@ -6,6 +6,8 @@ use std::time::SystemTime;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use secrecy::SecretString;
+use secrecy::zeroize::Zeroizing;
 use url::{Host, Url};
 use uuid::Uuid;
 
@@ -307,6 +309,39 @@ pub fn authorization(kind: ScmKind, source: AuthSource, token: &str, purpose: Pu
     }
 }
 
+/// Longest token accepted from a sealed box, in bytes.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// Opens a personal access token sealed to the runner's key
+/// (`store_host_token.sealed_token`). It must open with `key`, be UTF-8,
+/// and once trimmed be 1 to [`MAX_TOKEN_LEN`] bytes without whitespace or
+/// control characters. The error names the field and never holds the
+/// token; the opened bytes are zeroed whatever the outcome.
+pub fn open_sealed_token(
+    key: &crypto_box::SecretKey,
+    sealed: &[u8],
+) -> Result<SecretString, String> {
+    let opened = Zeroizing::new(key.unseal(sealed).map_err(|_| {
+        "sealed_token: does not open with this runner's key (sealed to another key, or corrupted)"
+            .to_owned()
+    })?);
+    let text = std::str::from_utf8(&opened)
+        .map_err(|_| "sealed_token: the token is not UTF-8".to_owned())?
+        .trim();
+    if text.is_empty() {
+        return Err("sealed_token: the token is empty".to_owned());
+    }
+    if text.len() > MAX_TOKEN_LEN {
+        return Err(format!(
+            "sealed_token: the token is longer than {MAX_TOKEN_LEN} bytes"
+        ));
+    }
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("sealed_token: the token contains whitespace or control characters".to_owned());
+    }
+    Ok(SecretString::from(text.to_owned()))
+}
+
 /// Parses a repository, branch, commit, pull/merge request or issue URL of
 /// a `kind` host. The error names what is wrong with the URL.
 ///
@@ -354,6 +389,19 @@ pub fn parse_context_url(url: &str, kind: ScmKind) -> Result<ContextUrl, String>
     let repository = repository.strip_suffix(".git").unwrap_or(repository);
     if repository.is_empty() {
         return Err(fail(Problem::NoRepository(expected_form(kind, &host))));
+    }
+    if kind == ScmKind::GitLab && owner.len() > MAX_GITLAB_NAMESPACE_DEPTH {
+        return Err(format!(
+            "{shown:?} nests {} groups; GitLab allows a group and at most {} subgroups",
+            owner.len(),
+            MAX_GITLAB_NAMESPACE_DEPTH - 1
+        ));
+    }
+    if let Target::Branch(branch) = &target {
+        // What a URL names must be checkable out: the control plane puts it
+        // in a spec, whose branch rule is the same.
+        crate::validate::branch("branch", branch)
+            .map_err(|err| format!("{shown:?} names a branch git cannot check out: {err}"))?;
     }
     if let Some(part) = owner.iter().chain([&repository]).find(|p| p.contains('/')) {
         return Err(format!(
@@ -405,6 +453,10 @@ pub fn revoked<'a>(
     revoked.dedup();
     revoked
 }
+
+/// A GitLab namespace is a group and at most 20 subgroups (GitLab refuses
+/// deeper nesting), so a project path has at most 21 owner segments.
+const MAX_GITLAB_NAMESPACE_DEPTH: usize = 21;
 
 const BITBUCKET_CLOUD_ONLY: &str =
     "Bitbucket Server and Data Center are not supported; only bitbucket.org";
@@ -1265,10 +1317,115 @@ mod tests {
         );
         assert_eq!(
             target(
-                "https://github.com/acme/api/tree/fix%2Fcaf%C3%A9%20x?x=1",
+                "https://github.com/acme/api/tree/fix%2Fcaf%C3%A9?x=1",
                 ScmKind::GitHub
             ),
-            Target::Branch("fix/café x".to_owned())
+            Target::Branch("fix/café".to_owned())
+        );
+    }
+
+    #[test]
+    fn branches_git_cannot_check_out_are_refused() {
+        // Bad input: a URL names what a spec will hold, so the spec's
+        // branch rule applies (a space, "..", a control character, length).
+        for (url, problem) in [
+            (
+                "https://github.com/acme/api/tree/fix%20x".to_owned(),
+                r#"branch: "fix x" is not a valid git branch name"#.to_owned(),
+            ),
+            (
+                "https://github.com/acme/api/tree/a..b".to_owned(),
+                r#"branch: "a..b" is not a valid git branch name"#.to_owned(),
+            ),
+            (
+                "https://dev.azure.com/acme/proj/_git/api?version=GBma%07in".to_owned(),
+                "branch: must not contain control characters".to_owned(),
+            ),
+            (
+                format!(
+                    "https://github.com/acme/api/tree/{}",
+                    "b/".repeat(1000).trim_end_matches('/')
+                ),
+                "branch: is 1999 bytes long, the limit is 255".to_owned(),
+            ),
+            (
+                "https://bitbucket.org/acme/api/branch/-x".to_owned(),
+                r#"branch: "-x" is not a valid git branch name"#.to_owned(),
+            ),
+        ] {
+            let kind = if url.contains("azure") {
+                ScmKind::AzureDevOps
+            } else if url.contains("bitbucket") {
+                ScmKind::Bitbucket
+            } else {
+                ScmKind::GitHub
+            };
+            let err = parse_err(&url, kind);
+            assert!(
+                err.contains("names a branch git cannot check out") && err.ends_with(&problem),
+                "{url}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn gitlab_namespaces_nest_at_most_twenty_subgroups() {
+        let deepest = format!("https://gitlab.com/{}api", "g/".repeat(21));
+        assert_eq!(
+            parse(&deepest, ScmKind::GitLab).owner.split('/').count(),
+            21
+        );
+        let deeper = format!("https://gitlab.com/{}api/-/tree/main", "g/".repeat(1000));
+        let err = parse_err(&deeper, ScmKind::GitLab);
+        assert!(
+            err.ends_with("nests 1000 groups; GitLab allows a group and at most 20 subgroups"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sealed_tokens_open_only_when_whole_and_well_formed() {
+        use crypto_box::aead::OsRng;
+        let key = crypto_box::SecretKey::generate(&mut OsRng);
+        let other = crypto_box::SecretKey::generate(&mut OsRng);
+        let seal = |to: &crypto_box::SecretKey, plain: &[u8]| {
+            to.public_key().seal(&mut OsRng, plain).expect("seal")
+        };
+        let good = seal(&key, b" ghp_token\n");
+        let opened = open_sealed_token(&key, &good).expect("opens");
+        assert_eq!(secrecy::ExposeSecret::expose_secret(&opened), "ghp_token");
+        let mut flipped = good.clone();
+        flipped[40] ^= 1;
+        let cases: [(&str, Vec<u8>, &str); 10] = [
+            ("empty", Vec::new(), "does not open"),
+            ("shorter than a key", vec![7; 31], "does not open"),
+            ("no room for a tag", vec![7; 47], "does not open"),
+            ("random", vec![0xa5; 200], "does not open"),
+            (
+                "truncated",
+                good[..good.len() - 1].to_vec(),
+                "does not open",
+            ),
+            ("tampered", flipped, "does not open"),
+            ("another key", seal(&other, b"ghp_token"), "does not open"),
+            ("not UTF-8", seal(&key, &[0x67, 0xff, 0xfe]), "is not UTF-8"),
+            ("blank", seal(&key, b" \t\n"), "is empty"),
+            (
+                "inner space",
+                seal(&key, b"ghp_a b"),
+                "whitespace or control",
+            ),
+        ];
+        for (name, sealed, needle) in cases {
+            let err = open_sealed_token(&key, &sealed).expect_err(name);
+            assert!(err.starts_with("sealed_token: "), "{name}: {err}");
+            assert!(err.contains(needle), "{name}: {err}");
+            assert!(!err.contains("ghp_"), "{name}: {err}");
+        }
+        let long = seal(&key, "x".repeat(MAX_TOKEN_LEN + 1).as_bytes());
+        assert_eq!(
+            open_sealed_token(&key, &long).expect_err("too long"),
+            "sealed_token: the token is longer than 4096 bytes"
         );
     }
 

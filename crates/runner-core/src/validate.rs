@@ -74,6 +74,25 @@ pub fn optional_text(field: &str, value: &str, max: usize) -> Result {
     Ok(())
 }
 
+/// `value` fit to quote in a message built from input that was not checked
+/// (say, a class's display name from the control plane): control characters
+/// become U+FFFD and it is cut to at most `max` bytes, on a character
+/// boundary, ending in "…" when cut. The control plane refuses a status
+/// whose message holds control characters, so a raw echo would lose it.
+pub fn printable(value: &str, max: usize) -> String {
+    let mut out = String::with_capacity(value.len().min(max));
+    for c in value.chars() {
+        let c = if c.is_control() { '\u{fffd}' } else { c };
+        if out.len() + c.len_utf8() > max {
+            while out.len() + '…'.len_utf8() > max && out.pop().is_some() {}
+            out.push('…');
+            return out;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// A UUID in its hyphenated form.
 pub fn uuid(field: &str, value: &str) -> Result<uuid::Uuid> {
     if value.is_empty() {
@@ -287,6 +306,41 @@ pub fn version(field: &str, value: &str) -> Result {
 mod tests {
     use super::*;
 
+    /// Regression (found by `fuzz/run`, target validate_spec): the message
+    /// for a disabled class quoted its display name raw, so one holding a
+    /// control character made a status the control plane refuses, and the
+    /// environment never showed why it failed.
+    #[test]
+    fn a_disabled_class_message_is_always_acceptable_as_a_failure_message() {
+        use crate::model::{DesiredPhase, EnvironmentClass, Revision, Spec};
+        let id = "8d3b8f3e-6a4e-4e43-9a36-2f1d3c4b5a69";
+        let spec = Spec {
+            spec_version: 1,
+            desired: Some(DesiredPhase::Running),
+            class_id: id.to_owned(),
+            repository_url: "https://github.com/acme/api".to_owned(),
+            revision: Revision::Default,
+            creator: "alice".to_owned(),
+        };
+        for display_name in ["\u{1}", "a\nb", &"\u{7f}".repeat(5000), &"é".repeat(3000)] {
+            let class = EnvironmentClass {
+                id: id.to_owned(),
+                display_name: display_name.to_owned(),
+                instance_type: "m7i.large".to_owned(),
+                disk_gib: 50,
+                enabled: false,
+            };
+            let message =
+                crate::reconcile::validate_spec(&spec, Some(&class)).expect_err("disabled");
+            assert!(message.ends_with(") is disabled"), "{message}");
+            assert_eq!(
+                optional_text("status.failure_message", &message, MAX_MESSAGE_LEN),
+                Ok(()),
+                "{message:?}"
+            );
+        }
+    }
+
     #[test]
     fn regions() {
         for ok in [
@@ -405,6 +459,11 @@ mod tests {
         assert!(runner_name("n", "prod_eu-1").is_ok());
         assert!(runner_name("n", "prod eu").is_err());
         assert!(text("n", "a\u{0}b", 10).is_err());
+        assert_eq!(printable("Retired", 128), "Retired");
+        assert_eq!(printable("a\u{1}b\nc", 128), "a\u{fffd}b\u{fffd}c");
+        assert_eq!(printable("abcdef", 5), "ab…");
+        assert_eq!(printable("ééé", 5), "é…");
+        assert!(optional_text("m", &printable(&"\u{7}".repeat(5000), 128), 128).is_ok());
         assert!(optional_text("n", "", 10).is_ok());
     }
 }

@@ -304,8 +304,11 @@ impl Scm {
             )));
         }
         let endpoints = Self::endpoints(&integration)?;
-        let opened = self.open(sealed, "sealed_token")?;
-        let token = token_text(&opened)?;
+        let key = self
+            .key
+            .get()
+            .ok_or_else(|| CallError::unavailable("the runner is starting; try again"))?;
+        let token = scm::open_sealed_token(key, sealed).map_err(CallError::invalid)?;
         let username = self
             .client
             .whoami(integration.kind, AuthSource::Pat, &endpoints, &token)
@@ -634,6 +637,13 @@ impl Scm {
                     )
                     .await
                     .map_err(|e| provider_error(&e, &host, "look up the pull request"))?;
+                // The provider's answer is input too: only a branch git can check out.
+                validate::branch("branch", &branch).map_err(|e| {
+                    CallError::precondition(format!(
+                        "{host} named a pull request branch git cannot check out: {}",
+                        e.problem
+                    ))
+                })?;
                 Some(pb::parse_context_result::Revision::Branch(branch))
             }
         };
@@ -646,28 +656,6 @@ impl Scm {
             revision,
         })
     }
-}
-
-/// A token opened from a sealed box: UTF-8, no whitespace or control
-/// characters, at most 4 KiB.
-fn token_text(opened: &[u8]) -> Result<SecretString, CallError> {
-    let text = std::str::from_utf8(opened)
-        .map_err(|_| CallError::invalid("sealed_token: the token is not UTF-8"))?
-        .trim();
-    if text.is_empty() {
-        return Err(CallError::invalid("sealed_token: the token is empty"));
-    }
-    if text.len() > 4096 {
-        return Err(CallError::invalid(
-            "sealed_token: the token is longer than 4096 bytes",
-        ));
-    }
-    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(CallError::invalid(
-            "sealed_token: the token contains whitespace or control characters",
-        ));
-    }
-    Ok(SecretString::from(text.to_owned()))
 }
 
 fn provider_error(err: &ScmError, host: &str, doing: &str) -> CallError {
