@@ -528,19 +528,23 @@ async fn control_plane_faults_cut_streams_restarts_and_partial_lists() {
     while started.elapsed() < Duration::from_secs(50) {
         tokio::time::sleep(Duration::from_secs(3)).await;
         tick += 1;
-        let _ = world
-            .admin
-            .clone()
-            .close_runner_streams(admin::CloseRunnerStreamsRequest {
-                runner_id: world.infra.runner_id.clone(),
-            })
-            .await;
+        {
+            let _open = world.gate.read().await;
+            let _ = world
+                .admin
+                .clone()
+                .close_runner_streams(admin::CloseRunnerStreamsRequest {
+                    runner_id: world.infra.runner_id.clone(),
+                })
+                .await;
+        }
         world.plane.set_list_fault(match tick % 4 {
             1 => control_plane::ListFault::Partial,
             2 => control_plane::ListFault::Empty,
             _ => control_plane::ListFault::None,
         });
         if tick.is_multiple_of(6) && restarts < 2 {
+            let _closed = world.gate.write().await;
             let mut cp = world.cp.lock().await;
             let restarted = cp
                 .take()

@@ -21,6 +21,9 @@ use crate::{Infra, moto_url, sdk};
 pub(crate) struct World {
     pub(crate) cp: tokio::sync::Mutex<Option<testkit::ControlPlane>>,
     pub(crate) plane: Arc<control_plane::ControlPlane>,
+    /// Held (shared) by admin calls, (exclusive) by a control-plane restart,
+    /// so that no admin call is cut: its outcome would be unknown.
+    pub(crate) gate: tokio::sync::RwLock<()>,
     cp_url: String,
     pub(crate) admin: AdminServiceClient<Channel>,
     pub(crate) class_id: String,
@@ -75,6 +78,7 @@ impl World {
         Self {
             cp_url: cp.url(),
             cp: tokio::sync::Mutex::new(Some(cp)),
+            gate: tokio::sync::RwLock::new(()),
             plane,
             admin,
             class_id,
@@ -100,7 +104,7 @@ impl World {
                 "RUNNER_INSTANCE_PROFILE",
                 "aws-runner-environment".to_owned(),
             ),
-            ("RUNNER_AMI", "ami-0123456789abcdef0".to_owned()),
+            ("RUNNER_AMI", self.infra.ami.clone()),
             ("RUNNER_TABLE", self.infra.table.clone()),
             ("RUNNER_SECRET_ID", self.infra.secret_id.clone()),
             ("RUNNER_KMS_KEY_ID", self.infra.kms_key_id.clone()),
@@ -125,6 +129,7 @@ impl World {
     pub(crate) async fn create_envs(&self, n: usize) -> Vec<String> {
         let mut ids = Vec::new();
         for _ in 0..n {
+            let _open = self.gate.read().await;
             let env = self
                 .admin
                 .clone()
@@ -149,6 +154,7 @@ impl World {
     }
 
     pub(crate) async fn set_phase(&self, id: &str, phase: Phase) {
+        let _open = self.gate.read().await;
         self.admin
             .clone()
             .set_environment_desired_phase(admin::SetEnvironmentDesiredPhaseRequest {

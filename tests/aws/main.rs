@@ -6,9 +6,11 @@ mod adapters;
 mod chaos;
 mod checkout;
 mod daemon;
+mod doctor;
 mod faults;
 mod repository;
 mod tokens;
+mod update;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,6 +56,8 @@ pub(crate) struct Infra {
     pub(crate) table: String,
     pub(crate) secret_id: String,
     pub(crate) kms_key_id: String,
+    /// An image moto knows (the doctor checks it exists).
+    pub(crate) ami: String,
 }
 
 impl Infra {
@@ -155,12 +159,29 @@ impl Infra {
             .send()
             .await
             .expect("create table");
-        // Created once per moto; later tests find it there.
-        let _ = aws_sdk_iam::Client::new(sdk)
+        // Created once per moto, with a role, as the stack makes it; later
+        // tests find it there.
+        let iam = aws_sdk_iam::Client::new(sdk);
+        let _ = iam
             .create_instance_profile()
             .instance_profile_name(INSTANCE_PROFILE)
             .send()
             .await;
+        let _ = iam
+            .create_role()
+            .role_name(INSTANCE_PROFILE)
+            .assume_role_policy_document(
+                r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#,
+            )
+            .send()
+            .await;
+        let _ = iam
+            .add_role_to_instance_profile()
+            .instance_profile_name(INSTANCE_PROFILE)
+            .role_name(INSTANCE_PROFILE)
+            .send()
+            .await;
+        let ami = doctor::existing_ami(&ec2).await;
         let secret_id = format!("runner-{short}/credentials");
         aws_sdk_secretsmanager::Client::new(sdk)
             .create_secret()
@@ -188,6 +209,7 @@ impl Infra {
             table,
             secret_id,
             kms_key_id,
+            ami,
         }
     }
 
@@ -208,7 +230,7 @@ impl Infra {
                 vpc_id: self.vpc_id.clone(),
                 security_group_id: self.security_group_id.clone(),
                 instance_profile: INSTANCE_PROFILE.to_owned(),
-                ami: "ami-0123456789abcdef0".to_owned(),
+                ami: self.ami.clone(),
                 describe_page_size: 5,
                 launch_rate: (50.0, 20),
                 mutate_rate: (50.0, 20),

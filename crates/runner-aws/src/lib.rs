@@ -1,6 +1,7 @@
 //! AWS adapters for the runner's core traits: the DynamoDB state store,
 //! leader lease and token store, EC2 compute, the Secrets Manager credential
-//! store and per-environment secrets, and KMS envelope encryption.
+//! store and per-environment secrets, KMS envelope encryption, and
+//! self-update through ECS.
 //!
 //! Adapters translate and classify errors once; they never decide policy.
 //! Every client is pinned to the configured region. `AWS_ENDPOINT_URL` (as the
@@ -8,6 +9,7 @@
 
 pub mod dynamo;
 pub mod ec2;
+pub mod ecs;
 pub mod envelope;
 pub mod secrets;
 pub mod tokens;

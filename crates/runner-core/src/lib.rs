@@ -16,4 +16,5 @@ pub mod reconcile;
 pub mod scheduler;
 pub mod scm;
 pub mod traits;
+pub mod update;
 pub mod validate;

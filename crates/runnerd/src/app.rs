@@ -61,6 +61,17 @@ impl std::fmt::Debug for Deps {
     }
 }
 
+/// What the daemon runs on AWS besides the core's adapters; tests of the
+/// core leave these out.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// Setup checks run at start (and again until they pass); failures show
+    /// as DEGRADED.
+    pub doctor: Option<Arc<crate::doctor::Doctor>>,
+    /// Self-update, when the runner runs as an ECS service task.
+    pub self_update: Option<crate::update::SelfUpdate>,
+}
+
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -125,6 +136,17 @@ async fn retry_until<T, E: std::error::Error, Fut: Future<Output = Result<T, E>>
 pub async fn run(
     config: Config,
     deps: Deps,
+    shutdown: CancellationToken,
+    bound: Option<BoundAddr>,
+) -> Result<(), AppError> {
+    run_with(config, deps, Extras::default(), shutdown, bound).await
+}
+
+/// [`run`] with the start checks and self-update of `extras`.
+pub async fn run_with(
+    config: Config,
+    deps: Deps,
+    extras: Extras,
     shutdown: CancellationToken,
     bound: Option<BoundAddr>,
 ) -> Result<(), AppError> {
@@ -214,6 +236,7 @@ pub async fn run(
         max_stream_age: config.control_plane.max_stream_age,
         scm: scm.clone(),
         scm_events: scm_events_tx,
+        self_update: extras.self_update.is_some() && config.update.enabled,
     });
     let key = match session.credentials(&shutdown).await {
         Ok(key) => key,
@@ -227,12 +250,43 @@ pub async fn run(
         Err(err) => return Err(AppError::Session(err)),
     }
 
+    // The self-update state (or why there is none) goes with the first status.
+    match extras.self_update {
+        Some(parts) => spawn_critical(
+            "self-update",
+            Box::pin(
+                crate::update::Updater {
+                    releases: Arc::new(crate::update::GrpcReleases::new(
+                        session.client.clone(),
+                        config.control_plane.timeout,
+                    )),
+                    parts,
+                    leadership: deps.leadership.clone(),
+                    health: health.clone(),
+                    clock: Arc::new(runner_core::traits::SystemClock),
+                    config: config.update,
+                }
+                .run(shutdown.clone()),
+            ),
+        ),
+        None => {
+            health.set_detail("update_state", "unavailable");
+            health.set_detail("update_message", "not running as an ECS service task");
+        }
+    }
     // The session runs before the setup checks, so that a broken setup
     // shows as DEGRADED in the control plane.
     spawn_critical(
         "heartbeat",
         Box::pin(session.clone().heartbeat(shutdown.clone())),
     );
+    if let Some(doctor) = extras.doctor {
+        tracker.spawn(
+            doctor
+                .watch(health.clone(), shutdown.clone())
+                .instrument(tracing::info_span!("task", name = "setup-checks")),
+        );
+    }
 
     let Some(subnets) = retry_until(
         "check the VPC, subnets and security group",

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use runner_core::leader::LeaseTiming;
 use runner_core::orphans::OrphanPolicy;
+use runner_core::update::UpdateWindow;
 use runner_core::validate;
 
 /// Exit code for a bad configuration (EX_USAGE).
@@ -47,6 +48,14 @@ pub enum Command {
         /// How long to wait for the answer.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+    },
+    /// Check the account setup with the daemon's configuration (the same
+    /// RUNNER_* variables) and print one line per check with a fix hint:
+    /// exit 0 when every check passes, 1 otherwise.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -164,6 +173,18 @@ pub struct DaemonArgs {
     /// Longest a watch stream is kept before a clean reconnect (plus jitter).
     #[arg(long, env = "RUNNER_MAX_STREAM_AGE", default_value = "30m", value_parser = humantime::parse_duration)]
     pub max_stream_age: Duration,
+    /// Let the leader move its ECS service to a newer release when the
+    /// control plane offers one with auto-update on; false: never.
+    #[arg(long, env = "RUNNER_SELF_UPDATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub self_update: bool,
+    /// UTC hours in which a self-update may start, START-END (e.g. 22-04; at
+    /// least 2 hours; 00-24: any time).
+    #[arg(long, env = "RUNNER_UPDATE_WINDOW", default_value = "00-24")]
+    pub update_window: String,
+    /// How often the leader asks the control plane for the latest release
+    /// (plus jitter).
+    #[arg(long, env = "RUNNER_UPDATE_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub update_interval: Duration,
     /// Address of the health and metrics port (/healthz, /readyz, /metrics).
     #[arg(long, env = "RUNNER_HEALTH_LISTEN", default_value = "127.0.0.1:9090")]
     pub health_listen: SocketAddr,
@@ -216,6 +237,8 @@ pub struct Config {
     pub rate_limits: RateLimits,
     /// Work and timing.
     pub engine: EngineConfig,
+    /// Self-update.
+    pub update: UpdateConfig,
     /// The health port.
     pub health_listen: SocketAddr,
     /// Log format.
@@ -250,6 +273,17 @@ pub struct Placement {
     pub instance_profile: String,
     /// The AMI (id or resolve:ssm: reference).
     pub ami: String,
+}
+
+/// Self-update through ECS.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateConfig {
+    /// Off: never update, only report what is offered.
+    pub enabled: bool,
+    /// When a deployment may start.
+    pub window: UpdateWindow,
+    /// How often the latest release is asked for.
+    pub interval: Duration,
 }
 
 /// EC2 call budgets (token buckets below EC2's own).
@@ -552,6 +586,26 @@ impl DaemonArgs {
                 "must be at most 2m",
             ));
         }
+        let update = UpdateConfig {
+            enabled: self.self_update,
+            window: self
+                .update_window
+                .parse()
+                .map_err(|e: runner_core::update::WindowError| {
+                    bad("update-window", "RUNNER_UPDATE_WINDOW", e.to_string())
+                })?,
+            interval: if (Duration::from_secs(60)..=Duration::from_secs(24 * 3600))
+                .contains(&self.update_interval)
+            {
+                self.update_interval
+            } else {
+                return Err(bad(
+                    "update-interval",
+                    "RUNNER_UPDATE_INTERVAL",
+                    "must be between 1m and 24h",
+                ));
+            },
+        };
         tracing_subscriber::EnvFilter::try_new(&self.log)
             .map_err(|e| bad("log", "RUNNER_LOG", e.to_string()))?;
 
@@ -584,6 +638,7 @@ impl DaemonArgs {
             kms_key_id,
             rate_limits,
             engine,
+            update,
             health_listen: self.health_listen,
             log_format: self.log_format,
             log: self.log.clone(),
@@ -691,6 +746,13 @@ mod tests {
             (&["--poll-interval", "0s"], "--poll-interval"),
             (&["--shutdown-grace", "10m"], "--shutdown-grace"),
             (&["--log", "info,[[["], "--log (RUNNER_LOG)"),
+            (
+                &["--update-window", "03-04"],
+                "--update-window (RUNNER_UPDATE_WINDOW): 03-04 is 1 h wide",
+            ),
+            (&["--update-window", "night"], "--update-window"),
+            (&["--update-interval", "10s"], "--update-interval"),
+            (&["--self-update", "maybe"], "--self-update"),
         ];
         for (extra, expected) in cases {
             let err = args(extra).expect_err(&format!("{extra:?} must be refused"));
@@ -728,6 +790,34 @@ mod tests {
             .is_ok()
         );
         assert!(args(&["--control-plane-url", "http://127.0.0.1:7443"]).is_err());
+    }
+
+    #[test]
+    fn self_update_defaults_to_on_any_time_hourly() {
+        let config = args(&[]).expect("valid");
+        assert!(config.update.enabled);
+        assert_eq!(config.update.window, UpdateWindow::ANY);
+        assert_eq!(config.update.interval, Duration::from_secs(3600));
+        let config = args(&[
+            "--self-update",
+            "false",
+            "--update-window",
+            "22-04",
+            "--update-interval",
+            "30m",
+        ])
+        .expect("valid");
+        assert!(!config.update.enabled);
+        assert_eq!(config.update.window.to_string(), "22-04");
+        assert_eq!(config.update.interval, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn doctor_reads_the_daemon_flags() {
+        let cli = Cli::try_parse_from(["runnerd", "--region", "eu-west-1", "doctor", "--json"])
+            .expect("doctor parses");
+        assert!(matches!(cli.command, Some(Command::Doctor { json: true })));
+        assert_eq!(cli.daemon.region.as_deref(), Some("eu-west-1"));
     }
 
     #[test]

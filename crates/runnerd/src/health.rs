@@ -1,6 +1,7 @@
 //! Health: what `/readyz` reports, what the runner tells the control plane
-//! when a dependency fails, and the HTTP port that serves `/healthz`,
-//! `/readyz` and `/metrics`.
+//! when a dependency fails (and the facts it shows operators, such as the
+//! self-update state), and the HTTP port that serves `/healthz`, `/readyz`
+//! and `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +26,11 @@ pub struct Health {
     store: AtomicBool,
     problems: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
     degraded: watch::Sender<String>,
+    details: watch::Sender<std::collections::BTreeMap<String, String>>,
 }
+
+/// The longest value of a system detail the control plane accepts, in bytes.
+pub const MAX_DETAIL_BYTES: usize = 256;
 
 impl Default for Health {
     fn default() -> Self {
@@ -35,6 +40,7 @@ impl Default for Health {
             store: AtomicBool::new(true),
             problems: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             degraded: watch::channel(String::new()).0,
+            details: watch::channel(std::collections::BTreeMap::new()).0,
         }
     }
 }
@@ -102,6 +108,32 @@ impl Health {
         });
     }
 
+    /// Facts for operators (`system_details` of the runner's status).
+    pub fn details(&self) -> watch::Receiver<std::collections::BTreeMap<String, String>> {
+        self.details.subscribe()
+    }
+
+    /// Sets one fact (on one line, cut to [`MAX_DETAIL_BYTES`]); an empty
+    /// value removes it.
+    pub fn set_detail(&self, key: &'static str, value: &str) {
+        let value = one_line(value);
+        let mut end = value.len().min(MAX_DETAIL_BYTES);
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        let value = &value[..end];
+        self.details.send_if_modified(|details| {
+            if value.is_empty() {
+                return details.remove(key).is_some();
+            }
+            if details.get(key).map(String::as_str) == Some(value) {
+                return false;
+            }
+            details.insert(key.to_owned(), value.to_owned());
+            true
+        });
+    }
+
     /// Checks the dependencies once and updates readiness and the degraded
     /// message.
     pub async fn check(&self, store: &dyn StateStore, compute: &dyn Compute) {
@@ -128,6 +160,14 @@ impl Health {
             }
         }
     }
+}
+
+/// `text` without control characters (each becomes a space): the control
+/// plane refuses a status whose texts hold any.
+pub fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// An error and its sources, one line.
@@ -233,4 +273,25 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<bool, String> {
     tokio::time::timeout(timeout, request)
         .await
         .map_err(|_| format!("no answer within {}", humantime::format_duration(timeout)))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn details_are_one_line_cut_to_the_limit_and_removed_when_empty() {
+        let health = Health::default();
+        let details = health.details();
+        health.set_detail("update_message", &format!("a\nb{}", "é".repeat(200)));
+        let value = details
+            .borrow()
+            .get("update_message")
+            .cloned()
+            .expect("set");
+        assert!(value.starts_with("a b"), "{value:?}");
+        assert!(value.len() <= MAX_DETAIL_BYTES && value.len() >= MAX_DETAIL_BYTES - 1);
+        health.set_detail("update_message", "");
+        assert!(details.borrow().get("update_message").is_none());
+    }
 }

@@ -1,15 +1,18 @@
 //! The runner daemon: configuration, wiring, the control-plane session, the
-//! informer, the health and metrics port, and shutdown. Policy lives in
-//! `runner-core`; this crate connects it to gRPC and to the adapters.
+//! informer, the health and metrics port, self-update, `runnerd doctor`, and
+//! shutdown. Policy lives in `runner-core`; this crate connects it to gRPC
+//! and to the adapters.
 
 pub mod app;
 pub mod config;
+pub mod doctor;
 pub mod grpc;
 pub mod health;
 pub mod informer;
 pub mod scm;
 pub mod session;
 pub mod telemetry;
+pub mod update;
 
 use std::process::ExitCode;
 
@@ -20,8 +23,10 @@ use tokio_util::sync::CancellationToken;
 pub async fn daemon(config: config::Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signals(shutdown.clone()));
-    let deps = aws_deps(&config).await;
-    match app::run(config, deps, shutdown, None).await {
+    let sdk = runner_aws::sdk_config(&config.region).await;
+    let deps = aws_deps_with(&sdk, &config);
+    let extras = aws_extras(&sdk, &config, ecs_metadata_uri().as_deref());
+    match app::run_with(config, deps, extras, shutdown, None).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %health::chain(&err), "runnerd stopped");
@@ -84,6 +89,49 @@ pub fn aws_deps_with(sdk: &aws_config::SdkConfig, config: &config::Config) -> ap
         environment_secrets: adapters.environment_secrets,
         lease: adapters.store,
         leadership,
+    }
+}
+
+/// The task metadata endpoint, when running in an ECS task (read at start).
+pub fn ecs_metadata_uri() -> Option<String> {
+    std::env::var("ECS_CONTAINER_METADATA_URI_V4")
+        .ok()
+        .filter(|uri| !uri.is_empty())
+}
+
+/// The runner's own ECS service, found from the task metadata at `metadata_uri`.
+pub fn ecs_deployer(
+    sdk: &aws_config::SdkConfig,
+    metadata_uri: &str,
+) -> std::sync::Arc<dyn runner_core::update::Deployer> {
+    std::sync::Arc::new(runner_aws::ecs::EcsDeployer::new(
+        aws_sdk_ecs::Client::new(sdk),
+        metadata_uri,
+    ))
+}
+
+/// The start checks and, in an ECS task (`ecs_metadata_uri`), self-update.
+pub fn aws_extras(
+    sdk: &aws_config::SdkConfig,
+    config: &config::Config,
+    ecs_metadata_uri: Option<&str>,
+) -> app::Extras {
+    let deployer = ecs_metadata_uri.map(|uri| ecs_deployer(sdk, uri));
+    app::Extras {
+        doctor: Some(std::sync::Arc::new(doctor::Doctor::new(
+            sdk,
+            config,
+            deployer.clone(),
+        ))),
+        self_update: deployer.map(|deployer| update::SelfUpdate {
+            deployer,
+            attempts: std::sync::Arc::new(runner_aws::ecs::DynamoAttempts::new(
+                aws_sdk_dynamodb::Client::new(sdk),
+                &config.table,
+                &config.runner_id,
+            )),
+            running: session::VERSION.to_owned(),
+        }),
     }
 }
 

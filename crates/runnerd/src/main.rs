@@ -1,4 +1,5 @@
-//! `runnerd`: parse, validate, run until a signal, map the outcome to an exit code.
+//! `runnerd`: parse, validate, run until a signal (or one command: `health`,
+//! `doctor`), map the outcome to an exit code.
 
 use std::process::ExitCode;
 
@@ -41,6 +42,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Some(Command::Doctor { json }) = cli.command {
+        return runtime.block_on(runnerd::doctor::command(config, json));
+    }
     runnerd::telemetry::init_logs(config.log_format, &config.log);
     runtime.block_on(runnerd::daemon(config))
 }

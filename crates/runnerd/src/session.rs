@@ -120,6 +120,9 @@ pub struct Session {
     pub scm: Arc<Scm>,
     /// Events for the SCM sync task.
     pub scm_events: mpsc::Sender<ScmEvent>,
+    /// Whether this runner can update itself (it runs as an ECS service task
+    /// with self-update on).
+    pub self_update: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -265,12 +268,16 @@ impl Session {
         Ok(key)
     }
 
-    fn capabilities() -> Vec<i32> {
-        vec![
+    fn capabilities(&self) -> Vec<i32> {
+        let mut capabilities = vec![
             pb::RunnerCapability::StopStart as i32,
             pb::RunnerCapability::ParseContext as i32,
             pb::RunnerCapability::Oauth as i32,
-        ]
+        ];
+        if self.self_update {
+            capabilities.push(pb::RunnerCapability::SelfUpdate as i32);
+        }
+        capabilities
     }
 
     /// Signs up with the public key; retries until the control plane answers.
@@ -289,7 +296,7 @@ impl Session {
                     public_key: public.as_bytes().to_vec(),
                     version: VERSION.to_owned(),
                     region: self.region.clone(),
-                    capabilities: Self::capabilities(),
+                    capabilities: self.capabilities(),
                     environment_class_schema: environment_class_schema(),
                     scm_providers: crate::scm::providers(),
                 }))
@@ -324,21 +331,25 @@ impl Session {
     }
 
     /// MarkActive every 30 s, and UpdateRunnerStatus whenever the degraded
-    /// message changes (retried until delivered).
+    /// message or the system details change (retried until delivered).
     pub async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
         let mut degraded = self.health.degraded();
-        let mut reported: Option<String> = None;
+        let mut details = self.health.details();
+        let mut reported = None;
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let current = degraded.borrow_and_update().clone();
+            let current = (
+                degraded.borrow_and_update().clone(),
+                details.borrow_and_update().clone(),
+            );
             if reported.as_ref() != Some(&current) {
                 let request = self.request(pb::UpdateRunnerStatusRequest {
                     version: VERSION.to_owned(),
                     region: self.region.clone(),
-                    capabilities: Self::capabilities(),
-                    degraded_message: current.chars().take(1024).collect(),
-                    system_details: Default::default(),
+                    capabilities: self.capabilities(),
+                    degraded_message: current.0.chars().take(1024).collect(),
+                    system_details: current.1.clone().into_iter().collect(),
                 });
                 match self.client.clone().update_runner_status(request).await {
                     Ok(_) => reported = Some(current),
@@ -360,6 +371,7 @@ impl Session {
                     }
                 }
                 changed = degraded.changed() => if changed.is_err() { return },
+                changed = details.changed() => if changed.is_err() { return },
                 () = sleep_unless_max(retry) => {}
             }
         }

@@ -166,3 +166,53 @@ fn the_readme_configuration_table_matches_help() {
         "README.md's configuration table and runnerd --help differ"
     );
 }
+
+#[test]
+fn doctor_needs_the_daemon_configuration() {
+    let mut env = daemon_args();
+    env.retain(|(k, _)| *k != "RUNNER_VPC_ID");
+    let (code, stderr) = run(&env, &["doctor"]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("--vpc-id"), "{stderr}");
+}
+
+#[test]
+fn doctor_fails_with_a_json_report_when_nothing_answers() {
+    let mut env = daemon_args();
+    env.retain(|(k, _)| *k != "RUNNER_CONTROL_PLANE_URL");
+    env.extend([
+        ("RUNNER_CONTROL_PLANE_URL", "http://127.0.0.1:9"),
+        ("RUNNER_ALLOW_PLAINTEXT", "true"),
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_MAX_ATTEMPTS", "1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]);
+    let out = Command::new(BIN)
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(["doctor", "--json"])
+        .output()
+        .expect("run runnerd doctor");
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["ok"], false);
+    let status = |name: &str| {
+        report["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| (c["status"].clone(), c["hint"].clone()))
+            .unwrap_or_else(|| panic!("no check {name}: {report}"))
+    };
+    let (credentials, hint) = status("credentials");
+    assert_eq!(credentials, "fail");
+    assert!(hint.as_str().is_some_and(|h| !h.is_empty()));
+    assert_eq!(status("vpc").0, "skip");
+    assert_eq!(status("control-plane-dns").0, "pass");
+    assert_eq!(status("control-plane-connect").0, "fail");
+    assert_eq!(status("control-plane-auth").0, "skip");
+    assert_eq!(status("self-update").0, "skip");
+}

@@ -1,0 +1,854 @@
+//! Self-update: the leader asks the control plane for the latest release
+//! (every `--update-interval`, with jitter), settles the last attempt, and,
+//! when the rules of `runner_core::update` allow, registers a task definition
+//! revision with the new image and points its own ECS service at it. ECS's
+//! deployment circuit breaker rolls a failing image back; the attempt record
+//! then holds that version back until a newer one is offered.
+//!
+//! Order of a deployment: register the revision (harmless alone), record the
+//! attempt (conditional write: one attempt per version, even with two
+//! leaders), then `UpdateService`. Every step is logged; the state shows in
+//! the runner's status as `system_details` (`update_state`, `update_message`,
+//! `latest_version`). Only the leader checks; standbys report `standby`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use rand::Rng as _;
+use runner_core::backoff::Backoff;
+use runner_core::leader::Leadership;
+use runner_core::traits::Clock;
+use runner_core::update::{
+    Attempt, AttemptState, Attempts, Deployer, Gate, Release, Releases, Service, Settled,
+    UpdateError, Verdict, gate, judge, settle,
+};
+use runner_proto::pb;
+use semver::Version;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request};
+
+use crate::config::UpdateConfig;
+use crate::grpc::RunnerClient;
+use crate::health::{Health, chain};
+
+/// While a deployment runs, its outcome is looked at this often.
+const WATCH_DEPLOYMENT: Duration = Duration::from_secs(60);
+
+/// `GetLatestVersion` over the runner's authenticated client.
+#[derive(Debug, Clone)]
+pub struct GrpcReleases {
+    client: RunnerClient,
+    timeout: Duration,
+}
+
+impl GrpcReleases {
+    /// Releases from `client`, each call bounded by `timeout`.
+    pub fn new(client: RunnerClient, timeout: Duration) -> Self {
+        Self { client, timeout }
+    }
+}
+
+#[async_trait]
+impl Releases for GrpcReleases {
+    async fn latest(&self, running: &str) -> Result<Option<Release>, UpdateError> {
+        let mut request = Request::new(pb::GetLatestVersionRequest {
+            current_version: running.to_owned(),
+        });
+        request.set_timeout(self.timeout);
+        match self.client.clone().get_latest_version(request).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                Ok((!response.version.is_empty()).then_some(Release {
+                    version: response.version,
+                    image: response.image,
+                    auto_update: response.auto_update,
+                }))
+            }
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::Unauthenticated
+                        | Code::PermissionDenied
+                        | Code::InvalidArgument
+                        | Code::FailedPrecondition
+                        | Code::NotFound
+                        | Code::Unimplemented
+                ) =>
+            {
+                Err(UpdateError::Rejected(format!(
+                    "GetLatestVersion: {:?}: {}",
+                    status.code(),
+                    status.message()
+                )))
+            }
+            Err(status) => Err(UpdateError::Unavailable {
+                what: "GetLatestVersion",
+                source: Box::new(status),
+            }),
+        }
+    }
+}
+
+/// The AWS side of self-update, when the runner runs as an ECS service task.
+pub struct SelfUpdate {
+    /// The runner's own service.
+    pub deployer: Arc<dyn Deployer>,
+    /// The attempt record.
+    pub attempts: Arc<dyn Attempts>,
+    /// The version this process runs.
+    pub running: String,
+}
+
+impl std::fmt::Debug for SelfUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SelfUpdate")
+            .field("running", &self.running)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where self-update stands, as `update_state` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Not the leader: the leader checks.
+    Standby,
+    /// Nothing newer is offered (or the service already runs its image).
+    UpToDate,
+    /// A newer release is offered, but auto-update is off.
+    Disabled,
+    /// The offered release was rolled back; waiting for a newer one.
+    HeldBack,
+    /// Another deployment of the service is in progress.
+    Waiting,
+    /// Outside the update window.
+    Scheduled,
+    /// A deployment is rolling out.
+    Deploying,
+    /// The service could not be updated; tried again at the next check.
+    Failed,
+    /// The check itself failed (control plane, ECS or the table).
+    Error,
+}
+
+impl State {
+    /// Its name in `system_details`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Standby => "standby",
+            Self::UpToDate => "up_to_date",
+            Self::Disabled => "disabled",
+            Self::HeldBack => "held_back",
+            Self::Waiting => "waiting",
+            Self::Scheduled => "scheduled",
+            Self::Deploying => "deploying",
+            Self::Failed => "failed",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// What one check found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The state.
+    pub state: State,
+    /// For operators.
+    pub message: String,
+    /// The latest release, when the control plane named one.
+    pub latest: Option<String>,
+}
+
+impl Outcome {
+    fn new(state: State, message: impl Into<String>, latest: Option<&Release>) -> Self {
+        Self {
+            state,
+            message: message.into(),
+            latest: latest.map(|r| r.version.clone()),
+        }
+    }
+}
+
+/// The leader's self-update loop.
+pub struct Updater {
+    /// Where releases come from.
+    pub releases: Arc<dyn Releases>,
+    /// The service and the attempt record.
+    pub parts: SelfUpdate,
+    /// Only the leader updates.
+    pub leadership: Arc<Leadership>,
+    /// Where the state is shown.
+    pub health: Arc<Health>,
+    /// The time of day, for the window.
+    pub clock: Arc<dyn Clock>,
+    /// Window, interval, on/off.
+    pub config: UpdateConfig,
+}
+
+impl std::fmt::Debug for Updater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Updater")
+            .field("parts", &self.parts)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn version(what: &str, value: &str) -> Result<Version, UpdateError> {
+    Version::parse(value)
+        .map_err(|_| UpdateError::Rejected(format!("{what} {value:?} is not a semantic version")))
+}
+
+fn since(at: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+impl Updater {
+    fn lead(&self) -> Result<(), Outcome> {
+        if self.leadership.is_leader() {
+            Ok(())
+        } else {
+            Err(Outcome::new(State::Standby, "the leader updates", None))
+        }
+    }
+
+    async fn finish(
+        &self,
+        attempt: &Attempt,
+        state: AttemptState,
+        message: &str,
+    ) -> Result<Attempt, UpdateError> {
+        self.parts
+            .attempts
+            .save(&Attempt {
+                state,
+                message: message.to_owned(),
+                finished_at: Some(self.clock.now()),
+                ..attempt.clone()
+            })
+            .await
+    }
+
+    /// One check: settle the last attempt, judge the offer, deploy if allowed.
+    pub async fn check(&self) -> Result<Outcome, UpdateError> {
+        if let Err(standby) = self.lead() {
+            return Ok(standby);
+        }
+        let running = version("the running version", &self.parts.running)?;
+        let release = self.releases.latest(&self.parts.running).await?;
+        let mut last = self.parts.attempts.load().await?;
+        let mut service = None;
+
+        if let Some(attempt) = last.clone().filter(|a| a.state == AttemptState::Deploying) {
+            let observed = self.parts.deployer.service().await?;
+            let target = version("the attempt's release", &attempt.release)?;
+            match settle(&attempt, &running, &target, &observed) {
+                Settled::InProgress => {
+                    return Ok(Outcome::new(
+                        State::Deploying,
+                        format!(
+                            "deploying {} ({}) as {} since {}",
+                            attempt.release,
+                            attempt.image,
+                            attempt.task_definition,
+                            since(attempt.started_at)
+                        ),
+                        release.as_ref(),
+                    ));
+                }
+                Settled::Succeeded => {
+                    tracing::info!(release = %attempt.release, from = %attempt.from_release, "self-update succeeded");
+                    last = Some(self.finish(&attempt, AttemptState::Succeeded, "").await?);
+                }
+                Settled::RolledBack(why) => {
+                    tracing::warn!(release = %attempt.release, reason = %why, "self-update rolled back; this release is not tried again");
+                    last = Some(
+                        self.finish(&attempt, AttemptState::RolledBack, &why)
+                            .await?,
+                    );
+                }
+            }
+            service = Some(observed);
+        }
+
+        let Some(release) = release else {
+            return Ok(Outcome::new(
+                State::UpToDate,
+                "the control plane has no release",
+                None,
+            ));
+        };
+        let offered = version("the offered release", &release.version)?;
+        let rolled_back = last
+            .as_ref()
+            .filter(|a| a.state == AttemptState::RolledBack)
+            .and_then(|a| Version::parse(&a.release).ok());
+        let latest = Some(&release);
+        match judge(
+            &running,
+            &offered,
+            release.auto_update,
+            self.config.enabled,
+            rolled_back.as_ref(),
+        ) {
+            Verdict::UpToDate => {
+                return Ok(Outcome::new(
+                    State::UpToDate,
+                    format!("runs {running}; the latest release is {offered}"),
+                    latest,
+                ));
+            }
+            Verdict::Disabled => {
+                let why = if self.config.enabled {
+                    "auto-update is off in the control plane"
+                } else {
+                    "self-update is off here (RUNNER_SELF_UPDATE=false)"
+                };
+                return Ok(Outcome::new(
+                    State::Disabled,
+                    format!("{offered} is available; {why}"),
+                    latest,
+                ));
+            }
+            Verdict::HeldBack => {
+                let why = last.as_ref().map_or("", |a| a.message.as_str());
+                return Ok(Outcome::new(
+                    State::HeldBack,
+                    format!("{offered} was rolled back ({why}); waiting for a newer release"),
+                    latest,
+                ));
+            }
+            Verdict::Wanted => {}
+        }
+
+        let service = match service {
+            Some(service) => service,
+            None => self.parts.deployer.service().await?,
+        };
+        match gate(
+            &service,
+            &release.image,
+            self.config.window,
+            self.clock.now(),
+        ) {
+            Gate::SameImage => Ok(Outcome::new(
+                State::UpToDate,
+                format!("the service already runs {}", release.image),
+                latest,
+            )),
+            Gate::Busy => Ok(Outcome::new(
+                State::Waiting,
+                format!(
+                    "{offered} waits: another deployment of service {} is in progress",
+                    service.name
+                ),
+                latest,
+            )),
+            Gate::OutsideWindow(opens_in) => Ok(Outcome::new(
+                State::Scheduled,
+                format!(
+                    "{offered} will be deployed in the update window {} UTC (opens in {})",
+                    self.config.window,
+                    humantime::format_duration(Duration::from_secs(opens_in.as_secs() / 60 * 60))
+                ),
+                latest,
+            )),
+            Gate::Go => self.deploy(&service, &release, last.as_ref()).await,
+        }
+    }
+
+    async fn deploy(
+        &self,
+        service: &Service,
+        release: &Release,
+        last: Option<&Attempt>,
+    ) -> Result<Outcome, UpdateError> {
+        if let Err(standby) = self.lead() {
+            return Ok(standby);
+        }
+        tracing::info!(
+            release = %release.version,
+            image = %release.image,
+            from = %self.parts.running,
+            ecs.service = %service.name,
+            "self-update: registering a task definition revision with the new image"
+        );
+        let task_definition = self
+            .parts
+            .deployer
+            .register(service, &release.image)
+            .await?;
+        tracing::info!(task_definition = %task_definition, "self-update: registered");
+        let attempt = self
+            .parts
+            .attempts
+            .save(&Attempt {
+                release: release.version.clone(),
+                image: release.image.clone(),
+                from_release: self.parts.running.clone(),
+                task_definition: task_definition.clone(),
+                previous_task_definition: service.task_definition.clone(),
+                state: AttemptState::Deploying,
+                message: String::new(),
+                started_at: self.clock.now(),
+                finished_at: None,
+                version: last.map_or(0, |a| a.version),
+            })
+            .await?;
+        tracing::info!(release = %release.version, "self-update: attempt recorded");
+        match self.parts.deployer.deploy(service, &task_definition).await {
+            Ok(()) => {
+                tracing::info!(
+                    ecs.service = %service.name,
+                    task_definition = %task_definition,
+                    "self-update: service updated; ECS rolls the new release out"
+                );
+                Ok(Outcome::new(
+                    State::Deploying,
+                    format!(
+                        "deploying {} ({}) as {task_definition} since {}",
+                        release.version,
+                        release.image,
+                        since(attempt.started_at)
+                    ),
+                    Some(release),
+                ))
+            }
+            Err(err @ UpdateError::Rejected(_)) => {
+                // The service was not changed: try again at the next check.
+                let problem = chain(&err);
+                tracing::warn!(error = %problem, "self-update: cannot update the service");
+                self.finish(&attempt, AttemptState::Failed, &problem)
+                    .await?;
+                Ok(Outcome::new(
+                    State::Failed,
+                    format!("cannot deploy {}: {problem}", release.version),
+                    Some(release),
+                ))
+            }
+            // It may have happened: the next check sees what the service runs.
+            Err(err) => Err(err),
+        }
+    }
+
+    fn report(&self, outcome: &Outcome, previous: Option<&Outcome>) {
+        self.health
+            .set_detail("update_state", outcome.state.as_str());
+        self.health.set_detail("update_message", &outcome.message);
+        if let Some(latest) = &outcome.latest {
+            self.health.set_detail("latest_version", latest);
+        }
+        if previous != Some(outcome) {
+            if outcome.state == State::Error || outcome.state == State::Failed {
+                tracing::warn!(state = outcome.state.as_str(), message = %outcome.message, "self-update check");
+            } else {
+                tracing::info!(state = outcome.state.as_str(), message = %outcome.message, "self-update check");
+            }
+        }
+    }
+
+    /// Checks while leading, every interval (with jitter), until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut leading = self.leadership.watch();
+        let backoff = Backoff {
+            base: Duration::from_secs(30),
+            max: self.config.interval,
+        };
+        let mut failures = 0;
+        let mut previous: Option<Outcome> = None;
+        loop {
+            let outcome = match self.check().await {
+                Ok(outcome) => {
+                    failures = 0;
+                    outcome
+                }
+                Err(err) => {
+                    failures += 1;
+                    Outcome::new(State::Error, chain(&err), None)
+                }
+            };
+            self.report(&outcome, previous.as_ref());
+            let delay = if failures > 0 {
+                backoff.equal_jitter(failures)
+            } else if outcome.state == State::Deploying {
+                WATCH_DEPLOYMENT.min(self.config.interval)
+            } else {
+                let interval = self.config.interval;
+                rand::thread_rng().gen_range(interval * 9 / 10..=interval * 11 / 10)
+            };
+            previous = Some(outcome);
+            // A standby waits for leadership; a leader for the next check.
+            let standby = !self.leadership.is_leader();
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = leading.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(delay), if !standby => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::UNIX_EPOCH;
+
+    use runner_core::update::{Deployment, Rollout, UpdateWindow};
+
+    use super::*;
+
+    /// 1 January 2025 at `hour`:00 UTC.
+    fn at(hour: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_735_689_600 + hour * 3600)
+    }
+
+    #[derive(Default)]
+    struct FakeReleases {
+        release: Mutex<Option<Release>>,
+        calls: AtomicUsize,
+    }
+
+    impl FakeReleases {
+        fn publish(&self, version: &str, auto_update: bool) {
+            *self.release.lock().unwrap() = Some(Release {
+                version: version.into(),
+                image: format!("runnerd:{version}"),
+                auto_update,
+            });
+        }
+    }
+
+    #[async_trait]
+    impl Releases for FakeReleases {
+        async fn latest(&self, _running: &str) -> Result<Option<Release>, UpdateError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(self.release.lock().unwrap().clone())
+        }
+    }
+
+    /// An ECS service that, like moto, never starts tasks: the task keeps
+    /// running its own revision while the service points at the new one.
+    struct FakeService {
+        service: Mutex<Service>,
+        images: Mutex<Vec<String>>,
+        deploys: AtomicUsize,
+    }
+
+    impl FakeService {
+        fn new(image: &str) -> Self {
+            Self {
+                service: Mutex::new(Service {
+                    cluster: "runners".into(),
+                    name: "runner".into(),
+                    task_definition: "td:1".into(),
+                    own_task_definition: "td:1".into(),
+                    container: "runnerd".into(),
+                    image: image.into(),
+                    deployments: vec![Deployment {
+                        task_definition: "td:1".into(),
+                        rollout: Some(Rollout::Completed),
+                    }],
+                }),
+                images: Mutex::new(vec![image.to_owned()]),
+                deploys: AtomicUsize::new(0),
+            }
+        }
+
+        fn registered(&self) -> usize {
+            self.images.lock().unwrap().len() - 1
+        }
+
+        /// What the circuit breaker does: back to the revision this task runs.
+        fn roll_back(&self) {
+            let mut service = self.service.lock().unwrap();
+            service.task_definition = service.own_task_definition.clone();
+            service.image = self.images.lock().unwrap()[0].clone();
+        }
+    }
+
+    #[async_trait]
+    impl Deployer for FakeService {
+        async fn service(&self) -> Result<Service, UpdateError> {
+            Ok(self.service.lock().unwrap().clone())
+        }
+
+        async fn register(&self, _service: &Service, image: &str) -> Result<String, UpdateError> {
+            let mut images = self.images.lock().unwrap();
+            images.push(image.to_owned());
+            Ok(format!("td:{}", images.len()))
+        }
+
+        async fn deploy(&self, _service: &Service, td: &str) -> Result<(), UpdateError> {
+            self.deploys.fetch_add(1, Ordering::SeqCst);
+            let revision: usize = td.trim_start_matches("td:").parse().unwrap();
+            let mut service = self.service.lock().unwrap();
+            service.task_definition = td.to_owned();
+            service.image = self.images.lock().unwrap()[revision - 1].clone();
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeAttempts(Mutex<Option<Attempt>>);
+
+    #[async_trait]
+    impl Attempts for FakeAttempts {
+        async fn load(&self) -> Result<Option<Attempt>, UpdateError> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+
+        async fn save(&self, attempt: &Attempt) -> Result<Attempt, UpdateError> {
+            let mut stored = self.0.lock().unwrap();
+            if stored.as_ref().map_or(0, |a| a.version) != attempt.version {
+                return Err(UpdateError::Conflict);
+            }
+            let saved = Attempt {
+                version: attempt.version + 1,
+                ..attempt.clone()
+            };
+            *stored = Some(saved.clone());
+            Ok(saved)
+        }
+    }
+
+    struct ManualClock(Mutex<SystemTime>);
+
+    impl Clock for ManualClock {
+        fn now(&self) -> SystemTime {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    struct Fixture {
+        releases: Arc<FakeReleases>,
+        service: Arc<FakeService>,
+        attempts: Arc<FakeAttempts>,
+        clock: Arc<ManualClock>,
+        leadership: Arc<Leadership>,
+        health: Arc<Health>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Self {
+                releases: Arc::default(),
+                service: Arc::new(FakeService::new("runnerd:0.1.0")),
+                attempts: Arc::default(),
+                clock: Arc::new(ManualClock(Mutex::new(at(23)))),
+                leadership: Arc::new(Leadership::always()),
+                health: Arc::default(),
+            }
+        }
+
+        fn updater(&self, running: &str, window: &str, enabled: bool) -> Updater {
+            Updater {
+                releases: self.releases.clone(),
+                parts: SelfUpdate {
+                    deployer: self.service.clone(),
+                    attempts: self.attempts.clone(),
+                    running: running.into(),
+                },
+                leadership: self.leadership.clone(),
+                health: self.health.clone(),
+                clock: self.clock.clone(),
+                config: UpdateConfig {
+                    enabled,
+                    window: window.parse::<UpdateWindow>().unwrap(),
+                    interval: Duration::from_secs(3600),
+                },
+            }
+        }
+
+        fn attempt(&self) -> Attempt {
+            self.attempts.0.lock().unwrap().clone().expect("an attempt")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_newer_release_inside_the_window_is_deployed_exactly_once() {
+        let f = Fixture::new();
+        let updater = f.updater("0.1.0", "22-04", true);
+        f.releases.publish("0.2.0", true);
+
+        let outcome = updater.check().await.unwrap();
+        assert_eq!(outcome.state, State::Deploying, "{outcome:?}");
+        assert_eq!(f.service.registered(), 1);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 1);
+        let attempt = f.attempt();
+        assert_eq!(attempt.state, AttemptState::Deploying);
+        assert_eq!(attempt.release, "0.2.0");
+        assert_eq!(attempt.task_definition, "td:2");
+        assert_eq!(attempt.previous_task_definition, "td:1");
+
+        // The old task keeps running while ECS rolls out: nothing more happens.
+        for _ in 0..3 {
+            assert_eq!(updater.check().await.unwrap().state, State::Deploying);
+        }
+        assert_eq!(f.service.registered(), 1);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn outside_the_window_nothing_is_deployed_until_it_opens() {
+        let f = Fixture::new();
+        *f.clock.0.lock().unwrap() = at(12);
+        let updater = f.updater("0.1.0", "22-04", true);
+        f.releases.publish("0.2.0", true);
+
+        let outcome = updater.check().await.unwrap();
+        assert_eq!(outcome.state, State::Scheduled);
+        assert!(
+            outcome.message.contains("22-04 UTC (opens in 10h)"),
+            "{}",
+            outcome.message
+        );
+        assert_eq!(f.service.registered(), 0);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 0);
+        assert!(
+            f.attempts.0.lock().unwrap().is_none(),
+            "no attempt recorded"
+        );
+
+        *f.clock.0.lock().unwrap() = at(24 + 3);
+        assert_eq!(updater.check().await.unwrap().state, State::Deploying);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_rolled_back_release_is_not_retried_until_a_newer_one_is_offered() {
+        let f = Fixture::new();
+        let updater = f.updater("0.1.0", "00-24", true);
+        f.releases.publish("0.2.0", true);
+        assert_eq!(updater.check().await.unwrap().state, State::Deploying);
+
+        f.service.roll_back();
+        let outcome = updater.check().await.unwrap();
+        assert_eq!(outcome.state, State::HeldBack, "{outcome:?}");
+        assert!(
+            outcome.message.contains("0.2.0 was rolled back"),
+            "{}",
+            outcome.message
+        );
+        let attempt = f.attempt();
+        assert_eq!(attempt.state, AttemptState::RolledBack);
+        assert!(
+            attempt.message.contains("runs td:1 instead of td:2"),
+            "{}",
+            attempt.message
+        );
+        assert!(attempt.finished_at.is_some());
+        for _ in 0..3 {
+            assert_eq!(updater.check().await.unwrap().state, State::HeldBack);
+        }
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 1);
+
+        f.releases.publish("0.2.1", true);
+        assert_eq!(updater.check().await.unwrap().state, State::Deploying);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 2);
+        assert_eq!(f.attempt().release, "0.2.1");
+    }
+
+    #[tokio::test]
+    async fn the_new_release_marks_the_attempt_succeeded() {
+        let f = Fixture::new();
+        f.releases.publish("0.2.0", true);
+        f.updater("0.1.0", "00-24", true).check().await.unwrap();
+
+        // The new task leads now.
+        let outcome = f.updater("0.2.0", "00-24", true).check().await.unwrap();
+        assert_eq!(outcome.state, State::UpToDate, "{outcome:?}");
+        assert_eq!(f.attempt().state, AttemptState::Succeeded);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_deployed_unless_newer_enabled_and_a_different_image() {
+        let f = Fixture::new();
+        let updater = f.updater("0.1.0", "00-24", true);
+        assert_eq!(updater.check().await.unwrap().state, State::UpToDate);
+
+        f.releases.publish("0.1.0", true);
+        assert_eq!(updater.check().await.unwrap().state, State::UpToDate);
+        f.releases.publish("0.0.9", true);
+        assert_eq!(updater.check().await.unwrap().state, State::UpToDate);
+
+        f.releases.publish("0.2.0", false);
+        let outcome = updater.check().await.unwrap();
+        assert_eq!(outcome.state, State::Disabled);
+        assert!(outcome.message.contains("off in the control plane"));
+
+        f.releases.publish("0.2.0", true);
+        let off_here = f.updater("0.1.0", "00-24", false).check().await.unwrap();
+        assert_eq!(off_here.state, State::Disabled);
+        assert!(off_here.message.contains("RUNNER_SELF_UPDATE=false"));
+
+        // A newer version with the image the service already runs.
+        *f.releases.release.lock().unwrap() = Some(Release {
+            version: "0.2.0".into(),
+            image: "runnerd:0.1.0".into(),
+            auto_update: true,
+        });
+        assert_eq!(updater.check().await.unwrap().state, State::UpToDate);
+        assert_eq!(f.service.registered(), 0);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_standby_never_deploys() {
+        let f = Fixture {
+            leadership: Arc::new(Leadership::default()),
+            ..Fixture::new()
+        };
+        f.releases.publish("0.2.0", true);
+        let outcome = f.updater("0.1.0", "00-24", true).check().await.unwrap();
+        assert_eq!(outcome.state, State::Standby);
+        assert_eq!(f.releases.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_checks_hourly_with_jitter_and_only_while_leading() {
+        let f = Fixture {
+            leadership: Arc::new(Leadership::default()),
+            ..Fixture::new()
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(f.updater("0.1.0", "00-24", true).run(shutdown.clone()));
+        let calls = || f.releases.calls.load(Ordering::SeqCst);
+
+        tokio::time::sleep(Duration::from_secs(5 * 3600)).await;
+        assert_eq!(calls(), 0, "a standby does not ask");
+        assert_eq!(
+            f.health
+                .details()
+                .borrow()
+                .get("update_state")
+                .map(String::as_str),
+            Some("standby")
+        );
+
+        f.leadership.set(
+            1,
+            tokio::time::Instant::now() + Duration::from_secs(100 * 24 * 3600),
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(calls(), 1, "checks as soon as it leads");
+        // The next check comes between 54 and 66 minutes later.
+        tokio::time::sleep(Duration::from_secs(53 * 60)).await;
+        assert_eq!(calls(), 1);
+        tokio::time::sleep(Duration::from_secs(14 * 60)).await;
+        assert_eq!(calls(), 2);
+        assert_eq!(
+            f.health
+                .details()
+                .borrow()
+                .get("update_state")
+                .map(String::as_str),
+            Some("up_to_date")
+        );
+
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
