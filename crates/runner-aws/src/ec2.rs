@@ -142,6 +142,87 @@ fn transient<E: ProvideErrorMetadata>(
     }
 }
 
+/// The instance profile by ARN or by name.
+fn profile_spec(profile: &str) -> IamInstanceProfileSpecification {
+    if profile.starts_with("arn:") {
+        IamInstanceProfileSpecification::builder()
+            .arn(profile)
+            .build()
+    } else {
+        IamInstanceProfileSpecification::builder()
+            .name(profile)
+            .build()
+    }
+}
+
+/// Where launches go: the runner's configured image, group and profile.
+#[derive(Debug, Clone, Copy)]
+pub struct RunPlacement<'a> {
+    /// The AMI.
+    pub ami: &'a str,
+    /// The environments' security group.
+    pub security_group_id: &'a str,
+    /// The environments' instance profile (ARN or name).
+    pub instance_profile: &'a str,
+}
+
+/// What every launch asks for, shared by the launch and `runnerd doctor`'s
+/// DryRun: one instance of `instance_type` from the AMI in `subnet` with the
+/// environments' group and profile, IMDSv2 required, an encrypted gp3 root
+/// disk (when the AMI's root device is known: `(device, GiB)`), and `tags`
+/// on the instance and its volumes.
+pub fn run_request(
+    client: &Client,
+    placement: RunPlacement<'_>,
+    instance_type: &str,
+    subnet: &str,
+    root: Option<(String, i32)>,
+    tags: Vec<Tag>,
+) -> aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder {
+    let root = root.map(|(device, gib)| {
+        BlockDeviceMapping::builder()
+            .device_name(device)
+            .ebs(
+                EbsBlockDevice::builder()
+                    .volume_size(gib)
+                    .volume_type(VolumeType::Gp3)
+                    .encrypted(true)
+                    .delete_on_termination(true)
+                    .build(),
+            )
+            .build()
+    });
+    client
+        .run_instances()
+        .image_id(placement.ami)
+        .instance_type(InstanceType::from(instance_type))
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(subnet)
+        .security_group_ids(placement.security_group_id)
+        .iam_instance_profile(profile_spec(placement.instance_profile))
+        .set_block_device_mappings(root.map(|r| vec![r]))
+        .metadata_options(
+            InstanceMetadataOptionsRequest::builder()
+                .http_tokens(HttpTokensState::Required)
+                .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                .http_put_response_hop_limit(2)
+                .build(),
+        )
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .set_tags(Some(tags.clone()))
+                .build(),
+        )
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Volume)
+                .set_tags(Some(tags))
+                .build(),
+        )
+}
+
 /// Attempts of one launch or mutation.
 const ATTEMPTS: u32 = 4;
 
@@ -371,63 +452,24 @@ impl Compute for Ec2Compute {
             tag(TAG_MANAGED_BY, "aws-runner"),
             tag("Name", format!("aws-runner-{}", request.environment)),
         ];
-        let profile = if self.settings.instance_profile.starts_with("arn:") {
-            IamInstanceProfileSpecification::builder()
-                .arn(&self.settings.instance_profile)
-                .build()
-        } else {
-            IamInstanceProfileSpecification::builder()
-                .name(&self.settings.instance_profile)
-                .build()
-        };
         self.lead()?;
-        let run = self
-            .gated
-            .run_instances()
-            .image_id(&self.settings.ami)
-            .instance_type(InstanceType::from(request.instance_type.as_str()))
-            .min_count(1)
-            .max_count(1)
-            .client_token(&request.client_token)
-            .subnet_id(&request.subnet.id)
-            .security_group_ids(&self.settings.security_group_id)
-            .iam_instance_profile(profile)
-            .block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name(root)
-                    .ebs(
-                        EbsBlockDevice::builder()
-                            .volume_size(i32::try_from(request.disk_gib).unwrap_or(i32::MAX))
-                            .volume_type(VolumeType::Gp3)
-                            .encrypted(true)
-                            .delete_on_termination(true)
-                            .build(),
-                    )
-                    .build(),
-            )
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_tokens(HttpTokensState::Required)
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .http_put_response_hop_limit(2)
-                    .build(),
-            )
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .set_tags(Some(tags.clone()))
-                    .build(),
-            )
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Volume)
-                    .set_tags(Some(tags))
-                    .build(),
-            )
-            .user_data(
-                base64::engine::general_purpose::STANDARD
-                    .encode(user_data(request, &self.settings.region)),
-            );
+        let run = run_request(
+            &self.gated,
+            RunPlacement {
+                ami: &self.settings.ami,
+                security_group_id: &self.settings.security_group_id,
+                instance_profile: &self.settings.instance_profile,
+            },
+            &request.instance_type,
+            &request.subnet.id,
+            Some((root, i32::try_from(request.disk_gib).unwrap_or(i32::MAX))),
+            tags,
+        )
+        .client_token(&request.client_token)
+        .user_data(
+            base64::engine::general_purpose::STANDARD
+                .encode(user_data(request, &self.settings.region)),
+        );
         let result = gated(&self.launches, &self.leadership, || run.clone().send()).await;
         let output = match result {
             Ok(output) => output,

@@ -15,11 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
-    ImageState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType,
-    ResourceType, Tag, TagSpecification, VolumeType,
-};
+use aws_sdk_ec2::types::{ImageState, Tag};
 use runner_aws::ec2::{TAG_ATTEMPT, TAG_ENVIRONMENT, TAG_MANAGED_BY, TAG_RUNNER};
 use runner_core::backoff::Backoff;
 use runner_core::traits::{Credentials, SecretError, SecretStore as _};
@@ -677,60 +673,23 @@ impl Doctor {
         .into_iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())
         .collect();
-        let profile = if placement.instance_profile.starts_with("arn:") {
-            IamInstanceProfileSpecification::builder().arn(&placement.instance_profile)
-        } else {
-            IamInstanceProfileSpecification::builder().name(&placement.instance_profile)
-        }
-        .build();
-        // The launch's encrypted gp3 root disk, when the AMI's root is known
-        // (an SSM-resolved AMI is only known to EC2).
-        let root = root_device.map(|(device, size)| {
-            BlockDeviceMapping::builder()
-                .device_name(device)
-                .ebs(
-                    EbsBlockDevice::builder()
-                        .set_volume_size(Some(size.unwrap_or(DRY_RUN_DISK_GIB)))
-                        .volume_type(VolumeType::Gp3)
-                        .encrypted(true)
-                        .delete_on_termination(true)
-                        .build(),
-                )
-                .build()
-        });
-        let result = self
-            .ec2
-            .run_instances()
-            .dry_run(true)
-            .image_id(&placement.ami)
-            .instance_type(InstanceType::from(DRY_RUN_TYPE))
-            .min_count(1)
-            .max_count(1)
-            .subnet_id(subnet)
-            .security_group_ids(&placement.security_group_id)
-            .iam_instance_profile(profile)
-            .set_block_device_mappings(root.map(|r| vec![r]))
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_tokens(HttpTokensState::Required)
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .http_put_response_hop_limit(2)
-                    .build(),
-            )
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .set_tags(Some(tags.clone()))
-                    .build(),
-            )
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Volume)
-                    .set_tags(Some(tags))
-                    .build(),
-            )
-            .send()
-            .await;
+        let result = runner_aws::ec2::run_request(
+            &self.ec2,
+            runner_aws::ec2::RunPlacement {
+                ami: &placement.ami,
+                security_group_id: &placement.security_group_id,
+                instance_profile: &placement.instance_profile,
+            },
+            DRY_RUN_TYPE,
+            subnet,
+            // The launch's encrypted gp3 root disk, when the AMI's root is
+            // known (an SSM-resolved AMI is only known to EC2).
+            root_device.map(|(device, size)| (device, size.unwrap_or(DRY_RUN_DISK_GIB))),
+            tags,
+        )
+        .dry_run(true)
+        .send()
+        .await;
         let pass = || {
             Outcome::Pass(format!(
                 "RunInstances would succeed ({DRY_RUN_TYPE} in {subnet}, the environments' group, profile, tags and encrypted disk)"
