@@ -1,0 +1,172 @@
+//! `bench`: measures runnerd on emulated AWS (moto) and writes
+//! `BENCHMARKS.md`. Each figure starts its own moto, control plane and
+//! runnerd processes on 127.0.0.1 and stops them; figures are the median of
+//! several runs. Not part of the tests: nothing here asserts a speed.
+
+mod failover;
+mod launch;
+mod lifecycle;
+mod proxy;
+mod report;
+mod steady;
+mod world;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::report::Report;
+use crate::world::Tools;
+
+/// Benchmarks of runnerd on moto.
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(subcommand)]
+    figure: Figure,
+    /// Runs per figure; the median is reported.
+    #[arg(long, default_value_t = 3, global = true)]
+    runs: usize,
+    /// Smaller sizes, for a smoke run.
+    #[arg(long, global = true)]
+    quick: bool,
+    /// moto's server script (from `tests/python/ensure-venv`).
+    #[arg(long, global = true, default_value = ".tools/venv/bin/moto_server")]
+    moto_server: PathBuf,
+    /// The runnerd binary to measure (a release build).
+    #[arg(long, global = true, default_value = "target/release/runnerd")]
+    runnerd: PathBuf,
+    /// Where logs go.
+    #[arg(long, global = true, default_value = "target/bench")]
+    work_dir: PathBuf,
+    /// Where the report goes.
+    #[arg(long, global = true, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// Environments launched for the launch overhead (default 500; 50 with --quick).
+    #[arg(long, global = true)]
+    launches: Option<usize>,
+    /// Environments created at 50/s for the latency (default 500; 100 with --quick).
+    #[arg(long, global = true)]
+    latency_envs: Option<usize>,
+    /// Known environments for the steady-state figures (default 10,000;
+    /// 300 with --quick).
+    #[arg(long, global = true)]
+    steady_envs: Option<usize>,
+    /// The command line to print in the report.
+    #[arg(long, global = true, default_value = "bench/run")]
+    command: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+enum Figure {
+    /// Launch overhead against a minimal program.
+    Launch,
+    /// Watch event → RunInstances latency at 50 launches per second.
+    Latency,
+    /// AWS calls per environment lifecycle, and idle memory.
+    Lifecycle,
+    /// Many environments: restart to ready, memory, CPU and calls per pass.
+    Steady,
+    /// Leader failover with two replicas.
+    Failover,
+    /// Every figure.
+    All,
+}
+
+/// Sizes of one invocation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sizes {
+    pub(crate) launches: usize,
+    pub(crate) latency_envs: usize,
+    pub(crate) latency_rate: f64,
+    pub(crate) steady_envs: usize,
+    pub(crate) steady_resync: Duration,
+    pub(crate) steady_passes: usize,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) lease_renew: Duration,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        let full = Self {
+            launches: 500,
+            latency_envs: 500,
+            latency_rate: 50.0,
+            steady_envs: 10_000,
+            steady_resync: Duration::from_secs(30),
+            steady_passes: 2,
+            lease_ttl: Duration::from_secs(5),
+            lease_renew: Duration::from_secs(1),
+        };
+        if quick {
+            Self {
+                launches: 50,
+                latency_envs: 100,
+                steady_envs: 300,
+                steady_resync: Duration::from_secs(10),
+                ..full
+            }
+        } else {
+            full
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    std::fs::create_dir_all(&cli.work_dir)?;
+    let tools = Tools {
+        moto_server: std::fs::canonicalize(&cli.moto_server)?,
+        runnerd: std::fs::canonicalize(&cli.runnerd)?,
+        work_dir: std::fs::canonicalize(&cli.work_dir)?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut sizes = Sizes::new(cli.quick);
+    if let Some(n) = cli.steady_envs {
+        sizes.steady_envs = n;
+    }
+    if let Some(n) = cli.launches {
+        sizes.launches = n;
+    }
+    if let Some(n) = cli.latency_envs {
+        sizes.latency_envs = n;
+    }
+    let runs = cli.runs.max(1);
+    let mut report = Report::new(&cli.command, &tools, sizes, runs, cli.quick);
+    let all = cli.figure == Figure::All;
+    runtime.block_on(async {
+        // A figure that fails is reported with its error; the others still run.
+        if all || cli.figure == Figure::Launch {
+            let result = report.launch(&tools, sizes, runs).await;
+            report.failed("Launch overhead", result);
+        }
+        if all || cli.figure == Figure::Latency {
+            let result = report.latency(&tools, sizes, runs).await;
+            report.failed("Watch event → RunInstances latency", result);
+        }
+        if all || cli.figure == Figure::Lifecycle {
+            let result = report.lifecycle(&tools, runs).await;
+            report.failed("AWS calls per environment lifecycle", result);
+        }
+        if all || cli.figure == Figure::Steady {
+            let result = report.steady(&tools, sizes, runs).await;
+            report.failed("Known environments", result);
+        }
+        if all || cli.figure == Figure::Failover {
+            let result = report.failover(&tools, sizes, runs).await;
+            report.failed("Leader failover", result);
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let text = report.render();
+    if all {
+        std::fs::write(&cli.out, &text)?;
+        eprintln!("bench: wrote {}", cli.out.display());
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
