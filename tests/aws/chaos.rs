@@ -357,9 +357,13 @@ async fn two_replicas_throughout_with_the_leader_frozen_past_its_lease() {
         extra.push(("RUNNER_HEALTH_LISTEN", format!("127.0.0.1:{port}")));
         Process::start_with(&world, name, &moto.url, &extra)
     };
-    let replicas = [start("overlap-a", ports[0]), start("overlap-b", ports[1])];
+    // One after the other: two replicas trading one fresh exchange token at
+    // the same instant race for it (the stack's first deployment runs one).
+    let a = start("overlap-a", ports[0]);
     ready(ports[0], "overlap-a").await;
+    let b = start("overlap-b", ports[1]);
     ready(ports[1], "overlap-b").await;
+    let replicas = [a, b];
     let driver = tokio::spawn({
         let world = world.clone();
         let plan = Plan {
