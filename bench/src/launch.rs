@@ -239,7 +239,7 @@ async fn launch_one(
     ];
     let launched = ec2
         .run_instances()
-        .image_id(world::AMI)
+        .image_id(&world.infra.ami)
         .instance_type(InstanceType::from(world::INSTANCE_TYPE))
         .min_count(1)
         .max_count(1)

@@ -137,7 +137,7 @@ fn main() -> anyhow::Result<()> {
     let runs = cli.runs.max(1);
     let mut report = Report::new(&cli.command, &tools, sizes, runs, cli.quick);
     let all = cli.figure == Figure::All;
-    runtime.block_on(async {
+    let figures = async {
         // A figure that fails is reported with its error; the others still run.
         if all || cli.figure == Figure::Launch {
             let result = report.launch(&tools, sizes, runs).await;
@@ -159,7 +159,21 @@ fn main() -> anyhow::Result<()> {
             let result = report.failover(&tools, sizes, runs).await;
             report.failed("Leader failover", result);
         }
-    });
+    };
+    // On SIGINT or SIGTERM the figures are dropped, which kills every
+    // process they started.
+    let interrupted = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            () = figures => anyhow::Ok(false),
+            _ = tokio::signal::ctrl_c() => Ok(true),
+            _ = term.recv() => Ok(true),
+        }
+    })?;
+    if interrupted {
+        runtime.shutdown_timeout(Duration::from_secs(5));
+        anyhow::bail!("interrupted: nothing written");
+    }
     runtime.shutdown_timeout(Duration::from_secs(5));
     let text = report.render();
     if all {

@@ -594,7 +594,7 @@ impl Report {
                  of {m_ready:.1} s): runnerd reports ready only after its first full view of the \
                  instances (no create or terminate before it), and moto's DescribeInstances \
                  grows steeply with the number of instances (see the pass's describe above). The \
-                 rest, {:.1} s, is runnerd's start-up and its other calls: the credentials \
+                 rest, about {:.1} s (difference of the medians), is runnerd's start-up and its other calls: the credentials \
                  secret, the VPC, security group and subnet checks, the records `Query`, the \
                  environment list from the control plane.\n",
                 m_ready - describing

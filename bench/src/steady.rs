@@ -48,7 +48,7 @@ pub(crate) async fn populate(tools: &Tools, n: usize) -> anyhow::Result<Populate
                 ];
                 let instance = ec2
                     .run_instances()
-                    .image_id(world::AMI)
+                    .image_id(&world.infra.ami)
                     .instance_type(InstanceType::from(world::INSTANCE_TYPE))
                     .min_count(1)
                     .max_count(1)

@@ -24,7 +24,6 @@ use tonic::transport::Channel;
 pub(crate) const REGION: &str = "eu-west-1";
 pub(crate) const ZONES: [&str; 3] = ["eu-west-1a", "eu-west-1b", "eu-west-1c"];
 pub(crate) const INSTANCE_PROFILE: &str = "aws-runner-environment";
-pub(crate) const AMI: &str = "ami-0123456789abcdef0";
 pub(crate) const INSTANCE_TYPE: &str = "m5.large";
 pub(crate) const DISK_GIB: u32 = 30;
 pub(crate) const REPOSITORY: &str = "https://github.com/acme/api.git";
@@ -161,6 +160,8 @@ pub(crate) struct Infra {
     pub(crate) table: String,
     pub(crate) secret_id: String,
     pub(crate) kms_key_id: String,
+    /// An image moto knows (runnerd's setup checks look it up).
+    pub(crate) ami: String,
 }
 
 impl Infra {
@@ -220,11 +221,35 @@ impl Infra {
             .key_schema(key("sk", KeyType::Range)?)
             .send()
             .await?;
-        aws_sdk_iam::Client::new(sdk)
-            .create_instance_profile()
+        // A profile with a role, as the stack makes it.
+        let iam = aws_sdk_iam::Client::new(sdk);
+        iam.create_instance_profile()
             .instance_profile_name(INSTANCE_PROFILE)
             .send()
             .await?;
+        iam.create_role()
+            .role_name(INSTANCE_PROFILE)
+            .assume_role_policy_document(
+                r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#,
+            )
+            .send()
+            .await?;
+        iam.add_role_to_instance_profile()
+            .instance_profile_name(INSTANCE_PROFILE)
+            .role_name(INSTANCE_PROFILE)
+            .send()
+            .await?;
+        let ami = ec2
+            .describe_images()
+            .owners("amazon")
+            .send()
+            .await?
+            .images()
+            .iter()
+            .find(|i| i.root_device_name().is_some())
+            .and_then(|i| i.image_id())
+            .context("moto lists no AMI")?
+            .to_owned();
         let secret_id = "runner-bench/credentials".to_owned();
         aws_sdk_secretsmanager::Client::new(sdk)
             .create_secret()
@@ -247,6 +272,7 @@ impl Infra {
             table,
             secret_id,
             kms_key_id,
+            ami,
         })
     }
 }
@@ -404,7 +430,7 @@ impl World {
                 self.infra.security_group_id.clone(),
             ),
             ("RUNNER_INSTANCE_PROFILE", INSTANCE_PROFILE.to_owned()),
-            ("RUNNER_AMI", AMI.to_owned()),
+            ("RUNNER_AMI", self.infra.ami.clone()),
             ("RUNNER_TABLE", self.infra.table.clone()),
             ("RUNNER_SECRET_ID", self.infra.secret_id.clone()),
             ("RUNNER_KMS_KEY_ID", self.infra.kms_key_id.clone()),
