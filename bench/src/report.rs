@@ -464,7 +464,10 @@ impl Report {
              for fencing), counted as one call each. Background calls (lease renewal \
              `UpdateItem`, health checks) do not depend on the environments; the AMI's root \
              device and the zones offering the type are looked up on a process's first \
-             launch and cached. Load average (1 min) when the figure started: {load}.\n",
+             launch and cached. The environment's repository has no SCM integration, so no \
+             checkout-credential secret is stored and the minimum counts no \
+             `secretsmanager.DeleteSecret`; runnerd deletes that secret with every environment \
+             (after a restart it could not tell whether one was stored). Load average (1 min) when the figure started: {load}.\n",
             totals
                 .iter()
                 .map(|t| format!("{t:.0}"))
