@@ -1,14 +1,16 @@
 //! Opening sealed tokens (`store_host_token.sealed_token`) on arbitrary
-//! input, through `runner_core::scm::open_sealed_token`, the function the
-//! runner calls.
+//! input, through `runner_core::sealed::open`, the function the runner
+//! calls.
 //!
 //! It must never panic, and:
 //! - bytes that are not a sealed box to the runner's key never open (raw
 //!   input, a real box truncated or with a flipped bit, a box to another key);
-//! - a real box opens exactly when its plaintext is a usable token (UTF-8,
-//!   1 to 4096 bytes once trimmed, no whitespace or control characters), and
-//!   then to the trimmed plaintext;
-//! - an error names `sealed_token` and never holds the plaintext.
+//! - a real box opens exactly when its plaintext is the bound form for the
+//!   principal, host and purpose asked for, with a usable secret (1 to 4096
+//!   bytes once trimmed, no whitespace or control characters), and then to
+//!   the trimmed secret; a box for another principal, host or purpose, or a
+//!   bare token, never opens;
+//! - an error names `sealed_token` and never holds the secret.
 
 #![no_main]
 
@@ -16,7 +18,7 @@ use crypto_box::aead::rand_core::{CryptoRng, Error, RngCore};
 use crypto_box::{PublicKey, SecretKey};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use runner_core::scm::{MAX_TOKEN_LEN, open_sealed_token};
+use runner_core::sealed::{Binding, MAX_SECRET_LEN, Purpose, open};
 use secrecy::ExposeSecret as _;
 
 #[derive(Debug, Arbitrary)]
@@ -25,10 +27,80 @@ enum Input {
     Raw(Vec<u8>),
     /// A real box around `plaintext`, maybe damaged.
     Sealed {
-        plaintext: Vec<u8>,
+        plaintext: Plaintext,
         seed: u64,
         damage: Damage,
     },
+}
+
+#[derive(Debug, Arbitrary)]
+enum Plaintext {
+    /// Any bytes (a bare token among them).
+    Bytes(Vec<u8>),
+    /// The bound form, for what the runner asks or for something else.
+    Bound {
+        secret: String,
+        principal: String,
+        host: String,
+        client_secret: bool,
+        claim: Claim,
+    },
+}
+
+/// What the runner asks the box to be for, against what it was sealed for.
+#[derive(Debug, Arbitrary)]
+enum Claim {
+    Same,
+    OtherPrincipal,
+    OtherHost,
+}
+
+const PRINCIPAL: &str = "alice";
+const HOST: &str = "github.com";
+
+fn asked() -> Binding<'static> {
+    Binding {
+        purpose: Purpose::Pat,
+        principal: PRINCIPAL,
+        host: HOST,
+    }
+}
+
+impl Plaintext {
+    /// The bytes to seal, the secret inside, and whether the box is bound
+    /// to exactly what the runner asks for.
+    fn bytes(&self) -> (Vec<u8>, Option<&str>, bool) {
+        match self {
+            Self::Bytes(bytes) => (bytes.clone(), None, false),
+            Self::Bound {
+                secret,
+                principal,
+                host,
+                client_secret,
+                claim,
+            } => {
+                let (principal, host) = match claim {
+                    Claim::Same => (PRINCIPAL, HOST),
+                    Claim::OtherPrincipal => (principal.as_str(), HOST),
+                    Claim::OtherHost => (PRINCIPAL, host.as_str()),
+                };
+                let purpose = if *client_secret {
+                    "oauth-client-secret"
+                } else {
+                    "pat"
+                };
+                let json = serde_json::json!({
+                    "v": 1,
+                    "purpose": purpose,
+                    "principal": principal,
+                    "host": host,
+                    "secret": secret,
+                });
+                let bound = principal == PRINCIPAL && host == HOST && !client_secret;
+                (json.to_string().into_bytes(), Some(secret.as_str()), bound)
+            }
+        }
+    }
 }
 
 #[derive(Debug, Arbitrary)]
@@ -83,16 +155,17 @@ fn seal(to: &PublicKey, plaintext: &[u8], seed: u64) -> Vec<u8> {
 }
 
 /// What the runner should make of an intact box around `plaintext`.
-fn expected(plaintext: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(plaintext).ok()?.trim();
-    let usable = !text.is_empty()
-        && text.len() <= MAX_TOKEN_LEN
+fn expected(secret: Option<&str>, bound: bool) -> Option<&str> {
+    let text = secret?.trim();
+    let usable = bound
+        && !text.is_empty()
+        && text.len() <= MAX_SECRET_LEN
         && !text.chars().any(|c| c.is_whitespace() || c.is_control());
     usable.then_some(text)
 }
 
 fn refused(key: &SecretKey, sealed: &[u8], plaintext: Option<&[u8]>) -> String {
-    let err = match open_sealed_token(key, sealed) {
+    let err = match open(key, sealed, asked()) {
         Ok(_) => panic!("opened a box that is not one to this key"),
         Err(err) => err,
     };
@@ -107,7 +180,8 @@ fn refused(key: &SecretKey, sealed: &[u8], plaintext: Option<&[u8]>) -> String {
 fn no_plaintext(err: &str, plaintext: &[u8]) {
     if let Ok(text) = std::str::from_utf8(plaintext) {
         let text = text.trim();
-        if text.len() >= 4 {
+        // Short texts may be words of the message itself.
+        if text.len() >= 16 {
             assert!(!err.contains(text), "{err:?} holds the plaintext");
         }
     }
@@ -124,13 +198,17 @@ fuzz_target!(|input: Input| {
             seed,
             damage,
         } => {
+            let (plaintext, secret, bound) = plaintext.bytes();
             let sealed = seal(&runner.public_key(), &plaintext, seed);
             match damage {
-                Damage::None => match (open_sealed_token(&runner, &sealed), expected(&plaintext)) {
+                Damage::None => match (open(&runner, &sealed, asked()), expected(secret, bound)) {
                     (Ok(token), Some(text)) => assert_eq!(token.expose_secret(), text),
                     (Err(err), None) => {
-                        assert!(err.starts_with("sealed_token: the token "), "{err}");
-                        no_plaintext(&err, &plaintext);
+                        assert!(err.starts_with("sealed_token: "), "{err}");
+                        assert!(!err.contains("does not open"), "{err}");
+                        if let Some(secret) = secret {
+                            no_plaintext(&err, secret.as_bytes());
+                        }
                     }
                     (Ok(_), None) => panic!("accepted an unusable token"),
                     (Err(err), Some(_)) => panic!("refused a usable token: {err}"),

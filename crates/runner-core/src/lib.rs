@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod reconcile;
 pub mod scheduler;
 pub mod scm;
+pub mod sealed;
 pub mod traits;
 pub mod update;
 pub mod validate;

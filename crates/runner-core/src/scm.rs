@@ -2,12 +2,11 @@
 //! live, what their URLs mean, how a token is presented, and which stored
 //! tokens an integration still allows. Pure: no I/O.
 
+use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use secrecy::SecretString;
-use secrecy::zeroize::Zeroizing;
 use url::{Host, Url};
 use uuid::Uuid;
 
@@ -133,6 +132,16 @@ pub struct Endpoints {
     pub scope: &'static str,
 }
 
+impl Endpoints {
+    /// Where a token obtained through these endpoints may be presented: the
+    /// API base and the OAuth token endpoint. Stored tokens are bound to it
+    /// (it is part of their encryption context), so a token is only ever
+    /// presented where it was issued.
+    pub fn binding(&self) -> String {
+        format!("{} {}", self.api, self.token)
+    }
+}
+
 /// What a token is presented for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
@@ -203,8 +212,10 @@ pub fn host_of(url: &str) -> Result<String, String> {
     host_port(&parse_https(url)?)
 }
 
-/// The endpoints of `kind` on `host`, honouring the overrides. Overrides
-/// must be https, or http on a loopback address.
+/// The endpoints of `kind` on `host`, honouring the overrides. An override
+/// must be on `host` itself (same name and port), https (http only when
+/// `host` is a loopback address), and is refused for the public hosts: the
+/// control plane cannot send users' tokens anywhere else.
 pub fn endpoints(
     kind: ScmKind,
     host: &str,
@@ -213,12 +224,11 @@ pub fn endpoints(
 ) -> Result<Endpoints, String> {
     let host = normalize_host(host)?;
     let api_override = api_base_url
-        .map(|value| base_override("api_base_url", value))
+        .map(|value| base_override("api_base_url", value, &host))
         .transpose()?;
     let oauth_override = oauth_base_url
-        .map(|value| base_override("oauth_base_url", value))
+        .map(|value| base_override("oauth_base_url", value, &host))
         .transpose()?;
-    let has_api_override = api_override.is_some();
     let (api_default, oauth_default) = match kind {
         ScmKind::GitHub if host == "github.com" => (
             "https://api.github.com".to_owned(),
@@ -257,13 +267,11 @@ pub fn endpoints(
         ScmKind::AzureDevOps => {
             // Services answers "who am I" on the profile service, not the
             // organization host; Server has no profile service.
-            let user = if host != "dev.azure.com" {
-                format!("{api}/_apis/connectionData")
-            } else if has_api_override {
-                format!("{api}/_apis/profile/profiles/me?api-version=7.1")
-            } else {
+            let user = if host == "dev.azure.com" {
                 "https://app.vssps.visualstudio.com/_apis/profile/profiles/me?api-version=7.1"
                     .to_owned()
+            } else {
+                format!("{api}/_apis/connectionData")
             };
             (
                 user,
@@ -307,39 +315,6 @@ pub fn authorization(kind: ScmKind, source: AuthSource, token: &str, purpose: Pu
         (Purpose::Git, ScmKind::Bitbucket, _) => basic("x-token-auth"),
         (Purpose::Git, ScmKind::AzureDevOps, AuthSource::Pat) => basic("pat"),
     }
-}
-
-/// Longest token accepted from a sealed box, in bytes.
-pub const MAX_TOKEN_LEN: usize = 4096;
-
-/// Opens a personal access token sealed to the runner's key
-/// (`store_host_token.sealed_token`). It must open with `key`, be UTF-8,
-/// and once trimmed be 1 to [`MAX_TOKEN_LEN`] bytes without whitespace or
-/// control characters. The error names the field and never holds the
-/// token; the opened bytes are zeroed whatever the outcome.
-pub fn open_sealed_token(
-    key: &crypto_box::SecretKey,
-    sealed: &[u8],
-) -> Result<SecretString, String> {
-    let opened = Zeroizing::new(key.unseal(sealed).map_err(|_| {
-        "sealed_token: does not open with this runner's key (sealed to another key, or corrupted)"
-            .to_owned()
-    })?);
-    let text = std::str::from_utf8(&opened)
-        .map_err(|_| "sealed_token: the token is not UTF-8".to_owned())?
-        .trim();
-    if text.is_empty() {
-        return Err("sealed_token: the token is empty".to_owned());
-    }
-    if text.len() > MAX_TOKEN_LEN {
-        return Err(format!(
-            "sealed_token: the token is longer than {MAX_TOKEN_LEN} bytes"
-        ));
-    }
-    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("sealed_token: the token contains whitespace or control characters".to_owned());
-    }
-    Ok(SecretString::from(text.to_owned()))
 }
 
 /// Parses a repository, branch, commit, pull/merge request or issue URL of
@@ -430,27 +405,105 @@ pub fn parse_context_url(url: &str, kind: ScmKind) -> Result<ContextUrl, String>
     })
 }
 
-/// The stored tokens the integrations no longer allow: those of hosts with
-/// no integration, and those whose source the host's integration disabled.
-/// Tokens stored at or after `listed_at` are kept (the list may predate them).
+/// A stored token as revocation sees it (no value).
+#[derive(Debug, Clone, Copy)]
+pub struct Held<'a> {
+    /// Whose, for which host, obtained how.
+    pub key: &'a TokenKey,
+    /// When it was stored.
+    pub stored_at: SystemTime,
+    /// The endpoints it is bound to ([`Endpoints::binding`]); `None` for a
+    /// token stored before tokens were bound to endpoints.
+    pub binding: Option<&'a str>,
+}
+
+/// What the control plane says is live, as listed at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Live<'a> {
+    /// Every integration.
+    pub integrations: &'a [Integration],
+    /// Every (principal, host) whose token the runner may keep.
+    pub authenticated: &'a BTreeSet<(String, String)>,
+    /// When the lists were requested.
+    pub listed_at: SystemTime,
+}
+
+/// Why a stored token is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Revocation {
+    /// Its host has no integration any more.
+    NoIntegration,
+    /// The integration disabled the method it was obtained with.
+    MethodDisabled,
+    /// The integration's endpoints are not the ones it was issued for.
+    EndpointChanged,
+    /// The control plane no longer lists it (the user or an admin deleted it).
+    NotListed,
+}
+
+impl Revocation {
+    /// For logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoIntegration => "its host has no integration",
+            Self::MethodDisabled => "its method is disabled",
+            Self::EndpointChanged => "the integration's endpoints changed",
+            Self::NotListed => "the control plane no longer lists it",
+        }
+    }
+}
+
+/// Whether a token bound to `binding` may be presented through
+/// `integration`'s endpoints.
+pub fn binding_allowed(integration: &Integration, binding: Option<&str>) -> bool {
+    let current = endpoints(
+        integration.kind,
+        &integration.host,
+        integration.api_base_url.as_deref(),
+        integration.oauth_base_url.as_deref(),
+    );
+    match (current, binding) {
+        (Ok(endpoints), Some(binding)) => endpoints.binding() == binding,
+        // Stored before binding: the host's default endpoints only.
+        (Ok(_), None) => integration.api_base_url.is_none() && integration.oauth_base_url.is_none(),
+        (Err(_), _) => false,
+    }
+}
+
+/// The stored tokens the control plane no longer allows: those of hosts
+/// with no integration, whose method the integration disabled, whose
+/// endpoints changed, or whose (principal, host) it no longer lists.
+/// Tokens stored at or after `listed_at` are kept (the lists may predate
+/// them). Sorted by key, one entry per key.
 pub fn revoked<'a>(
-    tokens: impl IntoIterator<Item = (&'a TokenKey, SystemTime)>,
-    integrations: &[Integration],
-    listed_at: SystemTime,
-) -> Vec<TokenKey> {
-    let mut revoked: Vec<TokenKey> = tokens
+    tokens: impl IntoIterator<Item = Held<'a>>,
+    live: &Live<'_>,
+) -> Vec<(TokenKey, Revocation)> {
+    let mut revoked: Vec<(TokenKey, Revocation)> = tokens
         .into_iter()
-        .filter(|&(key, stored_at)| {
-            stored_at < listed_at
-                && integrations
-                    .iter()
-                    .find(|integration| integration.host == key.host)
-                    .is_none_or(|integration| !integration.allows(key.source))
+        .filter(|held| held.stored_at < live.listed_at)
+        .filter_map(|held| {
+            let key = held.key;
+            let why = match live.integrations.iter().find(|i| i.host == key.host) {
+                None => Revocation::NoIntegration,
+                Some(integration) if !integration.allows(key.source) => Revocation::MethodDisabled,
+                Some(integration) if !binding_allowed(integration, held.binding) => {
+                    Revocation::EndpointChanged
+                }
+                Some(_)
+                    if !live
+                        .authenticated
+                        .contains(&(key.principal.clone(), key.host.clone())) =>
+                {
+                    Revocation::NotListed
+                }
+                Some(_) => return None,
+            };
+            Some((key.clone(), why))
         })
-        .map(|(key, _)| key.clone())
         .collect();
     revoked.sort();
-    revoked.dedup();
+    revoked.dedup_by(|a, b| a.0 == b.0);
     revoked
 }
 
@@ -519,8 +572,13 @@ fn normalize_host(host: &str) -> Result<String, String> {
     host_port(&parsed)
 }
 
-/// A validated base URL override without trailing slashes.
-fn base_override(field: &str, value: &str) -> Result<String, String> {
+/// A validated base URL override without trailing slashes, on `host`.
+fn base_override(field: &str, value: &str, host: &str) -> Result<String, String> {
+    if public_kind(host).is_some() {
+        return Err(format!(
+            "{field}: {host} is a public host; its endpoints cannot be overridden"
+        ));
+    }
     let parsed = Url::parse(value).map_err(|err| format!("{field}: not a valid URL: {err}"))?;
     let allowed = match parsed.scheme() {
         "https" => true,
@@ -535,6 +593,12 @@ fn base_override(field: &str, value: &str) -> Result<String, String> {
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(format!("{field}: must not have a query or fragment"));
+    }
+    let on = host_port(&parsed)?;
+    if on != host {
+        return Err(format!(
+            "{field}: must be on the integration's host {host}, not {on}"
+        ));
     }
     Ok(parsed.as_str().trim_end_matches('/').to_owned())
 }
@@ -924,9 +988,9 @@ mod tests {
     fn github_overrides_replace_the_bases_and_drop_trailing_slashes() {
         let e = endpoints(
             ScmKind::GitHub,
-            "github.com",
+            "127.0.0.1:8080",
             Some("http://127.0.0.1:8080/api/"),
-            Some("http://localhost:9090//"),
+            Some("https://127.0.0.1:8080//"),
         )
         .unwrap();
         assert_eq!(
@@ -934,9 +998,75 @@ mod tests {
             [
                 "http://127.0.0.1:8080/api",
                 "http://127.0.0.1:8080/api/user",
-                "http://localhost:9090/login/oauth/access_token",
-                "http://localhost:9090/login/oauth/authorize",
+                "https://127.0.0.1:8080/login/oauth/access_token",
+                "https://127.0.0.1:8080/login/oauth/authorize",
             ]
+        );
+    }
+
+    #[test]
+    fn public_hosts_take_no_override() {
+        for (kind, host) in [
+            (ScmKind::GitHub, "github.com"),
+            (ScmKind::GitLab, "gitlab.com"),
+            (ScmKind::Bitbucket, "bitbucket.org"),
+            (ScmKind::AzureDevOps, "dev.azure.com"),
+        ] {
+            for base in [
+                format!("https://{host}/api"),
+                "https://evil.example".to_owned(),
+            ] {
+                let err = endpoints(kind, host, Some(&base), None).unwrap_err();
+                assert_eq!(
+                    err,
+                    format!(
+                        "api_base_url: {host} is a public host; its endpoints cannot be overridden"
+                    )
+                );
+                let err = endpoints(kind, host, None, Some(&base)).unwrap_err();
+                assert!(err.starts_with("oauth_base_url: "), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn overrides_stay_on_the_integrations_host() {
+        for (base, on) in [
+            ("https://evil.example/api/v3", "evil.example"),
+            (
+                "https://ghe.example.com.evil.example/api",
+                "ghe.example.com.evil.example",
+            ),
+            ("https://api.ghe.example.com/", "api.ghe.example.com"),
+            ("https://ghe.example.com:8443/api", "ghe.example.com:8443"),
+            ("https://github.com/api", "github.com"),
+            ("http://127.0.0.1:8080/api", "127.0.0.1:8080"),
+        ] {
+            let err = endpoints(ScmKind::GitHub, "ghe.example.com", Some(base), None).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "api_base_url: must be on the integration's host ghe.example.com, not {on}"
+                )
+            );
+            let err = endpoints(ScmKind::GitHub, "ghe.example.com", None, Some(base)).unwrap_err();
+            assert!(err.starts_with("oauth_base_url: must be on"), "{err}");
+        }
+        // The same host, however spelled.
+        let e = endpoints(
+            ScmKind::GitHub,
+            "GHE.example.com:443",
+            Some("https://ghe.EXAMPLE.com:443/ghe/api/v3/"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(e.api.as_str(), "https://ghe.example.com/ghe/api/v3");
+        // Bound to the endpoints: an override changes the binding.
+        let default = endpoints(ScmKind::GitHub, "ghe.example.com", None, None).unwrap();
+        assert_ne!(default.binding(), e.binding());
+        assert_eq!(
+            default.binding(),
+            "https://ghe.example.com/api/v3 https://ghe.example.com/login/oauth/access_token"
         );
     }
 
@@ -958,23 +1088,23 @@ mod tests {
         let e = endpoints(
             ScmKind::GitLab,
             "gitlab.example.com",
-            Some("https://api.gitlab.example.com/v4"),
-            Some("https://sso.example.com/gitlab/"),
+            Some("https://gitlab.example.com/gitlab/api/v4"),
+            Some("https://gitlab.example.com/sso/"),
         )
         .unwrap();
         assert_eq!(
             strs(&e),
             [
-                "https://api.gitlab.example.com/v4",
-                "https://api.gitlab.example.com/v4/user",
-                "https://sso.example.com/gitlab/oauth/token",
-                "https://sso.example.com/gitlab/oauth/authorize",
+                "https://gitlab.example.com/gitlab/api/v4",
+                "https://gitlab.example.com/gitlab/api/v4/user",
+                "https://gitlab.example.com/sso/oauth/token",
+                "https://gitlab.example.com/sso/oauth/authorize",
             ]
         );
     }
 
     #[test]
-    fn bitbucket_endpoints_default_and_overridden() {
+    fn bitbucket_endpoints() {
         let e = endpoints(ScmKind::Bitbucket, "bitbucket.org", None, None).unwrap();
         assert_eq!(
             strs(&e),
@@ -986,22 +1116,6 @@ mod tests {
             ]
         );
         assert_eq!(e.scope, "repository pullrequest account");
-        let e = endpoints(
-            ScmKind::Bitbucket,
-            "bitbucket.org",
-            Some("http://[::1]:7000/2.0"),
-            Some("http://127.0.0.2:7001"),
-        )
-        .unwrap();
-        assert_eq!(
-            strs(&e),
-            [
-                "http://[::1]:7000/2.0",
-                "http://[::1]:7000/2.0/user",
-                "http://127.0.0.2:7001/site/oauth2/access_token",
-                "http://127.0.0.2:7001/site/oauth2/authorize",
-            ]
-        );
     }
 
     #[test]
@@ -1033,26 +1147,6 @@ mod tests {
         assert_eq!(
             e.scope,
             "499b84ac-1321-427f-aa17-267ca6975798/.default offline_access"
-        );
-    }
-
-    #[test]
-    fn azure_devops_services_api_override_moves_the_profile_call() {
-        let e = endpoints(
-            ScmKind::AzureDevOps,
-            "dev.azure.com",
-            Some("http://127.0.0.1:5000/"),
-            Some("http://127.0.0.1:5001/tenant/oauth2/v2.0"),
-        )
-        .unwrap();
-        assert_eq!(
-            strs(&e),
-            [
-                "http://127.0.0.1:5000/",
-                "http://127.0.0.1:5000/_apis/profile/profiles/me?api-version=7.1",
-                "http://127.0.0.1:5001/tenant/oauth2/v2.0/token",
-                "http://127.0.0.1:5001/tenant/oauth2/v2.0/authorize",
-            ]
         );
     }
 
@@ -1108,35 +1202,32 @@ mod tests {
 
     #[test]
     fn overrides_allow_http_only_on_loopback() {
-        for base in [
-            "http://127.0.0.1:8080",
-            "http://127.255.0.1",
-            "http://[::1]:8080",
-            "http://localhost:8080",
-            "http://LOCALHOST",
-            "https://api.example.com",
+        for host in [
+            "127.0.0.1:8080",
+            "127.255.0.1",
+            "[::1]:8080",
+            "localhost:8080",
         ] {
-            for kind in PROVIDERS {
-                let host = match kind {
-                    ScmKind::Bitbucket => "bitbucket.org",
-                    _ => "scm.example.com",
-                };
-                assert!(
-                    endpoints(kind, host, Some(base), Some(base)).is_ok(),
-                    "{kind:?} {base}"
-                );
+            for kind in [ScmKind::GitHub, ScmKind::GitLab, ScmKind::AzureDevOps] {
+                for scheme in ["http", "https"] {
+                    let base = format!("{scheme}://{host}/x");
+                    assert!(
+                        endpoints(kind, host, Some(&base), Some(&base)).is_ok(),
+                        "{kind:?} {base}"
+                    );
+                }
             }
         }
-        for base in [
-            "http://api.example.com",
-            "http://10.0.0.1",
-            "http://[::2]",
-            "http://localhost.example.com",
-            "ftp://127.0.0.1",
+        for (host, base) in [
+            ("api.example.com", "http://api.example.com"),
+            ("10.0.0.1", "http://10.0.0.1"),
+            ("[::2]", "http://[::2]"),
+            ("localhost.example.com", "http://localhost.example.com"),
+            ("127.0.0.1", "ftp://127.0.0.1"),
         ] {
-            let err = endpoints(ScmKind::GitHub, "github.com", Some(base), None).unwrap_err();
+            let err = endpoints(ScmKind::GitHub, host, Some(base), None).unwrap_err();
             assert_eq!(err, "api_base_url: must be https (http only on loopback)");
-            let err = endpoints(ScmKind::GitHub, "github.com", None, Some(base)).unwrap_err();
+            let err = endpoints(ScmKind::GitHub, host, None, Some(base)).unwrap_err();
             assert_eq!(err, "oauth_base_url: must be https (http only on loopback)");
         }
     }
@@ -1145,7 +1236,7 @@ mod tests {
     fn overrides_reject_credentials_queries_and_garbage() {
         let err = endpoints(
             ScmKind::GitLab,
-            "gitlab.com",
+            "gitlab.example.com",
             Some("https://root:glpat-secret@gitlab.example.com/api/v4"),
             None,
         )
@@ -1153,7 +1244,7 @@ mod tests {
         assert_eq!(err, "api_base_url: must not contain credentials");
         let err = endpoints(
             ScmKind::GitLab,
-            "gitlab.com",
+            "gitlab.example.com",
             None,
             Some("https://gitlab.example.com/?x=1"),
         )
@@ -1161,7 +1252,7 @@ mod tests {
         assert_eq!(err, "oauth_base_url: must not have a query or fragment");
         let err = endpoints(
             ScmKind::GitLab,
-            "gitlab.com",
+            "gitlab.example.com",
             Some("gitlab.example.com"),
             None,
         )
@@ -1380,52 +1471,6 @@ mod tests {
         assert!(
             err.ends_with("nests 1000 groups; GitLab allows a group and at most 20 subgroups"),
             "{err}"
-        );
-    }
-
-    #[test]
-    fn sealed_tokens_open_only_when_whole_and_well_formed() {
-        use crypto_box::aead::OsRng;
-        let key = crypto_box::SecretKey::generate(&mut OsRng);
-        let other = crypto_box::SecretKey::generate(&mut OsRng);
-        let seal = |to: &crypto_box::SecretKey, plain: &[u8]| {
-            to.public_key().seal(&mut OsRng, plain).expect("seal")
-        };
-        let good = seal(&key, b" ghp_token\n");
-        let opened = open_sealed_token(&key, &good).expect("opens");
-        assert_eq!(secrecy::ExposeSecret::expose_secret(&opened), "ghp_token");
-        let mut flipped = good.clone();
-        flipped[40] ^= 1;
-        let cases: [(&str, Vec<u8>, &str); 10] = [
-            ("empty", Vec::new(), "does not open"),
-            ("shorter than a key", vec![7; 31], "does not open"),
-            ("no room for a tag", vec![7; 47], "does not open"),
-            ("random", vec![0xa5; 200], "does not open"),
-            (
-                "truncated",
-                good[..good.len() - 1].to_vec(),
-                "does not open",
-            ),
-            ("tampered", flipped, "does not open"),
-            ("another key", seal(&other, b"ghp_token"), "does not open"),
-            ("not UTF-8", seal(&key, &[0x67, 0xff, 0xfe]), "is not UTF-8"),
-            ("blank", seal(&key, b" \t\n"), "is empty"),
-            (
-                "inner space",
-                seal(&key, b"ghp_a b"),
-                "whitespace or control",
-            ),
-        ];
-        for (name, sealed, needle) in cases {
-            let err = open_sealed_token(&key, &sealed).expect_err(name);
-            assert!(err.starts_with("sealed_token: "), "{name}: {err}");
-            assert!(err.contains(needle), "{name}: {err}");
-            assert!(!err.contains("ghp_"), "{name}: {err}");
-        }
-        let long = seal(&key, "x".repeat(MAX_TOKEN_LEN + 1).as_bytes());
-        assert_eq!(
-            open_sealed_token(&key, &long).expect_err("too long"),
-            "sealed_token: the token is longer than 4096 bytes"
         );
     }
 
@@ -1942,6 +1987,20 @@ mod tests {
         }
     }
 
+    fn held(key: &TokenKey, stored_at: SystemTime) -> Held<'_> {
+        Held {
+            key,
+            stored_at,
+            binding: None,
+        }
+    }
+
+    fn all_listed<'a>(keys: impl IntoIterator<Item = &'a TokenKey>) -> BTreeSet<(String, String)> {
+        keys.into_iter()
+            .map(|k| (k.principal.clone(), k.host.clone()))
+            .collect()
+    }
+
     #[test]
     fn revoked_finds_tokens_the_integrations_no_longer_allow() {
         let listed_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
@@ -1962,28 +2021,122 @@ mod tests {
         let other_port = key("erin", "github.com:8443", AuthSource::Pat);
         let stored_after = key("frank", "dev.azure.com", AuthSource::Pat);
         let stored_at_listing = key("grace", "dev.azure.com", AuthSource::OAuth);
-        let tokens = [
-            (&no_integration, before),
-            (&allowed_oauth, before),
-            (&allowed_pat, before),
-            (&oauth_removed, before),
-            (&gitlab_pat, before),
-            (&pat_disabled, before),
-            (&ghe_oauth, before),
-            (&other_port, before),
-            (&stored_after, listed_at + Duration::from_secs(5)),
-            (&stored_at_listing, listed_at),
-            // Duplicates collapse.
-            (&oauth_removed, before),
+        let keys = [
+            &no_integration,
+            &allowed_oauth,
+            &allowed_pat,
+            &oauth_removed,
+            &gitlab_pat,
+            &pat_disabled,
+            &ghe_oauth,
+            &other_port,
         ];
+        let mut tokens: Vec<Held<'_>> = keys.iter().map(|k| held(k, before)).collect();
+        tokens.push(held(&stored_after, listed_at + Duration::from_secs(5)));
+        tokens.push(held(&stored_at_listing, listed_at));
+        // Duplicates collapse.
+        tokens.push(held(&oauth_removed, before));
+        let authenticated = all_listed(keys);
+        let live = Live {
+            integrations: &integrations,
+            authenticated: &authenticated,
+            listed_at,
+        };
         assert_eq!(
-            revoked(tokens, &integrations, listed_at),
-            [no_integration, oauth_removed, pat_disabled, other_port]
-                .into_iter()
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect::<Vec<_>>()
+            revoked(tokens, &live),
+            [
+                (no_integration, Revocation::NoIntegration),
+                (oauth_removed, Revocation::MethodDisabled),
+                (pat_disabled, Revocation::MethodDisabled),
+                (other_port, Revocation::NoIntegration),
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn revoked_deletes_what_the_control_plane_no_longer_lists() {
+        let listed_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let before = listed_at - Duration::from_secs(1);
+        let integrations = [integration("github.com", true, true)];
+        let kept = key("alice", "github.com", AuthSource::Pat);
+        let kept_oauth = key("alice", "github.com", AuthSource::OAuth);
+        let unlisted = key("bob", "github.com", AuthSource::Pat);
+        let unlisted_but_new = key("carol", "github.com", AuthSource::Pat);
+        let authenticated = all_listed([&kept]);
+        let live = Live {
+            integrations: &integrations,
+            authenticated: &authenticated,
+            listed_at,
+        };
+        let got = revoked(
+            [
+                held(&kept, before),
+                held(&kept_oauth, before),
+                held(&unlisted, before),
+                held(&unlisted_but_new, listed_at),
+            ],
+            &live,
+        );
+        assert_eq!(got, [(unlisted, Revocation::NotListed)]);
+    }
+
+    #[test]
+    fn revoked_deletes_tokens_bound_to_other_endpoints() {
+        let listed_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let before = listed_at - Duration::from_secs(1);
+        let mut ghe = integration("ghe.example:8443", true, true);
+        let default = endpoints(ScmKind::GitHub, "ghe.example:8443", None, None)
+            .unwrap()
+            .binding();
+        ghe.api_base_url = Some("https://ghe.example:8443/api/v4".to_owned());
+        let overridden = endpoints(
+            ScmKind::GitHub,
+            "ghe.example:8443",
+            ghe.api_base_url.as_deref(),
+            None,
+        )
+        .unwrap()
+        .binding();
+        let same = key("a", "ghe.example:8443", AuthSource::Pat);
+        let moved = key("b", "ghe.example:8443", AuthSource::Pat);
+        let legacy = key("c", "ghe.example:8443", AuthSource::Pat);
+        let authenticated = all_listed([&same, &moved, &legacy]);
+        let integrations = [ghe.clone()];
+        let live = Live {
+            integrations: &integrations,
+            authenticated: &authenticated,
+            listed_at,
+        };
+        let got = revoked(
+            [
+                Held {
+                    binding: Some(&overridden),
+                    ..held(&same, before)
+                },
+                Held {
+                    binding: Some(&default),
+                    ..held(&moved, before)
+                },
+                held(&legacy, before),
+            ],
+            &live,
+        );
+        assert_eq!(
+            got,
+            [
+                (moved, Revocation::EndpointChanged),
+                (legacy, Revocation::EndpointChanged),
+            ]
+        );
+        // A token stored before binding keeps working on the default endpoints.
+        ghe.api_base_url = None;
+        assert!(binding_allowed(&ghe, None));
+        assert!(binding_allowed(&ghe, Some(&default)));
+        assert!(!binding_allowed(&ghe, Some(&overridden)));
     }
 
     #[test]
@@ -1992,16 +2145,32 @@ mod tests {
         let b = key("b", "github.com", AuthSource::Pat);
         let a = key("a", "gitlab.com", AuthSource::OAuth);
         let newer = key("c", "github.com", AuthSource::OAuth);
+        let authenticated = all_listed([&a, &b, &newer]);
+        let live = Live {
+            integrations: &[],
+            authenticated: &authenticated,
+            listed_at,
+        };
         let got = revoked(
             [
-                (&b, SystemTime::UNIX_EPOCH),
-                (&a, SystemTime::UNIX_EPOCH),
-                (&newer, listed_at + Duration::from_nanos(1)),
+                held(&b, SystemTime::UNIX_EPOCH),
+                held(&a, SystemTime::UNIX_EPOCH),
+                held(&newer, listed_at + Duration::from_nanos(1)),
             ],
-            &[],
-            listed_at,
+            &live,
         );
-        assert_eq!(got, [a, b]);
-        assert!(revoked([], &[integration("github.com", true, true)], listed_at).is_empty());
+        assert_eq!(
+            got,
+            [
+                (a, Revocation::NoIntegration),
+                (b, Revocation::NoIntegration)
+            ]
+        );
+        let integrations = [integration("github.com", true, true)];
+        let live = Live {
+            integrations: &integrations,
+            ..live
+        };
+        assert!(revoked([], &live).is_empty());
     }
 }

@@ -225,6 +225,10 @@ pub struct HostToken {
     pub expires_at: Option<SystemTime>,
     /// The account the token authenticates as.
     pub username: String,
+    /// The endpoints it was issued for and may be presented to
+    /// ([`crate::scm::Endpoints::binding`]); sealed into the stored item's
+    /// encryption context. `None` for a token stored before binding.
+    pub binding: Option<String>,
 }
 
 impl std::fmt::Debug for HostToken {
@@ -232,6 +236,7 @@ impl std::fmt::Debug for HostToken {
         f.debug_struct("HostToken")
             .field("username", &self.username)
             .field("expires_at", &self.expires_at)
+            .field("binding", &self.binding)
             .finish_non_exhaustive()
     }
 }
@@ -258,6 +263,8 @@ pub struct TokenEntry {
     pub stored_at: SystemTime,
     /// The item's version.
     pub version: u64,
+    /// The endpoints it is bound to, as [`HostToken::binding`].
+    pub binding: Option<String>,
 }
 
 /// Why the token store refused or failed. Never carries a token.
@@ -290,24 +297,30 @@ pub trait TokenStore: Send + Sync + 'static {
     ) -> Result<u64, TokenStoreError>;
     /// Every stored token, without values (one query).
     async fn list(&self) -> Result<Vec<TokenEntry>, TokenStoreError>;
-    /// Deletes a token; deleting a missing one succeeds.
-    async fn delete(&self, key: &TokenKey) -> Result<(), TokenStoreError>;
+    /// Deletes a token: whatever is stored (`expected: None`), or only if
+    /// the stored version is `expected` ([`TokenStoreError::Conflict`]
+    /// otherwise). Deleting a missing one succeeds.
+    async fn delete(&self, key: &TokenKey, expected: Option<u64>) -> Result<(), TokenStoreError>;
 }
 
 /// Per-environment secrets: the checkout credential an instance reads once.
 #[async_trait]
 pub trait EnvironmentSecrets: Send + Sync + 'static {
-    /// Creates or overwrites the environment's secret; returns its id for
-    /// the instance to fetch.
+    /// Creates or overwrites the environment's secret, which holds
+    /// `holder`'s token; returns its id for the instance to fetch.
     async fn put(
         &self,
         environment: EnvironmentId,
         value: &SecretString,
+        holder: &TokenKey,
     ) -> Result<String, SecretError>;
     /// Lets only `instance_id` read the environment's secret.
     async fn bind(&self, environment: EnvironmentId, instance_id: &str) -> Result<(), SecretError>;
     /// Deletes the environment's secret at once; a missing one succeeds.
     async fn delete(&self, environment: EnvironmentId) -> Result<(), SecretError>;
+    /// Deletes every environment secret that holds `holder`'s token (it was
+    /// revoked); returns how many.
+    async fn delete_holding(&self, holder: &TokenKey) -> Result<usize, SecretError>;
 }
 
 /// Why the checkout credential could not be prepared.
