@@ -53,6 +53,36 @@ impl AdminApi {
         }
     }
 
+    /// Sends a call that stores a user's token for (principal, host): the
+    /// pair is listed to the runner from before the call leaves (the runner
+    /// may store the token any moment) and taken back if the call fails.
+    async fn stored_call(
+        &self,
+        runner_id: uuid::Uuid,
+        principal: &str,
+        host: &str,
+        kind: runner_request::Kind,
+        timeout_ms: u32,
+    ) -> Result<(String, pb::send_response_request::Outcome), Status> {
+        let pending =
+            self.0
+                .state()
+                .begin_host_token(runner_id, principal, host, self.0.clock.now());
+        let called = self
+            .0
+            .hub
+            .call(runner_id, kind, call_timeout(timeout_ms))
+            .await;
+        let stored = matches!(
+            called,
+            Ok((_, pb::send_response_request::Outcome::Result(_)))
+        );
+        if !stored && pending {
+            self.0.state().abort_host_token(runner_id, principal, host);
+        }
+        called
+    }
+
     fn notify(&self, events: impl IntoIterator<Item = crate::state::Event>) {
         for (runner_id, kind) in events {
             self.0.hub.notify(runner_id, kind);
@@ -262,9 +292,7 @@ impl AdminService for AdminApi {
             sealed_token: req.sealed_token.clone(),
         });
         let (_, outcome) = self
-            .0
-            .hub
-            .call(runner_id, call, call_timeout(req.timeout_ms))
+            .stored_call(runner_id, &req.principal, &req.host, call, req.timeout_ms)
             .await?;
         let username = match outcome {
             pb::send_response_request::Outcome::Result(pb::RunnerResult {
@@ -283,6 +311,7 @@ impl AdminService for AdminApi {
             added_at,
             sealed_token: req.sealed_token,
             username: username.clone(),
+            pending: false,
         };
         self.0
             .state()
@@ -339,11 +368,33 @@ impl AdminService for AdminApi {
             .request
             .and_then(|r| r.kind)
             .ok_or_else(|| Status::invalid_argument("request.kind: must be set"))?;
-        let (request_id, outcome) = self
-            .0
-            .hub
-            .call(id, kind, call_timeout(req.timeout_ms))
-            .await?;
+        let (request_id, outcome) = match kind {
+            runner_request::Kind::ExchangeOauthCode(x) => {
+                let (principal, host) = (x.principal.clone(), x.host.clone());
+                let kind = runner_request::Kind::ExchangeOauthCode(x);
+                let called = self
+                    .stored_call(id, &principal, &host, kind, req.timeout_ms)
+                    .await?;
+                if let pb::send_response_request::Outcome::Result(_) = &called.1 {
+                    let record = HostTokenRecord {
+                        added_at: self.0.clock.now(),
+                        sealed_token: Vec::new(),
+                        username: String::new(),
+                        pending: false,
+                    };
+                    self.0
+                        .state()
+                        .store_host_token(id, &principal, &host, record);
+                }
+                called
+            }
+            kind => {
+                self.0
+                    .hub
+                    .call(id, kind, call_timeout(req.timeout_ms))
+                    .await?
+            }
+        };
         Ok(Response::new(admin::CallRunnerResponse {
             request_id,
             outcome: Some(match outcome {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use runner_core::sealed::{self, Binding};
 use runner_proto::admin::v1::{self as admin, admin_service_client::AdminServiceClient};
 use runner_proto::pb::{self, environment_content::Revision, runner_request};
 use serde::Serialize;
@@ -554,14 +555,45 @@ fn read_secret_stdin(what: &str) -> anyhow::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Seals `secret` to a runner's X25519 public key (crypto_box sealed box).
-pub fn seal(public_key: &[u8], secret: &[u8]) -> anyhow::Result<Vec<u8>> {
+fn runner_public_key(public_key: &[u8]) -> anyhow::Result<crypto_box::PublicKey> {
     let key: [u8; 32] = public_key.try_into().map_err(|_| {
         anyhow::anyhow!("the runner has not signed up yet, so its public key is unknown")
     })?;
-    crypto_box::PublicKey::from(key)
-        .seal(&mut crypto_box::aead::OsRng, secret)
+    Ok(crypto_box::PublicKey::from(key))
+}
+
+/// Seals `secret` to a runner's X25519 public key, bound to what it is for
+/// (`runner_core::sealed`: the runner opens it only for that purpose,
+/// principal and host).
+pub fn seal(public_key: &[u8], binding: Binding<'_>, secret: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let secret = std::str::from_utf8(secret).context("the secret is not UTF-8")?;
+    sealed::seal(&runner_public_key(public_key)?, binding, secret).map_err(anyhow::Error::msg)
+}
+
+/// Seals raw bytes to a runner's key, in no format: for tests of what the
+/// runner refuses.
+pub fn seal_raw(public_key: &[u8], plaintext: &[u8]) -> anyhow::Result<Vec<u8>> {
+    runner_public_key(public_key)?
+        .seal(&mut crypto_box::aead::OsRng, plaintext)
         .map_err(|_| anyhow::anyhow!("seal the secret"))
+}
+
+/// A PAT's binding.
+pub fn pat_binding<'a>(principal: &'a str, host: &'a str) -> Binding<'a> {
+    Binding {
+        purpose: sealed::Purpose::Pat,
+        principal,
+        host,
+    }
+}
+
+/// An OAuth client secret's binding.
+pub fn client_secret_binding(host: &str) -> Binding<'_> {
+    Binding {
+        purpose: sealed::Purpose::OAuthClientSecret,
+        principal: "",
+        host,
+    }
 }
 
 /// Runs one `runnerctl` command and prints its result.
@@ -849,6 +881,7 @@ async fn public_key(client: &mut Client, runner_id: &str) -> anyhow::Result<Vec<
 async fn sealed_oauth(
     client: &mut Client,
     runner_id: &str,
+    host: &str,
     client_id: Option<String>,
 ) -> anyhow::Result<Option<pb::OAuthApp>> {
     let Some(client_id) = client_id else {
@@ -858,8 +891,27 @@ async fn sealed_oauth(
     let secret = read_secret_stdin("OAuth client secret")?;
     Ok(Some(pb::OAuthApp {
         client_id,
-        sealed_client_secret: seal(&key, &secret)?,
+        sealed_client_secret: seal(&key, client_secret_binding(host), &secret)?,
     }))
+}
+
+/// The host of a runner's integration.
+async fn integration_host(
+    client: &mut Client,
+    runner_id: &str,
+    integration_id: &str,
+) -> anyhow::Result<String> {
+    client
+        .list_scm_integrations(admin::ListScmIntegrationsRequest {
+            runner_id: runner_id.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .integrations
+        .into_iter()
+        .find(|i| i.id == integration_id)
+        .map(|i| i.host)
+        .ok_or_else(|| anyhow::anyhow!("runner {runner_id} has no integration {integration_id}"))
 }
 
 async fn scm(client: &mut Client, cmd: ScmCommand, out: Output) -> anyhow::Result<()> {
@@ -874,7 +926,7 @@ async fn scm(client: &mut Client, cmd: ScmCommand, out: Output) -> anyhow::Resul
             api_base_url,
             oauth_base_url,
         } => {
-            let oauth = sealed_oauth(client, &runner, oauth_client_id).await?;
+            let oauth = sealed_oauth(client, &runner, &host, oauth_client_id).await?;
             client
                 .create_scm_integration(admin::CreateScmIntegrationRequest {
                     runner_id: runner,
@@ -899,10 +951,13 @@ async fn scm(client: &mut Client, cmd: ScmCommand, out: Output) -> anyhow::Resul
         } => {
             let oauth = if no_oauth {
                 Some(admin::OAuthUpdate { app: None })
-            } else {
-                sealed_oauth(client, &runner, oauth_client_id)
+            } else if oauth_client_id.is_some() {
+                let host = integration_host(client, &runner, &id).await?;
+                sealed_oauth(client, &runner, &host, oauth_client_id)
                     .await?
                     .map(|app| admin::OAuthUpdate { app: Some(app) })
+            } else {
+                None
             };
             client
                 .update_scm_integration(admin::UpdateScmIntegrationRequest {
@@ -948,7 +1003,7 @@ async fn token(client: &mut Client, cmd: TokenCommand, out: Output) -> anyhow::R
         } => {
             let key = public_key(client, &runner).await?;
             let pat = read_secret_stdin("personal access token")?;
-            let sealed_token = seal(&key, &pat)?;
+            let sealed_token = seal(&key, pat_binding(&principal, &host), &pat)?;
             let token = client
                 .add_host_token(admin::AddHostTokenRequest {
                     runner_id: runner,

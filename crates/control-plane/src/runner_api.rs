@@ -234,6 +234,21 @@ impl RunnerService for RunnerApi {
         }))
     }
 
+    async fn list_host_tokens(
+        &self,
+        request: Request<pb::ListHostTokensRequest>,
+    ) -> Result<Response<pb::ListHostTokensResponse>, Status> {
+        let runner_id = self.authenticate(&request)?;
+        let (host_tokens, page) = self
+            .0
+            .state()
+            .list_host_token_refs(runner_id, request.get_ref().page.as_ref())?;
+        Ok(Response::new(pb::ListHostTokensResponse {
+            host_tokens,
+            page: Some(page),
+        }))
+    }
+
     async fn get_latest_version(
         &self,
         request: Request<pb::GetLatestVersionRequest>,

@@ -104,15 +104,19 @@ struct IntegrationRecord {
     integration: pb::ScmIntegration,
 }
 
-/// A sealed host token held for a runner.
+/// A user's token held by a runner: a sealed PAT forwarded to it, or an
+/// OAuth code it exchanged.
 #[derive(Debug, Clone)]
 pub struct HostTokenRecord {
     /// When it was added.
     pub added_at: SystemTime,
-    /// The sealed box, as the admin gave it.
+    /// The sealed box, as the admin gave it; empty for OAuth.
     pub sealed_token: Vec<u8>,
     /// The account the runner said it authenticates as.
     pub username: String,
+    /// The call that stores it is still in flight: listed to the runner
+    /// (which may store it any moment), not yet shown to admins.
+    pub pending: bool,
 }
 
 /// All records.
@@ -160,6 +164,16 @@ fn integration_changed(runner_id: Uuid, integration_id: Uuid) -> Event {
     )
 }
 
+fn page_size(page: &pb::PageRequest) -> Result<usize, Status> {
+    match page.page_size as usize {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n > MAX_PAGE_SIZE => Err(Status::invalid_argument(format!(
+            "page.page_size: {n} is more than {MAX_PAGE_SIZE}"
+        ))),
+        n => Ok(n),
+    }
+}
+
 /// One page of `items` after the cursor in `page`.
 fn paginate<T: Clone>(
     items: &BTreeMap<Uuid, T>,
@@ -168,15 +182,7 @@ fn paginate<T: Clone>(
 ) -> Result<(Vec<T>, pb::PageResponse), Status> {
     let default = pb::PageRequest::default();
     let page = page.unwrap_or(&default);
-    let size = match page.page_size as usize {
-        0 => DEFAULT_PAGE_SIZE,
-        n if n > MAX_PAGE_SIZE => {
-            return Err(Status::invalid_argument(format!(
-                "page.page_size: {n} is more than {MAX_PAGE_SIZE}"
-            )));
-        }
-        n => n,
-    };
+    let size = page_size(page)?;
     let after = if page.page_token.is_empty() {
         None
     } else {
@@ -943,6 +949,88 @@ impl State {
         Ok(runner_id)
     }
 
+    /// Lists (principal, host) to the runner before the call that stores its
+    /// token is sent; true when nothing was listed for it before, so that
+    /// [`State::abort_host_token`] takes it back if the call fails.
+    pub fn begin_host_token(
+        &mut self,
+        runner_id: Uuid,
+        principal: &str,
+        host: &str,
+        now: SystemTime,
+    ) -> bool {
+        let key = (runner_id, principal.to_owned(), host.to_owned());
+        if self.host_tokens.contains_key(&key) {
+            return false;
+        }
+        self.host_tokens.insert(
+            key,
+            HostTokenRecord {
+                added_at: now,
+                sealed_token: Vec::new(),
+                username: String::new(),
+                pending: true,
+            },
+        );
+        true
+    }
+
+    /// Takes back what [`State::begin_host_token`] listed, if it is still
+    /// pending (the call failed).
+    pub fn abort_host_token(&mut self, runner_id: Uuid, principal: &str, host: &str) {
+        let key = (runner_id, principal.to_owned(), host.to_owned());
+        if self.host_tokens.get(&key).is_some_and(|r| r.pending) {
+            self.host_tokens.remove(&key);
+        }
+    }
+
+    /// A page of the (principal, host) pairs whose tokens the runner may
+    /// keep, ordered by (principal, host).
+    pub fn list_host_token_refs(
+        &self,
+        runner_id: Uuid,
+        page: Option<&pb::PageRequest>,
+    ) -> Result<(Vec<pb::HostTokenRef>, pb::PageResponse), Status> {
+        let default = pb::PageRequest::default();
+        let page = page.unwrap_or(&default);
+        let size = page_size(page)?;
+        let after = if page.page_token.is_empty() {
+            None
+        } else {
+            let bad =
+                || Status::invalid_argument("page.page_token: is not a token this server issued");
+            let bytes = URL_SAFE_NO_PAD
+                .decode(&page.page_token)
+                .map_err(|_| bad())?;
+            let text = String::from_utf8(bytes).map_err(|_| bad())?;
+            let (principal, host) = text.split_once('\0').ok_or_else(bad)?;
+            Some((principal.to_owned(), host.to_owned()))
+        };
+        let start = match &after {
+            Some((p, h)) => std::ops::Bound::Excluded((runner_id, p.clone(), h.clone())),
+            None => std::ops::Bound::Included((runner_id, String::new(), String::new())),
+        };
+        let mut refs: Vec<pb::HostTokenRef> = self
+            .host_tokens
+            .range((start, std::ops::Bound::Unbounded))
+            .take_while(|((r, _, _), _)| *r == runner_id)
+            .take(size + 1)
+            .map(|((_, principal, host), _)| pb::HostTokenRef {
+                principal: principal.clone(),
+                host: host.clone(),
+            })
+            .collect();
+        let next_page_token = if refs.len() > size {
+            refs.truncate(size);
+            refs.last()
+                .map(|r| URL_SAFE_NO_PAD.encode(format!("{}\0{}", r.principal, r.host)))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((refs, pb::PageResponse { next_page_token }))
+    }
+
     /// Keeps a sealed host token the runner accepted.
     pub fn store_host_token(
         &mut self,
@@ -976,11 +1064,12 @@ impl State {
         ))
     }
 
-    /// A runner's host tokens: (principal, host, record).
+    /// A runner's host tokens: (principal, host, record), without those
+    /// still being stored.
     pub fn host_tokens_of(&self, runner_id: Uuid) -> Vec<(String, String, HostTokenRecord)> {
         self.host_tokens
             .iter()
-            .filter(|((r, _, _), _)| *r == runner_id)
+            .filter(|((r, _, _), t)| *r == runner_id && !t.pending)
             .map(|((_, p, h), t)| (p.clone(), h.clone(), t.clone()))
             .collect()
     }

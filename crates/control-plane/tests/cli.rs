@@ -271,9 +271,16 @@ async fn token_add_seals_the_pat_to_the_runner_key() {
         let mut opened = Vec::new();
         while let Some(Ok(request)) = stream.next().await {
             if let Some(Kind::StoreHostToken(store)) = request.kind {
+                let pat = runner_core::sealed::open(
+                    &key,
+                    &store.sealed_token,
+                    control_plane::cli::pat_binding(&store.principal, &store.host),
+                )
+                .expect("sealed to this runner, for this principal and host");
                 opened.push(
-                    key.unseal(&store.sealed_token)
-                        .expect("sealed to this runner"),
+                    secrecy::ExposeSecret::expose_secret(&pat)
+                        .as_bytes()
+                        .to_vec(),
                 );
                 client
                     .send_response(pb::SendResponseRequest {
@@ -340,7 +347,7 @@ async fn token_add_seals_the_pat_to_the_runner_key() {
     assert_eq!(
         opened,
         vec![b"ghp_cli_secret".to_vec()],
-        "the runner opened exactly the PAT, newline trimmed"
+        "the runner opened exactly the PAT, newline trimmed, bound to alice on github.com"
     );
 
     let tokens = server.ok(&["token", "list", "--runner", &runner_id]);
