@@ -150,6 +150,22 @@ fn not_found(code: Option<&str>) -> bool {
     code == Some("ResourceNotFoundException")
 }
 
+/// The `aws-runner:holder` tag of a secret holding `holder`'s token: a
+/// digest, so the tag names no user. Revocation finds the secrets by it.
+pub fn holder_tag(holder: &runner_core::scm::TokenKey) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(holder.principal.as_bytes())
+        .chain_update([0])
+        .chain_update(holder.host.as_bytes())
+        .chain_update([0])
+        .chain_update(holder.source.as_str().as_bytes())
+        .finalize();
+    digest.iter().take(20).map(|b| format!("{b:02x}")).collect()
+}
+
+const HOLDER_TAG: &str = "aws-runner:holder";
+
 impl EnvironmentSecretsManager {
     /// Secrets of `runner_id`'s environments, encrypted under `kms_key_id`
     /// (the account's default key when `None`).
@@ -185,6 +201,7 @@ impl EnvironmentSecretsManager {
         name: &str,
         environment: runner_core::model::EnvironmentId,
         value: &SecretString,
+        holder: &str,
     ) -> Result<
         Option<String>,
         aws_sdk_secretsmanager::error::SdkError<
@@ -203,6 +220,7 @@ impl EnvironmentSecretsManager {
             .tags(tag("aws-runner:runner-id", &self.runner_id))
             .tags(tag("aws-runner:environment-id", &environment.to_string()))
             .tags(tag("aws-runner:managed-by", "aws-runner"))
+            .tags(tag(HOLDER_TAG, holder))
             .send()
             .await?;
         Ok(output.arn)
@@ -215,8 +233,11 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
         &self,
         environment: runner_core::model::EnvironmentId,
         value: &SecretString,
+        holder: &runner_core::scm::TokenKey,
     ) -> Result<String, SecretError> {
+        use aws_sdk_secretsmanager::types::Tag;
         let name = self.name(environment);
+        let holder = holder_tag(holder);
         let unavailable = |e: Box<dyn std::error::Error + Send + Sync>| SecretError::Unavailable(e);
         let overwrite = async || {
             self.client
@@ -226,18 +247,33 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
                 .send()
                 .await
         };
+        let retag = async || {
+            self.client
+                .tag_resource()
+                .secret_id(&name)
+                .tags(Tag::builder().key(HOLDER_TAG).value(&holder).build())
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| unavailable(Box::new(e)))
+        };
         match overwrite().await {
-            Ok(output) => self.learn(output.arn()),
-            Err(err) if not_found(err.code()) => match self.create(&name, environment, value).await
-            {
-                Ok(arn) => self.learn(arn.as_deref()),
-                // Created concurrently: overwrite.
-                Err(err) if err.code() == Some("ResourceExistsException") => {
-                    let output = overwrite().await.map_err(|e| unavailable(Box::new(e)))?;
-                    self.learn(output.arn());
+            Ok(output) => {
+                self.learn(output.arn());
+                retag().await?;
+            }
+            Err(err) if not_found(err.code()) => {
+                match self.create(&name, environment, value, &holder).await {
+                    Ok(arn) => self.learn(arn.as_deref()),
+                    // Created concurrently: overwrite.
+                    Err(err) if err.code() == Some("ResourceExistsException") => {
+                        let output = overwrite().await.map_err(|e| unavailable(Box::new(e)))?;
+                        self.learn(output.arn());
+                        retag().await?;
+                    }
+                    Err(err) => return Err(unavailable(Box::new(err))),
                 }
-                Err(err) => return Err(unavailable(Box::new(err))),
-            },
+            }
             Err(err) => return Err(unavailable(Box::new(err))),
         }
         Ok(name)
@@ -302,5 +338,61 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
             Err(err) if not_found(err.code()) => Ok(()),
             Err(err) => Err(SecretError::Unavailable(Box::new(err))),
         }
+    }
+
+    async fn delete_holding(
+        &self,
+        holder: &runner_core::scm::TokenKey,
+    ) -> Result<usize, SecretError> {
+        use aws_sdk_secretsmanager::types::{Filter, FilterNameStringType};
+        let prefix = format!("aws-runner/{}/environments/", self.runner_id);
+        let tag = holder_tag(holder);
+        let mut pages = self
+            .client
+            .list_secrets()
+            .filters(
+                Filter::builder()
+                    .key(FilterNameStringType::Name)
+                    .values(&prefix)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .key(FilterNameStringType::TagValue)
+                    .values(&tag)
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        let mut names = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| SecretError::Unavailable(Box::new(e)))?;
+            for secret in page.secret_list() {
+                // The filters match by prefix and on any tag: check exactly.
+                let holds = secret
+                    .tags()
+                    .iter()
+                    .any(|t| t.key() == Some(HOLDER_TAG) && t.value() == Some(tag.as_str()));
+                match secret.name() {
+                    Some(name) if holds && name.starts_with(&prefix) => names.push(name.to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        for name in &names {
+            match self
+                .client
+                .delete_secret()
+                .secret_id(name)
+                .force_delete_without_recovery(true)
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(err) if not_found(err.code()) => {}
+                Err(err) => return Err(SecretError::Unavailable(Box::new(err))),
+            }
+        }
+        Ok(names.len())
     }
 }

@@ -4,8 +4,11 @@
 //! `sk = TOKEN#<host>#<source>#<principal>`. Hosts hold no `#`, so one Query
 //! on `TOKEN#<host>#` finds a host's tokens. The access and refresh tokens
 //! are one AES-256-GCM value under a fresh KMS data key, bound to the context
-//! {runner, principal, host, source}: an item copied to another key does not
-//! decrypt. Expiry and username are stored in the clear: neither is a secret.
+//! {purpose, runner, principal, host, source, endpoint}: an item copied to
+//! another key, or whose endpoint attribute was changed, does not decrypt.
+//! Expiry, username and endpoint are stored in the clear: none is a secret.
+//! Items stored before endpoints were bound have no endpoint, in the item or
+//! the context.
 //!
 //! Token writes are not fenced by the leader lease: any replica answers the
 //! calls that store them. Writes are conditional on the item's version.
@@ -85,6 +88,7 @@ fn entry(item: &Item) -> Result<TokenEntry, TokenStoreError> {
         },
         stored_at: UNIX_EPOCH + Duration::from_millis(get_n(item, "stored_at").unwrap_or(0)),
         version: get_n(item, "version").unwrap_or(0),
+        binding: get_s(item, "endpoint").map(str::to_owned),
     })
 }
 
@@ -116,9 +120,9 @@ impl DynamoTokenStore {
         ])
     }
 
-    /// The context a token is sealed to.
-    pub fn context(&self, key: &TokenKey) -> BTreeMap<String, String> {
-        BTreeMap::from([
+    /// The context a token bound to `binding` is sealed to.
+    pub fn context(&self, key: &TokenKey, binding: Option<&str>) -> BTreeMap<String, String> {
+        let mut context = BTreeMap::from([
             ("aws-runner:purpose".to_owned(), "scm-token".to_owned()),
             ("aws-runner:runner-id".to_owned(), self.runner_id.clone()),
             ("aws-runner:principal".to_owned(), key.principal.clone()),
@@ -127,7 +131,11 @@ impl DynamoTokenStore {
                 "aws-runner:source".to_owned(),
                 key.source.as_str().to_owned(),
             ),
-        ])
+        ]);
+        if let Some(binding) = binding {
+            context.insert("aws-runner:endpoint".to_owned(), binding.to_owned());
+        }
+        context
     }
 
     async fn open(&self, key: &TokenKey, item: &Item) -> Result<HostToken, TokenStoreError> {
@@ -142,7 +150,12 @@ impl DynamoTokenStore {
                 .ok_or_else(|| malformed("token item without a ciphertext"))?
                 .to_vec(),
         };
-        let plaintext = match self.envelope.open(&sealed, &self.context(key)).await {
+        let binding = get_s(item, "endpoint");
+        let plaintext = match self
+            .envelope
+            .open(&sealed, &self.context(key, binding))
+            .await
+        {
             Ok(plaintext) => plaintext,
             Err(EnvelopeError::Open) => return Err(TokenStoreError::Undecryptable),
             Err(err) => return Err(unavailable(err)),
@@ -154,6 +167,7 @@ impl DynamoTokenStore {
             refresh_token: plain.refresh_token.clone().map(SecretString::from),
             expires_at: get_n(item, "expires_at").map(|t| UNIX_EPOCH + Duration::from_secs(t)),
             username: get_s(item, "username").unwrap_or_default().to_owned(),
+            binding: binding.map(str::to_owned),
         })
     }
 }
@@ -200,7 +214,7 @@ impl TokenStore for DynamoTokenStore {
         drop(plain);
         let sealed = self
             .envelope
-            .seal(&plaintext, &self.context(key))
+            .seal(&plaintext, &self.context(key, token.binding.as_deref()))
             .await
             .map_err(unavailable)?;
         let version = expected.unwrap_or(0) + 1;
@@ -211,6 +225,9 @@ impl TokenStore for DynamoTokenStore {
         item.insert("host".into(), s(&key.host));
         item.insert("source".into(), s(key.source.as_str()));
         item.insert("username".into(), s(&token.username));
+        if let Some(binding) = &token.binding {
+            item.insert("endpoint".into(), s(binding));
+        }
         item.insert("stored_at".into(), n(millis(SystemTime::now())));
         if let Some(expires_at) = token.expires_at {
             item.insert("expires_at".into(), n(secs(expires_at)));
@@ -253,7 +270,7 @@ impl TokenStore for DynamoTokenStore {
             .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
             .expression_attribute_values(":pk", s(&self.partition))
             .expression_attribute_values(":prefix", s("TOKEN#"))
-            .projection_expression("principal, host, #source, stored_at, version")
+            .projection_expression("principal, host, #source, stored_at, version, endpoint")
             .expression_attribute_names("#source", "source")
             .consistent_read(true)
             .into_paginator()
@@ -268,14 +285,24 @@ impl TokenStore for DynamoTokenStore {
         Ok(entries)
     }
 
-    async fn delete(&self, key: &TokenKey) -> Result<(), TokenStoreError> {
-        self.client
+    async fn delete(&self, key: &TokenKey, expected: Option<u64>) -> Result<(), TokenStoreError> {
+        let mut request = self
+            .client
             .delete_item()
             .table_name(&self.table)
-            .set_key(Some(self.key_item(key)))
-            .send()
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+            .set_key(Some(self.key_item(key)));
+        if let Some(v) = expected {
+            // Absent is fine too: deleting a missing token succeeds.
+            request = request
+                .condition_expression("attribute_not_exists(pk) OR version = :v")
+                .expression_attribute_values(":v", n(v));
+        }
+        match request.send().await {
+            Ok(_) => Ok(()),
+            Err(err) if err.code() == Some("ConditionalCheckFailedException") => {
+                Err(TokenStoreError::Conflict)
+            }
+            Err(err) => Err(unavailable(err)),
+        }
     }
 }

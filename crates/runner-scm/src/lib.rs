@@ -135,6 +135,7 @@ impl ScmClient {
         extra_ca_pem: Option<&[u8]>,
         timeout: Duration,
         user_agent: &str,
+        resolve: &[(String, std::net::SocketAddr)],
     ) -> Result<Self, ScmError> {
         let mut roots = rustls::RootCertStore::empty();
         // Unreadable or unparsable system certificates are skipped: the
@@ -166,7 +167,11 @@ impl ScmClient {
             .map_err(|err| ScmError::Config(format!("TLS setup failed: {err}")))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        for (name, addr) in resolve {
+            http = http.resolve(name, *addr);
+        }
+        let http = http
             .tls_backend_preconfigured(tls)
             .timeout(timeout)
             .connect_timeout(timeout)

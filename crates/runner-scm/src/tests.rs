@@ -15,7 +15,13 @@ const REDIRECT_URI: &str = "https://runner.example/oauth/callback";
 const HOUR: Duration = Duration::from_secs(3600);
 
 fn client(fake: &FakeScm) -> ScmClient {
-    ScmClient::new(Some(fake.ca_pem().as_bytes()), TIMEOUT, "aws-runner-tests").unwrap()
+    ScmClient::new(
+        Some(fake.ca_pem().as_bytes()),
+        TIMEOUT,
+        "aws-runner-tests",
+        &[],
+    )
+    .unwrap()
 }
 
 /// The fake's endpoints for `kind`, built by hand.
@@ -590,8 +596,14 @@ async fn an_unknown_ca_is_not_trusted() {
     fake.add_token(ScmKind::GitHub, AuthSource::Pat, "t", "ken");
     let endpoints = endpoints(&fake, ScmKind::GitHub);
     let strangers = [
-        ScmClient::new(None, TIMEOUT, "aws-runner-tests").unwrap(),
-        ScmClient::new(Some(other.ca_pem().as_bytes()), TIMEOUT, "aws-runner-tests").unwrap(),
+        ScmClient::new(None, TIMEOUT, "aws-runner-tests", &[]).unwrap(),
+        ScmClient::new(
+            Some(other.ca_pem().as_bytes()),
+            TIMEOUT,
+            "aws-runner-tests",
+            &[],
+        )
+        .unwrap(),
     ];
     for stranger in strangers {
         let err = stranger
@@ -609,7 +621,7 @@ async fn an_unknown_ca_is_not_trusted() {
 #[test]
 fn extra_ca_certificates_must_be_pem() {
     for pem in [&b"not a certificate"[..], b""] {
-        let err = ScmClient::new(Some(pem), TIMEOUT, "t").unwrap_err();
+        let err = ScmClient::new(Some(pem), TIMEOUT, "t", &[]).unwrap_err();
         assert!(matches!(err, ScmError::Config(_)), "{err:?}");
     }
 }

@@ -213,6 +213,7 @@ pub async fn run_with(
         config.control_plane.ca_bundle.as_deref(),
         config.control_plane.timeout,
         &format!("aws-runner/{}", crate::session::VERSION),
+        &config.scm_resolve,
     )
     .map_err(|e| AppError::Scm(e.to_string()))?;
     let scm = Arc::new(Scm::new(
@@ -539,7 +540,9 @@ fn zones(subnets: &[Subnet]) -> Vec<String> {
 }
 
 /// Keeps the SCM integrations in sync (on every event, reconnect and
-/// resync) and applies their revocations; deletes tokens on request.
+/// resync) and applies their revocations; deletes tokens on request. A
+/// failed sync or deletion is retried with backoff, without end: the next
+/// full sync deletes whatever a failed or missed deletion left.
 async fn scm_sync(
     scm: Arc<Scm>,
     control_plane: GrpcControlPlane,
@@ -561,26 +564,22 @@ async fn scm_sync(
                 None => return,
                 Some(ScmEvent::Resync) => {}
                 Some(ScmEvent::TokenDeleted { principal, host }) => {
-                    let mut attempt = 0;
-                    while let Err(err) = scm.delete_tokens(&principal, &host).await {
-                        attempt += 1;
-                        tracing::warn!(error = %chain(&err), host = %host, "cannot delete the user's tokens; retrying");
-                        if attempt >= 8 {
-                            tracing::error!(principal = %principal, host = %host, "gave up deleting the user's tokens");
-                            break;
-                        }
-                        tokio::select! {
-                            () = shutdown.cancelled() => return,
-                            () = tokio::time::sleep(backoff.full_jitter(attempt)) => {}
-                        }
+                    if let Err(err) = scm.delete_tokens(&principal, &host).await {
+                        // The control plane no longer lists the pair: a
+                        // full sync deletes it.
+                        tracing::warn!(error = %chain(&err), host = %host, "cannot delete the user's tokens now; a sync will");
+                    } else {
+                        continue;
                     }
-                    continue;
                 }
             },
         }
         let listed_at = std::time::SystemTime::now();
-        let result = match control_plane.list_integrations().await {
-            Ok(list) => {
+        let result = match (
+            control_plane.list_integrations().await,
+            control_plane.list_host_tokens().await,
+        ) {
+            (Ok(list), Ok(authenticated)) => {
                 let listed = list.len();
                 let integrations = list
                     .into_iter()
@@ -592,13 +591,13 @@ async fn scm_sync(
                     .collect::<Vec<_>>();
                 let count = integrations.len();
                 // A malformed integration's tokens must not look revoked.
-                let revoke = count == listed;
-                scm.sync(integrations, listed_at, revoke)
+                let authenticated = (count == listed).then_some(authenticated);
+                scm.sync(integrations, authenticated, listed_at)
                     .await
                     .map(|revoked| (count, revoked))
                     .map_err(|e| chain(&e))
             }
-            Err(err) => Err(err.to_string()),
+            (Err(err), _) | (_, Err(err)) => Err(err.to_string()),
         };
         match result {
             Ok((integrations, revoked)) => {

@@ -90,6 +90,11 @@ pub struct DaemonArgs {
     /// Allow an http:// control-plane URL on a loopback address (local runs).
     #[arg(long, env = "RUNNER_ALLOW_PLAINTEXT")]
     pub allow_plaintext: bool,
+    /// Comma-separated NAME=IP:PORT pairs: reach these SCM host names at
+    /// these addresses instead of what DNS says (as curl's --resolve; TLS
+    /// still checks the name).
+    #[arg(long, env = "RUNNER_SCM_RESOLVE", value_delimiter = ',')]
+    pub scm_resolve: Vec<String>,
     /// The VPC environments are launched into.
     #[arg(long, env = "RUNNER_VPC_ID", required = true)]
     pub vpc_id: Option<String>,
@@ -225,6 +230,8 @@ pub struct Config {
     pub region: String,
     /// The control plane.
     pub control_plane: ControlPlaneConfig,
+    /// SCM host names pinned to addresses.
+    pub scm_resolve: Vec<(String, std::net::SocketAddr)>,
     /// Where environments go.
     pub placement: Placement,
     /// The DynamoDB table.
@@ -454,6 +461,31 @@ impl DaemonArgs {
             None => None,
         };
 
+        let scm_resolve = self
+            .scm_resolve
+            .iter()
+            .filter(|pair| !pair.trim().is_empty())
+            .map(|pair| {
+                let (name, addr) = pair.trim().split_once('=').ok_or_else(|| {
+                    bad(
+                        "scm-resolve",
+                        "RUNNER_SCM_RESOLVE",
+                        format!("{pair:?} is not NAME=IP:PORT"),
+                    )
+                })?;
+                validate::host("name", name)
+                    .map_err(|e| bad("scm-resolve", "RUNNER_SCM_RESOLVE", e.to_string()))?;
+                let addr = addr.parse::<std::net::SocketAddr>().map_err(|_| {
+                    bad(
+                        "scm-resolve",
+                        "RUNNER_SCM_RESOLVE",
+                        format!("{addr:?} is not IP:PORT"),
+                    )
+                })?;
+                Ok((name.to_owned(), addr))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+
         let vpc_id = prefixed_id(
             "vpc-id",
             "RUNNER_VPC_ID",
@@ -612,6 +644,7 @@ impl DaemonArgs {
         Ok(Config {
             runner_id,
             region,
+            scm_resolve,
             control_plane: ControlPlaneConfig {
                 url,
                 ca_bundle,

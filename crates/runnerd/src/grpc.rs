@@ -230,6 +230,22 @@ impl GrpcControlPlane {
         })
         .await
     }
+
+    /// Every (principal, host) whose token the runner may keep.
+    pub async fn list_host_tokens(
+        &self,
+    ) -> Result<std::collections::BTreeSet<(String, String)>, ControlPlaneError> {
+        let refs = all_pages(|page| {
+            let mut client = self.client.clone();
+            let request = self.request(pb::ListHostTokensRequest { page: Some(page) });
+            async move {
+                let response = client.list_host_tokens(request).await?.into_inner();
+                Ok((response.host_tokens, response.page))
+            }
+        })
+        .await?;
+        Ok(refs.into_iter().map(|r| (r.principal, r.host)).collect())
+    }
 }
 
 const PAGE_SIZE: u32 = 500;

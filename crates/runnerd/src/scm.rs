@@ -3,21 +3,25 @@
 //! deleted when their method is disabled), the SCM calls of the watch
 //! stream, and the checkout credential each instance gets.
 //!
-//! Revocation is level-triggered: every sync recomputes which stored tokens
-//! the integrations still allow and deletes the others, so a deletion cut
-//! short by a crash finishes on the next sync.
+//! Revocation is level-triggered: every sync lists the integrations and the
+//! (principal, host) pairs the control plane still holds, recomputes which
+//! stored tokens they allow and deletes the others, with the environment
+//! secrets that hold them; a deletion cut short by a crash or a missed event
+//! finishes on the next sync. A token is bound to the endpoints it was
+//! issued for, and a sealed token to its principal and host.
 //! Nothing here logs or returns a token, code or client secret.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use runner_core::model::EnvironmentId;
 use runner_core::scm::{
-    self, AuthSource, ContextUrl, Endpoints, Integration, OAuthApp, Purpose, ScmKind, Target,
-    TokenKey,
+    self, AuthSource, ContextUrl, Endpoints, Held, Integration, Live, OAuthApp, Purpose, ScmKind,
+    Target, TokenKey,
 };
+use runner_core::sealed::{self, Binding};
 use runner_core::traits::{
     Checkout, CheckoutError, EnvironmentSecrets, HostToken, TokenStore, TokenStoreError,
 };
@@ -27,7 +31,6 @@ use runner_scm::{ScmClient, ScmError};
 use secrecy::{ExposeSecret as _, SecretString};
 use tonic::Code;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use crate::health::chain;
 
@@ -67,6 +70,18 @@ impl CallError {
 fn store_unavailable(err: &TokenStoreError) -> CallError {
     tracing::warn!(error = %chain(err), "token store failed");
     CallError::unavailable("the runner's token store is unavailable; try again")
+}
+
+/// Why a sync or a deletion could not finish (it is retried). Never
+/// carries a token.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The token store failed.
+    #[error(transparent)]
+    Tokens(#[from] TokenStoreError),
+    /// The environment secrets failed.
+    #[error(transparent)]
+    Secrets(#[from] runner_core::traits::SecretError),
 }
 
 /// The SCM kinds of the protocol.
@@ -183,16 +198,12 @@ impl Scm {
         let _ = self.key.set(crypto_box::SecretKey::from(key.0));
     }
 
-    fn open(&self, sealed: &[u8], what: &str) -> Result<Zeroizing<Vec<u8>>, CallError> {
+    fn open(&self, sealed: &[u8], binding: Binding<'_>) -> Result<SecretString, CallError> {
         let key = self
             .key
             .get()
             .ok_or_else(|| CallError::unavailable("the runner is starting; try again"))?;
-        key.unseal(sealed).map(Zeroizing::new).map_err(|_| {
-            CallError::invalid(format!(
-                "{what}: does not open with this runner's key (sealed to another key, or corrupted)"
-            ))
-        })
+        sealed::open(key, sealed, binding).map_err(CallError::invalid)
     }
 
     /// Whether the first integration sync happened.
@@ -227,50 +238,86 @@ impl Scm {
     }
 
     /// Replaces the known integrations with a fresh list taken at
-    /// `listed_at`, then (when `revoke`) deletes every stored token they no
-    /// longer allow. Returns how many were deleted.
+    /// `listed_at`, then (when `authenticated` is given: every integration
+    /// was well formed and the control plane's list of (principal, host)
+    /// pairs was read whole) deletes every stored token they no longer
+    /// allow, after the environment secrets that hold it. Returns how many
+    /// tokens were deleted.
     pub async fn sync(
         &self,
         integrations: Vec<Integration>,
+        authenticated: Option<BTreeSet<(String, String)>>,
         listed_at: SystemTime,
-        revoke: bool,
-    ) -> Result<usize, TokenStoreError> {
+    ) -> Result<usize, SyncError> {
         {
             let mut known = self.known.write().expect("lock");
             known.integrations = integrations.clone();
             known.listed_at = Some(listed_at);
         }
-        if !revoke {
+        let Some(authenticated) = authenticated else {
             return Ok(0);
-        }
+        };
         let entries = self.tokens.list().await?;
-        let revoked = scm::revoked(
-            entries.iter().map(|e| (&e.key, e.stored_at)),
-            &integrations,
+        let live = Live {
+            integrations: &integrations,
+            authenticated: &authenticated,
             listed_at,
+        };
+        let revoked = scm::revoked(
+            entries.iter().map(|e| Held {
+                key: &e.key,
+                stored_at: e.stored_at,
+                binding: e.binding.as_deref(),
+            }),
+            &live,
         );
-        for key in &revoked {
-            self.tokens.delete(key).await?;
+        let mut deleted = 0;
+        for (key, why) in &revoked {
+            let version = entries.iter().find(|e| &e.key == key).map(|e| e.version);
+            if self.revoke(key, version).await? {
+                deleted += 1;
+                tracing::info!(
+                    principal = %key.principal,
+                    host = %key.host,
+                    source = key.source.as_str(),
+                    reason = why.as_str(),
+                    "deleted a revoked token"
+                );
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the environment secrets holding `key`'s token, then the
+    /// token (only at `version`, when given). False when the token changed
+    /// meanwhile (the user stored a new one): it is kept.
+    async fn revoke(&self, key: &TokenKey, version: Option<u64>) -> Result<bool, SyncError> {
+        let secrets = self.secrets.delete_holding(key).await?;
+        if secrets > 0 {
             tracing::info!(
                 principal = %key.principal,
                 host = %key.host,
-                source = key.source.as_str(),
-                "deleted a token its integration no longer allows"
+                secrets,
+                "deleted the checkout secrets holding a revoked token"
             );
         }
-        Ok(revoked.len())
+        match self.tokens.delete(key, version).await {
+            Ok(()) => Ok(true),
+            Err(TokenStoreError::Conflict) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
     }
 
-    /// `host_token_deleted`: forgets the principal's tokens for the host.
-    pub async fn delete_tokens(&self, principal: &str, host: &str) -> Result<(), TokenStoreError> {
+    /// `host_token_deleted`: forgets the principal's tokens for the host and
+    /// the checkout secrets holding them.
+    pub async fn delete_tokens(&self, principal: &str, host: &str) -> Result<(), SyncError> {
         for source in [AuthSource::OAuth, AuthSource::Pat] {
-            self.tokens
-                .delete(&TokenKey {
-                    principal: principal.to_owned(),
-                    host: host.to_owned(),
-                    source,
-                })
-                .await?;
+            let key = TokenKey {
+                principal: principal.to_owned(),
+                host: host.to_owned(),
+                source,
+            };
+            self.revoke(&key, None).await?;
         }
         tracing::info!(principal = %principal, host = %host, "deleted the user's tokens for the host");
         Ok(())
@@ -304,16 +351,21 @@ impl Scm {
             )));
         }
         let endpoints = Self::endpoints(&integration)?;
-        let key = self
-            .key
-            .get()
-            .ok_or_else(|| CallError::unavailable("the runner is starting; try again"))?;
-        let token = scm::open_sealed_token(key, sealed).map_err(CallError::invalid)?;
+        let token = self.open(
+            sealed,
+            Binding {
+                purpose: sealed::Purpose::Pat,
+                principal,
+                host,
+            },
+        )?;
         let username = self
             .client
             .whoami(integration.kind, AuthSource::Pat, &endpoints, &token)
             .await
             .map_err(|e| provider_error(&e, host, "validate the token"))?;
+        self.same_account(principal, host, AuthSource::Pat, &username)
+            .await?;
         let key = TokenKey {
             principal: principal.to_owned(),
             host: host.to_owned(),
@@ -324,6 +376,7 @@ impl Scm {
             refresh_token: None,
             expires_at: None,
             username: username.clone(),
+            binding: Some(endpoints.binding()),
         };
         self.tokens
             .put(&key, &stored, None)
@@ -340,23 +393,22 @@ impl Scm {
         let app = integration.oauth.as_ref().ok_or_else(|| {
             CallError::precondition(format!("OAuth is not enabled for {}", integration.host))
         })?;
-        let opened = self
-            .open(&app.sealed_client_secret, "oauth.sealed_client_secret")
-            .map_err(|_| {
+        let secret = self
+            .open(
+                &app.sealed_client_secret,
+                Binding {
+                    purpose: sealed::Purpose::OAuthClientSecret,
+                    principal: "",
+                    host: &integration.host,
+                },
+            )
+            .map_err(|e| {
                 CallError::precondition(format!(
-                    "the OAuth client secret of {} does not open with this runner's key; set it again",
-                    integration.host
+                    "the OAuth client secret of {} cannot be used ({}); set it again",
+                    integration.host, e.message
                 ))
             })?;
-        let secret = std::str::from_utf8(&opened)
-            .map_err(|_| {
-                CallError::precondition(format!(
-                    "the OAuth client secret of {} is not UTF-8; set it again",
-                    integration.host
-                ))
-            })?
-            .to_owned();
-        Ok((app.client_id.clone(), SecretString::from(secret)))
+        Ok((app.client_id.clone(), secret))
     }
 
     /// `exchange_oauth_code`: trades the code at the provider and stores the
@@ -405,11 +457,14 @@ impl Scm {
             )
             .await
             .map_err(|e| provider_error(&e, &host, "identify the OAuth token"))?;
+        self.same_account(&principal, &host, AuthSource::OAuth, &username)
+            .await?;
         let token = HostToken {
             access_token: set.access_token,
             refresh_token: set.refresh_token,
             expires_at: set.expires_at,
             username: username.clone(),
+            binding: Some(endpoints.binding()),
         };
         let key = TokenKey {
             principal: principal.clone(),
@@ -441,11 +496,20 @@ impl Scm {
                 Ok(None) => continue,
                 Err(TokenStoreError::Undecryptable) => {
                     tracing::warn!(principal = %principal, host = %host, source = source.as_str(), "deleting a stored token that does not decrypt");
-                    self.tokens.delete(&key).await?;
+                    self.tokens.delete(&key, None).await?;
                     continue;
                 }
                 Err(err) => return Err(err),
             };
+            if !scm::binding_allowed(&integration, stored.token.binding.as_deref()) {
+                // Issued for other endpoints: never presented to these.
+                tracing::warn!(principal = %principal, host = %host, source = source.as_str(), "deleting a stored token issued for other endpoints than the integration's");
+                match self.tokens.delete(&key, Some(stored.version)).await {
+                    Ok(()) | Err(TokenStoreError::Conflict) => {}
+                    Err(err) => return Err(err),
+                }
+                continue;
+            }
             let expiring = stored
                 .token
                 .expires_at
@@ -492,8 +556,14 @@ impl Scm {
         let keep_if_valid = |token: HostToken| (!expired).then_some(token);
         let Some(refresh_token) = stored.token.refresh_token.clone() else {
             if expired {
-                self.tokens.delete(key).await?;
-                tracing::info!(principal = %key.principal, host = %key.host, "deleted an expired OAuth token without a refresh token");
+                return match self.tokens.delete(key, Some(stored.version)).await {
+                    Ok(()) => {
+                        tracing::info!(principal = %key.principal, host = %key.host, "deleted an expired OAuth token without a refresh token");
+                        Ok(None)
+                    }
+                    Err(TokenStoreError::Conflict) => self.current(key).await,
+                    Err(err) => Err(err),
+                };
             }
             return Ok(keep_if_valid(stored.token));
         };
@@ -522,6 +592,7 @@ impl Scm {
                     refresh_token: set.refresh_token.or(Some(refresh_token)),
                     expires_at: set.expires_at,
                     username: stored.token.username.clone(),
+                    binding: Some(endpoints.binding()),
                 };
                 match self.tokens.put(key, &token, Some(stored.version)).await {
                     Ok(_) => {
@@ -529,21 +600,72 @@ impl Scm {
                         Ok(Some(token))
                     }
                     // Another replica refreshed it first: use theirs.
-                    Err(TokenStoreError::Conflict) => {
-                        Ok(self.tokens.get(key).await?.map(|s| s.token))
-                    }
+                    Err(TokenStoreError::Conflict) => self.current(key).await,
                     Err(err) => Err(err),
                 }
             }
             Err(ScmError::Rejected(_) | ScmError::Unauthorized(_)) => {
-                self.tokens.delete(key).await?;
-                tracing::info!(principal = %key.principal, host = %key.host, "the provider refused to refresh an OAuth token; deleted it");
-                Ok(None)
+                // Only the version whose refresh failed: another replica may
+                // have rotated the refresh token first (the provider then
+                // refuses the old one), and its token is good.
+                match self.tokens.delete(key, Some(stored.version)).await {
+                    Ok(()) => {
+                        tracing::info!(principal = %key.principal, host = %key.host, "the provider refused to refresh an OAuth token; deleted it");
+                        Ok(None)
+                    }
+                    Err(TokenStoreError::Conflict) => self.current(key).await,
+                    Err(err) => Err(err),
+                }
             }
             Err(err) => {
                 tracing::warn!(host = %key.host, error = %err, "cannot refresh an OAuth token now");
                 Ok(keep_if_valid(stored.token))
             }
+        }
+    }
+
+    /// The token stored now (another replica's), if it has not expired.
+    async fn current(&self, key: &TokenKey) -> Result<Option<HostToken>, TokenStoreError> {
+        let now = SystemTime::now();
+        Ok(self
+            .tokens
+            .get(key)
+            .await?
+            .map(|s| s.token)
+            .filter(|t| t.expires_at.is_none_or(|at| at > now)))
+    }
+
+    /// Refuses a new token for `principal` on `host` that authenticates as
+    /// another provider account than the principal's token of the other
+    /// source: one user, one account per host.
+    async fn same_account(
+        &self,
+        principal: &str,
+        host: &str,
+        source: AuthSource,
+        username: &str,
+    ) -> Result<(), CallError> {
+        let other = TokenKey {
+            principal: principal.to_owned(),
+            host: host.to_owned(),
+            source: match source {
+                AuthSource::OAuth => AuthSource::Pat,
+                AuthSource::Pat => AuthSource::OAuth,
+            },
+        };
+        match self.tokens.get(&other).await {
+            Ok(Some(stored))
+                if !stored.token.username.is_empty()
+                    && !stored.token.username.eq_ignore_ascii_case(username) =>
+            {
+                Err(CallError::precondition(format!(
+                    "the token authenticates as {username:?} on {host}, but {principal:?}'s {} token there authenticates as {:?}; delete that one first",
+                    other.source.as_str(),
+                    stored.token.username
+                )))
+            }
+            Ok(_) | Err(TokenStoreError::Undecryptable) => Ok(()),
+            Err(err) => Err(store_unavailable(&err)),
         }
     }
 
@@ -704,11 +826,31 @@ impl Checkout for Scm {
             usable.token.access_token.expose_secret(),
             Purpose::Git,
         ));
+        let holder = TokenKey {
+            principal: creator.to_owned(),
+            host: host.clone(),
+            source: usable.source,
+        };
         let secret = self
             .secrets
-            .put(environment, &header)
+            .put(environment, &header, &holder)
             .await
             .map_err(|e| CheckoutError::Unavailable(Box::new(e)))?;
+        // A revocation that swept the secrets between the read and the put
+        // missed this one: look again now that it is tagged.
+        let still_stored = self
+            .tokens
+            .get(&holder)
+            .await
+            .map_err(|e| CheckoutError::Unavailable(Box::new(e)))?
+            .is_some();
+        if !still_stored {
+            self.secrets
+                .delete(environment)
+                .await
+                .map_err(|e| CheckoutError::Unavailable(Box::new(e)))?;
+            return Err(CheckoutError::AuthRequired(host));
+        }
         self.anonymous.lock().expect("lock").remove(&environment);
         Ok(Some(secret))
     }

@@ -571,13 +571,20 @@ impl TokenStore for MemoryTokens {
                 key: t.key.clone(),
                 stored_at: t.stored_at,
                 version: t.version,
+                binding: t.token.binding.clone(),
             })
             .collect())
     }
 
-    async fn delete(&self, key: &TokenKey) -> Result<(), TokenStoreError> {
-        self.tokens.lock().expect("lock").remove(key);
-        Ok(())
+    async fn delete(&self, key: &TokenKey, expected: Option<u64>) -> Result<(), TokenStoreError> {
+        let mut tokens = self.tokens.lock().expect("lock");
+        match (tokens.get(key), expected) {
+            (Some(t), Some(v)) if t.version != v => Err(TokenStoreError::Conflict),
+            _ => {
+                tokens.remove(key);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -585,6 +592,7 @@ impl TokenStore for MemoryTokens {
 #[derive(Debug, Default)]
 pub struct MemoryEnvironmentSecrets {
     secrets: Mutex<BTreeMap<EnvironmentId, (SecretString, Option<String>)>>,
+    holders: Mutex<BTreeMap<EnvironmentId, TokenKey>>,
 }
 
 impl MemoryEnvironmentSecrets {
@@ -624,7 +632,12 @@ impl EnvironmentSecrets for MemoryEnvironmentSecrets {
         &self,
         environment: EnvironmentId,
         value: &SecretString,
+        holder: &TokenKey,
     ) -> Result<String, SecretError> {
+        self.holders
+            .lock()
+            .expect("lock")
+            .insert(environment, holder.clone());
         self.secrets
             .lock()
             .expect("lock")
@@ -643,6 +656,22 @@ impl EnvironmentSecrets for MemoryEnvironmentSecrets {
 
     async fn delete(&self, environment: EnvironmentId) -> Result<(), SecretError> {
         self.secrets.lock().expect("lock").remove(&environment);
+        self.holders.lock().expect("lock").remove(&environment);
         Ok(())
+    }
+
+    async fn delete_holding(&self, holder: &TokenKey) -> Result<usize, SecretError> {
+        let mut holders = self.holders.lock().expect("lock");
+        let mut secrets = self.secrets.lock().expect("lock");
+        let held: Vec<EnvironmentId> = holders
+            .iter()
+            .filter(|(_, h)| *h == holder)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &held {
+            holders.remove(id);
+            secrets.remove(id);
+        }
+        Ok(held.len())
     }
 }

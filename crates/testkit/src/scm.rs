@@ -4,7 +4,8 @@
 //! Paths (they do not collide, so one server plays all four):
 //! - GitHub Enterprise: `GET /api/v3/user`,
 //!   `GET /api/v3/repos/{owner}/{repo}/pulls/{n}`,
-//!   `POST /login/oauth/access_token`.
+//!   `POST /login/oauth/access_token`; github.com's API at the root
+//!   (`GET /user`, `GET /repos/{owner}/{repo}/pulls/{n}`).
 //! - GitLab: `GET /api/v4/user`,
 //!   `GET /api/v4/projects/{owner%2Frepo}/merge_requests/{n}`,
 //!   `POST /oauth/token`.
@@ -14,7 +15,8 @@
 //! - Azure DevOps: `GET /_apis/profile/profiles/me`,
 //!   `GET /_apis/connectionData`,
 //!   `GET /{org}/{project}/_apis/git/repositories/{repo}/pullrequests/{n}`,
-//!   and Microsoft Entra ID's token endpoint at `POST /entra/token`.
+//!   and Microsoft Entra ID's token endpoint at `POST /entra/token` and
+//!   `POST /organizations/oauth2/v2.0/token`.
 //! - git's dumb HTTP protocol: `GET /{path}.git/{file}`.
 //!
 //! Requests are checked as the providers check them: the Authorization
@@ -25,7 +27,10 @@
 //! Where a provider is lenient (any git user name with a personal access
 //! token), the fake wants the documented form. Error bodies quote the
 //! request's secrets, so a client that echoes them shows in leak scans.
-//! The certificate is for 127.0.0.1, signed by a CA made for this server.
+//! The certificate is for 127.0.0.1 and the providers' public host names
+//! ([`PUBLIC_NAMES`]), signed by a CA made for this server: a runner that
+//! resolves those names to this server ([`FakeScm::resolve`]) talks to it
+//! at the providers' real URLs.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -54,6 +59,19 @@ use tokio_rustls::TlsAcceptor;
 const GITHUB_API_VERSION: &str = "2022-11-28";
 /// The Entra ID scope that makes it issue refresh tokens.
 const OFFLINE_ACCESS: &str = "offline_access";
+
+/// The public host names the fake answers for, at the providers' real
+/// URLs, when they resolve to it.
+pub const PUBLIC_NAMES: [&str; 8] = [
+    "github.com",
+    "api.github.com",
+    "gitlab.com",
+    "bitbucket.org",
+    "api.bitbucket.org",
+    "dev.azure.com",
+    "app.vssps.visualstudio.com",
+    "login.microsoftonline.com",
+];
 
 /// A running fake provider; stops when dropped.
 pub struct FakeScm {
@@ -160,6 +178,16 @@ impl FakeScm {
     /// `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// `name=127.0.0.1:PORT` for each of [`PUBLIC_NAMES`], comma separated:
+    /// the value of runnerd's `--scm-resolve`.
+    pub fn resolve(&self) -> String {
+        PUBLIC_NAMES
+            .iter()
+            .map(|name| format!("{name}={}", self.addr))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// `https://127.0.0.1:PORT`.
@@ -305,8 +333,13 @@ fn certificates() -> (String, Vec<CertificateDer<'static>>, PrivateKeyDer<'stati
     let ca = ca_params.self_signed(&ca_key).expect("a CA certificate");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().expect("a server key");
-    let params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("server parameters");
+    let params = rcgen::CertificateParams::new(
+        std::iter::once("127.0.0.1")
+            .chain(PUBLIC_NAMES)
+            .map(str::to_owned)
+            .collect::<Vec<_>>(),
+    )
+    .expect("server parameters");
     let cert = params
         .signed_by(&key, &issuer)
         .expect("a server certificate");
@@ -437,7 +470,8 @@ fn route(method: &Method, segments: &[String]) -> Route {
     let get = method == Method::GET;
     let post = method == Method::POST;
     match segments.as_slice() {
-        ["api", "v3", "user"] if get => Route::User(GitHub),
+        ["api", "v3", "user"] | ["user"] if get => Route::User(GitHub),
+        ["repos", owner, repo, "pulls", n] if get => pull(GitHub, owner, repo, n),
         ["api", "v3", "repos", owner, repo, "pulls", n] if get => pull(GitHub, owner, repo, n),
         ["login", "oauth", "access_token"] if post => Route::Token(GitHub),
         ["api", "v4", "user"] if get => Route::User(GitLab),
@@ -465,7 +499,9 @@ fn route(method: &Method, segments: &[String]) -> Route {
             "pullrequests",
             n,
         ] if get => pull(AzureDevOps, &format!("{org}/{project}"), repo, n),
-        ["entra", "token"] if post => Route::Token(AzureDevOps),
+        ["entra", "token"] | ["organizations", "oauth2", "v2.0", "token"] if post => {
+            Route::Token(AzureDevOps)
+        }
         _ if get => {
             let Some(end) = segments
                 .iter()
