@@ -119,7 +119,7 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
     let env = EnvironmentId(uuid::Uuid::new_v4());
     let header = scm::authorization(ScmKind::GitLab, AuthSource::Pat, pat, Purpose::Git);
     let secret_id = secrets
-        .put(env, &SecretString::from(header))
+        .put(env, &SecretString::from(header), &holder())
         .await
         .expect("the environment's secret");
     let request = LaunchRequest {
@@ -179,7 +179,7 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         Purpose::Git,
     );
     secrets
-        .put(env, &SecretString::from(wrong))
+        .put(env, &SecretString::from(wrong), &holder())
         .await
         .expect("overwrite");
     let refused = run_user_data(&user_data, &root, &ca);
@@ -212,4 +212,12 @@ fn header_value(pat: &str) -> String {
     scm::authorization(ScmKind::GitLab, AuthSource::Pat, pat, Purpose::Git)
         .trim_start_matches("Basic ")
         .to_owned()
+}
+
+fn holder() -> runner_core::scm::TokenKey {
+    runner_core::scm::TokenKey {
+        principal: "alice".into(),
+        host: "git.example.com".into(),
+        source: AuthSource::Pat,
+    }
 }

@@ -25,8 +25,11 @@ fn token(access: &str, refresh: Option<&str>) -> HostToken {
         refresh_token: refresh.map(|r| SecretString::from(r.to_owned())),
         expires_at: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(4_000_000_000)),
         username: "alice-gh".into(),
+        binding: Some(BINDING.into()),
     }
 }
+
+const BINDING: &str = "https://api.github.com/ https://github.com/login/oauth/access_token";
 
 /// Every attribute of every item in the table, as text.
 pub(crate) async fn table_dump(sdk: &aws_config::SdkConfig, table: &str) -> String {
@@ -77,6 +80,7 @@ async fn tokens_are_sealed_bound_to_their_key_and_written_conditionally() {
         Some(refresh.to_owned())
     );
     assert_eq!(stored.token.username, "alice-gh");
+    assert_eq!(stored.token.binding.as_deref(), Some(BINDING));
     assert_eq!(stored.version, v1);
 
     // No value in plaintext anywhere in the table.
@@ -153,14 +157,69 @@ async fn tokens_are_sealed_bound_to_their_key_and_written_conditionally() {
         );
     }
 
+    // The endpoint is bound too: an item pointed at other endpoints, or
+    // stripped of its endpoint, does not decrypt.
+    let elsewhere = key("alice", "github.com", AuthSource::OAuth);
+    for endpoint in [
+        Some("https://evil.example/ https://evil.example/login/oauth/access_token"),
+        None,
+    ] {
+        let mut copy: HashMap<String, AttributeValue> = item.clone();
+        match endpoint {
+            Some(e) => copy.insert("endpoint".into(), AttributeValue::S(e.into())),
+            None => copy.remove("endpoint"),
+        };
+        dynamo
+            .put_item()
+            .table_name(&infra.table)
+            .set_item(Some(copy))
+            .send()
+            .await
+            .expect("rewrite the item");
+        assert!(
+            matches!(
+                tokens.get(&elsewhere).await,
+                Err(TokenStoreError::Undecryptable)
+            ),
+            "a token re-pointed at {endpoint:?} decrypted"
+        );
+    }
+    dynamo
+        .put_item()
+        .table_name(&infra.table)
+        .set_item(Some(item.clone()))
+        .send()
+        .await
+        .expect("restore the item");
+    let listed = tokens.list().await.expect("list");
+    assert!(
+        listed.iter().all(|e| e.binding.as_deref() == Some(BINDING)),
+        "{listed:?}"
+    );
+
+    // Deletion conditional on the version: a stale deleter loses.
+    let current = tokens.get(&alice).await.expect("get").expect("stored");
+    assert!(matches!(
+        tokens.delete(&alice, Some(current.version - 1)).await,
+        Err(TokenStoreError::Conflict)
+    ));
+    assert!(tokens.get(&alice).await.expect("get").is_some(), "kept");
+
     let listed = tokens.list().await.expect("list");
     assert_eq!(listed.len(), 4, "{listed:?}");
     for entry in listed {
-        tokens.delete(&entry.key).await.expect("delete");
         tokens
-            .delete(&entry.key)
+            .delete(&entry.key, Some(entry.version))
+            .await
+            .expect("delete at its version");
+        tokens
+            .delete(&entry.key, Some(entry.version))
             .await
             .expect("deleting twice succeeds");
+        tokens
+            .delete(&entry.key, None)
+            .await
+            .expect("and unconditionally");
     }
     assert!(tokens.list().await.expect("list").is_empty());
     // The records' query still sees only records.
@@ -180,8 +239,10 @@ async fn an_environment_secret_is_created_overwritten_bound_to_its_instance_and_
     let sm = aws_sdk_secretsmanager::Client::new(&sdk);
     let env = EnvironmentId(uuid::Uuid::new_v4());
 
+    let alice = key("alice", "github.com", AuthSource::OAuth);
+    let bob = key("bob", "github.com", AuthSource::OAuth);
     let id = secrets
-        .put(env, &SecretString::from("Basic first".to_owned()))
+        .put(env, &SecretString::from("Basic first".to_owned()), &bob)
         .await
         .expect("create");
     assert_eq!(
@@ -189,7 +250,7 @@ async fn an_environment_secret_is_created_overwritten_bound_to_its_instance_and_
         format!("aws-runner/{}/environments/{env}", infra.runner_id)
     );
     let id2 = secrets
-        .put(env, &SecretString::from("Basic second".to_owned()))
+        .put(env, &SecretString::from("Basic second".to_owned()), &alice)
         .await
         .expect("overwrite");
     assert_eq!(id, id2);
@@ -237,9 +298,40 @@ async fn an_environment_secret_is_created_overwritten_bound_to_its_instance_and_
         Some(&env.to_string())
     );
     assert!(
-        tags.values().all(|v| !v.contains("second")),
-        "no value in the tags: {tags:?}"
+        tags.values()
+            .all(|v| !v.contains("second") && !v.contains("alice")),
+        "no value, and no user, in the tags: {tags:?}"
     );
+    assert_eq!(
+        tags.get("aws-runner:holder"),
+        Some(&runner_aws::secrets::holder_tag(&alice)),
+        "the holder follows the overwrite"
+    );
+
+    // Revoking a token deletes the secrets holding it, and only those.
+    let other = EnvironmentId(uuid::Uuid::new_v4());
+    let third = EnvironmentId(uuid::Uuid::new_v4());
+    for (e, holder) in [(other, &alice), (third, &bob)] {
+        secrets
+            .put(e, &SecretString::from("Basic x".to_owned()), holder)
+            .await
+            .expect("create");
+    }
+    assert_eq!(secrets.delete_holding(&alice).await.expect("revoke"), 2);
+    assert_eq!(secrets.delete_holding(&alice).await.expect("again"), 0);
+    for (e, exists) in [(env, false), (other, false), (third, true)] {
+        let described = sm
+            .describe_secret()
+            .secret_id(secrets_name(&infra, e))
+            .send()
+            .await;
+        assert_eq!(described.is_ok(), exists, "{e:?}");
+    }
+    secrets.delete(third).await.expect("delete");
+    secrets
+        .put(env, &SecretString::from("Basic second".to_owned()), &alice)
+        .await
+        .expect("create again after the revocation");
 
     secrets.delete(env).await.expect("delete");
     secrets.delete(env).await.expect("deleting twice succeeds");
@@ -249,4 +341,8 @@ async fn an_environment_secret_is_created_overwritten_bound_to_its_instance_and_
         .bind(EnvironmentId(uuid::Uuid::new_v4()), "i-0123456789abcdef1")
         .await
         .expect("nothing to bind");
+}
+
+fn secrets_name(infra: &crate::Infra, environment: EnvironmentId) -> String {
+    format!("aws-runner/{}/environments/{environment}", infra.runner_id)
 }

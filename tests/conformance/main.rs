@@ -3,6 +3,7 @@
 //! `runner.v1` and of the admin API.
 
 mod environments;
+mod host_tokens;
 mod identity;
 mod limits;
 mod runners;

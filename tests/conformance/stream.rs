@@ -438,10 +438,13 @@ async fn scm_and_token_changes_reach_the_runner_sealed() {
     wait_for_streams(&f, &runner.id, 1).await;
     let task = serve_calls(&runner, stream, |key, kind| match kind {
         Kind::StoreHostToken(store) => {
-            let pat = key
-                .unseal(&store.sealed_token)
-                .expect("the runner opens what was sealed to it");
-            let username = if pat == b"ghp_example_token" {
+            let pat = runner_core::sealed::open(
+                key,
+                &store.sealed_token,
+                control_plane::cli::pat_binding(&store.principal, &store.host),
+            )
+            .expect("the runner opens what was sealed to it, for this principal and host");
+            let username = if secrecy::ExposeSecret::expose_secret(&pat) == "ghp_example_token" {
                 "alice-gh"
             } else {
                 "wrong"
@@ -468,7 +471,12 @@ async fn scm_and_token_changes_reach_the_runner_sealed() {
         runner.secret_key.public_key().as_bytes().to_vec()
     );
 
-    let secret = control_plane::cli::seal(&public_key, b"oauth-client-secret").expect("seal");
+    let secret = control_plane::cli::seal(
+        &public_key,
+        control_plane::cli::client_secret_binding("github.com"),
+        b"oauth-client-secret",
+    )
+    .expect("seal");
     let integration = admin
         .create_scm_integration(admin::CreateScmIntegrationRequest {
             runner_id: runner.id.clone(),
@@ -498,7 +506,12 @@ async fn scm_and_token_changes_reach_the_runner_sealed() {
         .await;
     assert_status(duplicate, Code::AlreadyExists, "host");
 
-    let sealed = control_plane::cli::seal(&public_key, b"ghp_example_token").expect("seal");
+    let sealed = control_plane::cli::seal(
+        &public_key,
+        control_plane::cli::pat_binding("alice", "github.com"),
+        b"ghp_example_token",
+    )
+    .expect("seal");
     assert!(!sealed.windows(17).any(|w| w == b"ghp_example_token"));
     let add = |sealed: Vec<u8>| admin::AddHostTokenRequest {
         runner_id: runner.id.clone(),

@@ -1061,8 +1061,17 @@ async fn malformed_input_gets_a_clear_error_and_the_runner_keeps_serving() {
 
     // ------------------------------------------------ sealed boxes and OAuth
     let key = public_key(&world).await;
-    let seal = |plain: &[u8]| control_plane::cli::seal(&key, plain).expect("seal");
     let host = "git.example.com";
+    let seal_for = |principal: &str, host: &str, plain: &[u8]| {
+        control_plane::cli::seal(
+            &key,
+            control_plane::cli::pat_binding(principal, host),
+            plain,
+        )
+        .expect("seal")
+    };
+    let seal = |plain: &[u8]| seal_for("alice", host, plain);
+    let seal_raw = |plain: &[u8]| control_plane::cli::seal_raw(&key, plain).expect("seal");
     admin
         .create_scm_integration(admin::CreateScmIntegrationRequest {
             runner_id: world.runner_id.clone(),
@@ -1106,8 +1115,13 @@ async fn malformed_input_gets_a_clear_error_and_the_runner_keeps_serving() {
     let mut flipped = seal(b"glpat-Flipped22");
     flipped[50] ^= 0x10;
     let other_key = crypto_box::SecretKey::generate(&mut OsRng);
-    let to_other = control_plane::cli::seal(other_key.public_key().as_bytes(), b"glpat-Other333")
-        .expect("seal");
+    let to_other = control_plane::cli::seal(
+        other_key.public_key().as_bytes(),
+        control_plane::cli::pat_binding("alice", host),
+        b"glpat-Other333",
+    )
+    .expect("seal");
+    let unbound = "sealed_token: is not a sealed secret of format version 1";
     let no_open = "sealed_token: does not open with this runner's key";
     let token_cases: Vec<(&str, Kind, Expect)> =
         vec![
@@ -1143,34 +1157,74 @@ async fn malformed_input_gets_a_clear_error_and_the_runner_keeps_serving() {
         ),
         (
             "plaintext that is not UTF-8",
-            store(host, seal(&[0x67, 0x6c, 0xff, 0xfe, 0x41])),
-            expect(Code::InvalidArgument, "sealed_token: the token is not UTF-8"),
+            store(host, seal_raw(&[0x67, 0x6c, 0xff, 0xfe, 0x41])),
+            expect(Code::InvalidArgument, unbound),
+        ),
+        (
+            "a bare token, bound to nothing",
+            store(host, seal_raw(b"glpat-Bare4444")),
+            expect(Code::InvalidArgument, unbound).hiding("glpat-Bare4444"),
+        ),
+        (
+            "another user's box replayed as alice's",
+            store(host, seal_for("bob", host, b"glpat-BobsOwn5")),
+            expect(
+                Code::InvalidArgument,
+                "sealed_token: was sealed for another principal, not \"alice\"",
+            )
+            .hiding("glpat-BobsOwn5"),
+        ),
+        (
+            "a box for another host",
+            store(host, seal_for("alice", "github.com", b"glpat-OtherHost")),
+            expect(
+                Code::InvalidArgument,
+                "sealed_token: was sealed for another host, not git.example.com",
+            )
+            .hiding("glpat-OtherHost"),
+        ),
+        (
+            "an OAuth client secret replayed as a PAT",
+            store(
+                host,
+                control_plane::cli::seal(
+                    &key,
+                    control_plane::cli::client_secret_binding(host),
+                    b"client-Secret66",
+                )
+                .expect("seal"),
+            ),
+            expect(
+                Code::InvalidArgument,
+                "sealed_token: was sealed as \"oauth-client-secret\", not as \"pat\"",
+            )
+            .hiding("client-Secret66"),
         ),
         (
             "plaintext with whitespace inside",
             store(host, seal(b"glpat-Two Words")),
             expect(
                 Code::InvalidArgument,
-                "sealed_token: the token contains whitespace or control characters",
+                "sealed_token: the secret contains whitespace or control characters",
             )
             .hiding("glpat-Two"),
         ),
         (
             "blank plaintext",
             store(host, seal(b" \t\r\n ")),
-            expect(Code::InvalidArgument, "sealed_token: the token is empty"),
+            expect(Code::InvalidArgument, "sealed_token: the secret is empty"),
         ),
         (
             "5000-byte plaintext",
             store(host, seal("t".repeat(5000).as_bytes())),
             expect(
                 Code::InvalidArgument,
-                "sealed_token: the token is longer than 4096 bytes",
+                "sealed_token: the secret is longer than 4096 bytes",
             ),
         ),
         (
             "host without an integration",
-            store("nowhere.example.com", seal(b"glpat-Nowhere4")),
+            store("nowhere.example.com", seal_for("alice", "nowhere.example.com", b"glpat-Nowhere4")),
             expect(
                 Code::FailedPrecondition,
                 "this runner has no SCM integration for nowhere.example.com",
@@ -1178,12 +1232,12 @@ async fn malformed_input_gets_a_clear_error_and_the_runner_keeps_serving() {
         ),
         (
             "host that is not a host name",
-            store("Git Example", seal(b"glpat-BadHost5")),
+            store("Git Example", seal_for("alice", "Git Example", b"glpat-BadHost5")),
             expect(Code::InvalidArgument, "host: \"Git Example\" is not a lowercase host name"),
         ),
         (
             "PATs disabled",
-            store("closed.example.com", seal(b"glpat-Closed66")),
+            store("closed.example.com", seal_for("alice", "closed.example.com", b"glpat-Closed66")),
             expect(
                 Code::FailedPrecondition,
                 "personal access tokens are disabled for closed.example.com",
@@ -1218,7 +1272,7 @@ async fn malformed_input_gets_a_clear_error_and_the_runner_keeps_serving() {
             exchange(host, "code-Sealed999"),
             expect(
                 Code::FailedPrecondition,
-                "the OAuth client secret of git.example.com does not open with this runner's key",
+                "the OAuth client secret of git.example.com cannot be used (oauth.sealed_client_secret: does not open with this runner's key",
             )
             .hiding("code-Sealed999"),
         ),

@@ -72,18 +72,24 @@ async fn secrets_never_appear_in_logs() {
                 client_id: "Iv1.logs".into(),
                 sealed_client_secret: control_plane::cli::seal(
                     &world.runner().await.public_key,
+                    control_plane::cli::client_secret_binding("github.com"),
                     b"client-secret-for-logs",
                 )
                 .expect("seal"),
             }),
             pat_enabled: true,
-            api_base_url: format!("{}/api/v3", fake.base_url()),
-            oauth_base_url: fake.base_url(),
+            api_base_url: String::new(),
+            oauth_base_url: String::new(),
         })
         .await
         .expect("integration");
     let public_key = world.runner().await.public_key;
-    let sealed = control_plane::cli::seal(&public_key, pat.as_bytes()).expect("seal");
+    let sealed = control_plane::cli::seal(
+        &public_key,
+        control_plane::cli::pat_binding("alice", "github.com"),
+        pat.as_bytes(),
+    )
+    .expect("seal");
     let mut stored = None;
     for _ in 0..100 {
         let answer = admin

@@ -19,7 +19,14 @@ pub(crate) async fn world_with(fake: &FakeScm) -> World {
     let ca = std::env::temp_dir().join(format!("fake-scm-ca-{}.pem", uuid::Uuid::new_v4()));
     std::fs::write(&ca, fake.ca_pem()).expect("write the CA");
     let mut world = World::new().await;
-    world.extra_args = vec!["--ca-bundle".into(), ca.display().to_string()];
+    // The providers' public hosts resolve to the fake, which answers at
+    // their real URLs: no endpoint override is needed (or allowed) for them.
+    world.extra_args = vec![
+        "--ca-bundle".into(),
+        ca.display().to_string(),
+        "--scm-resolve".into(),
+        fake.resolve(),
+    ];
     world
 }
 
@@ -50,6 +57,7 @@ pub(crate) async fn create_integration(world: &World, i: Integration<'_>) -> Str
             client_id: client_id.into(),
             sealed_client_secret: control_plane::cli::seal(
                 &public_key(world).await,
+                control_plane::cli::client_secret_binding(i.host),
                 secret.as_bytes(),
             )
             .expect("seal"),
@@ -79,7 +87,12 @@ pub(crate) async fn add_pat(
     host: &str,
     pat: &str,
 ) -> Result<String, tonic::Status> {
-    let sealed = control_plane::cli::seal(&public_key(world).await, pat.as_bytes()).expect("seal");
+    let sealed = control_plane::cli::seal(
+        &public_key(world).await,
+        control_plane::cli::pat_binding(principal, host),
+        pat.as_bytes(),
+    )
+    .expect("seal");
     // The runner syncs integrations on its own; retry while it has not yet.
     let mut last = None;
     for _ in 0..100 {
@@ -130,7 +143,7 @@ async fn check_auth(
     }
 }
 
-async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     for _ in 0..200 {
         if done().await {
             return;
@@ -259,6 +272,11 @@ async fn a_pat_checks_out_the_repository_and_disabling_pats_deletes_it() {
         world.tokens.keys().is_empty()
     })
     .await;
+    assert_eq!(
+        world.environment_secrets.value(env_id(&env)),
+        None,
+        "the checkout secret holding the revoked PAT went first"
+    );
     let auth = check_auth(&world, "alice", &host).await;
     assert!(!auth.authenticated);
     assert!(auth.available_methods.is_empty());
@@ -278,7 +296,6 @@ async fn a_pat_checks_out_the_repository_and_disabling_pats_deletes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oauth_code_is_exchanged_refreshed_before_expiry_and_revoked_with_oauth() {
     let fake = FakeScm::start().await;
-    let base = fake.base_url();
     fake.add_oauth_app(ScmKind::GitHub, "Iv1.8a61f9b3a7aba766", "s3cr3t-client");
     // Expires within the refresh margin: the first use refreshes it.
     fake.add_code(
@@ -296,8 +313,8 @@ async fn an_oauth_code_is_exchanged_refreshed_before_expiry_and_revoked_with_oau
             host: "github.com",
             pat: false,
             oauth: Some(("Iv1.8a61f9b3a7aba766", "s3cr3t-client")),
-            api_base_url: format!("{base}/api/v3"),
-            oauth_base_url: base.clone(),
+            api_base_url: String::new(),
+            oauth_base_url: String::new(),
         },
     )
     .await;
@@ -369,9 +386,9 @@ async fn an_oauth_code_is_exchanged_refreshed_before_expiry_and_revoked_with_oau
         vec![pb::AuthMethod::Oauth as i32]
     );
     assert!(
-        auth_now.oauth_authorize_url.starts_with(&format!(
-            "{base}/login/oauth/authorize?client_id=Iv1.8a61f9b3a7aba766"
-        )),
+        auth_now
+            .oauth_authorize_url
+            .starts_with("https://github.com/login/oauth/authorize?client_id=Iv1.8a61f9b3a7aba766"),
         "{}",
         auth_now.oauth_authorize_url
     );
@@ -404,7 +421,6 @@ async fn an_oauth_code_is_exchanged_refreshed_before_expiry_and_revoked_with_oau
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_token_or_the_integration_deletes_the_stored_tokens() {
     let fake = FakeScm::start().await;
-    let base = fake.base_url();
     fake.add_token(
         ScmKind::Bitbucket,
         AuthSource::Pat,
@@ -421,8 +437,8 @@ async fn deleting_a_token_or_the_integration_deletes_the_stored_tokens() {
             host: "bitbucket.org",
             pat: true,
             oauth: None,
-            api_base_url: format!("{base}/2.0"),
-            oauth_base_url: base.clone(),
+            api_base_url: String::new(),
+            oauth_base_url: String::new(),
         },
     )
     .await;
@@ -474,7 +490,6 @@ async fn deleting_a_token_or_the_integration_deletes_the_stored_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parse_context_answers_for_every_provider_and_url_form() {
     let fake = FakeScm::start().await;
-    let base = fake.base_url();
     let gitlab = fake.host();
     let world = world_with(&fake).await;
     let runner = world.start_runner().await;
@@ -483,8 +498,8 @@ async fn parse_context_answers_for_every_provider_and_url_form() {
             pb::ScmKind::Github,
             ScmKind::GitHub,
             "github.com".to_owned(),
-            format!("{base}/api/v3"),
-            base.clone(),
+            String::new(),
+            String::new(),
             "ghp_alice",
         ),
         (
@@ -499,16 +514,16 @@ async fn parse_context_answers_for_every_provider_and_url_form() {
             pb::ScmKind::Bitbucket,
             ScmKind::Bitbucket,
             "bitbucket.org".to_owned(),
-            format!("{base}/2.0"),
-            base.clone(),
+            String::new(),
+            String::new(),
             "bbat-alice",
         ),
         (
             pb::ScmKind::AzureDevops,
             ScmKind::AzureDevOps,
             "dev.azure.com".to_owned(),
-            base.clone(),
-            format!("{base}/entra"),
+            String::new(),
+            String::new(),
             "azpat-alice",
         ),
     ] {
