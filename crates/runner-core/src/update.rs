@@ -160,10 +160,11 @@ pub struct Release {
 /// Longest image repository accepted, in bytes (a registry's limit on a name).
 pub const MAX_REPOSITORY_LEN: usize = 255;
 
-/// The one container repository self-update deploys from: `registry/path`
-/// without tag or digest, like
-/// `123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner`. The registry
-/// host is required, so the name means the same to every client.
+/// The one container repository self-update deploys from:
+/// `[registry[:port]/]path` without tag or digest, like
+/// `123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner`. Compared as
+/// written, never normalised: `acme/runnerd` and `docker.io/acme/runnerd` are
+/// different repositories here, so no spelling reaches another registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRepository(String);
 
@@ -182,8 +183,13 @@ fn is_sha256_digest(digest: &str) -> bool {
     })
 }
 
-/// A registry host: DNS labels or an IPv4 address, optionally `:port`, that
-/// reads as a host (a dot, a port, or `localhost`), not as a path.
+/// Whether the first component of a name is a registry host rather than a
+/// path component (the rule Docker uses: a dot, a port, or `localhost`).
+fn looks_like_host(first: &str) -> bool {
+    first.contains(['.', ':']) || first == "localhost"
+}
+
+/// A registry host: DNS labels or an IPv4 address, optionally `:port`.
 fn is_registry_host(host: &str) -> bool {
     let (name, port) = match host.split_once(':') {
         Some((name, port)) => (name, Some(port)),
@@ -199,9 +205,7 @@ fn is_registry_host(host: &str) -> bool {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
-    port_ok
-        && name.split('.').all(label_ok)
-        && (name.contains('.') || port.is_some() || name == "localhost")
+    port_ok && name.split('.').all(label_ok)
 }
 
 /// A path component: lowercase letters and digits, separated by one `.`,
@@ -267,7 +271,7 @@ impl FromStr for ImageRepository {
     fn from_str(value: &str) -> Result<Self, Self::Err> {
         let fail = |problem: &str| Err(RepositoryError(format!("{value:?} {problem}")));
         let example =
-            "give registry/path, like 123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner";
+            "give [registry/]path, like 123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner";
         if value.is_empty() {
             return Err(RepositoryError("is empty".to_owned()));
         }
@@ -282,12 +286,15 @@ impl FromStr for ImageRepository {
         if value.contains('@') {
             return fail("holds a digest: give the repository alone, without @sha256:...");
         }
-        let Some((host, path)) = value.split_once('/') else {
-            return fail(&format!("names no path: {example}"));
+        let path = match value.split_once('/') {
+            Some((host, path)) if looks_like_host(host) => {
+                if !is_registry_host(host) {
+                    return fail(&format!("has an invalid registry host: {example}"));
+                }
+                path
+            }
+            _ => value,
         };
-        if !is_registry_host(host) {
-            return fail(&format!("does not start with a registry host: {example}"));
-        }
         for component in path.split('/') {
             if component.contains(':') {
                 return fail("holds a tag: give the repository alone, without :tag");
@@ -968,7 +975,7 @@ mod tests {
             format!("{REPO}:0.1.0"),
             format!("{REPO}:0.1.0@{DIGEST}"),
             format!("{REPO}@sha256:abc"),
-            "aws-runner@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+            "example.com/Aws@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
                 .to_owned(),
             String::new(),
         ] {
@@ -991,6 +998,8 @@ mod tests {
             "localhost:5000/aws-runner",
             "localhost/aws-runner",
             "10.0.0.1/a",
+            "acme/aws-runner",
+            "aws-runner",
         ] {
             assert_eq!(repo(good).as_str(), good);
             assert_eq!(
@@ -1000,8 +1009,8 @@ mod tests {
         }
         let cases: &[(&str, &str)] = &[
             ("", "is empty"),
-            ("aws-runner", "names no path"),
-            ("acme/aws-runner", "does not start with a registry host"),
+            ("Acme/aws-runner", "path component \"Acme\""),
+            ("aws-runner:1.0", "holds a tag"),
             ("https://example.com/aws-runner", "has a scheme"),
             (&format!("{REPO}@{DIGEST}"), "holds a digest"),
             (&format!("{REPO}:0.1.0"), "holds a tag"),

@@ -771,8 +771,8 @@ mod tests {
             (&["--update-interval", "10s"], "--update-interval"),
             (&["--self-update", "maybe"], "--self-update"),
             (
-                &["--image-repository", "aws-runner"],
-                "--image-repository (RUNNER_IMAGE_REPOSITORY): \"aws-runner\" names no path",
+                &["--image-repository", "example.com/Aws-Runner"],
+                "--image-repository (RUNNER_IMAGE_REPOSITORY): \"example.com/Aws-Runner\" has the path component \"Aws-Runner\"",
             ),
             (
                 &[

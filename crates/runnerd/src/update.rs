@@ -965,14 +965,25 @@ mod tests {
         let f = Fixture::new();
         let mut updater = f.updater("0.1.0", "00-24", true);
         updater.config.repository = None;
-        let outcome = offer(
-            &f,
-            &updater,
-            &format!("{REPO}-evil@sha256:{}", "0".repeat(64)),
-        )
-        .await;
+        let look_alike = format!("{REPO}-evil@sha256:{}", "0".repeat(64));
+        let outcome = offer(&f, &updater, &look_alike).await;
         assert_eq!(outcome.state, State::Refused, "{outcome:?}");
         assert_eq!(f.service.registered(), 0);
+
+        // The flag wins over the service's image.
+        updater.config.repository = Some("registry.example.com/aws-runner".parse().unwrap());
+        let outcome = offer(&f, &updater, &pinned("0.2.0")).await;
+        assert_eq!(outcome.state, State::Refused, "{outcome:?}");
+        assert!(
+            outcome
+                .message
+                .contains("not in the repository registry.example.com/aws-runner"),
+            "{}",
+            outcome.message
+        );
+        assert_eq!(f.service.registered(), 0);
+
+        updater.config.repository = None;
         assert_eq!(
             offer(&f, &updater, &pinned("0.2.0")).await.state,
             State::Deploying
@@ -997,18 +1008,6 @@ mod tests {
         );
         assert_eq!(f.service.registered(), 0);
         assert_eq!(f.service.deploys.load(Ordering::SeqCst), 0);
-
-        // The flag wins over the service's image.
-        updater.config.repository = Some("registry.example.com/aws-runner".parse().unwrap());
-        let outcome = offer(&f, &updater, &pinned("0.2.0")).await;
-        assert_eq!(outcome.state, State::Refused, "{outcome:?}");
-        assert!(
-            outcome
-                .message
-                .contains("not in the repository registry.example.com/aws-runner"),
-            "{}",
-            outcome.message
-        );
     }
 
     #[tokio::test]
