@@ -3,9 +3,13 @@
 //! fixture server. A release inside the update window registers exactly one
 //! task definition revision, identical but for the image, and updates the
 //! service once; outside the window nothing happens; a rollback holds the
-//! release back until a newer one is offered. ECS calls are counted by a
-//! proxy in front of moto.
+//! release back until a newer one is offered. Only `<repository>@sha256:...`
+//! of the runner's own repository is deployed: a foreign repository, a tag
+//! and a look-alike are refused without a single RegisterTaskDefinition or
+//! UpdateService, and the refusal shows in the status the control plane
+//! holds. ECS calls are counted by a proxy in front of moto.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,20 +31,51 @@ use tokio_util::sync::CancellationToken;
 use crate::doctor::{Plane, config, existing_ami};
 use crate::{INSTANCE_PROFILE, Infra, REGION, moto_url, sdk};
 
-const OLD_IMAGE: &str = "public.ecr.aws/aws-runner/runnerd:0.1.0";
+/// The stack's repository (`--image-repository`).
+const REPO: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner";
 const SIDECAR_IMAGE: &str = "public.ecr.aws/aws-observability/aws-for-fluent-bit:2";
 
 fn ecs_op(name: &str) -> String {
     format!("AmazonEC2ContainerServiceV20141113.{name}")
 }
 
+/// A digest of `version` in `repository`: `<repository>@sha256:<64 hex>`.
+fn pinned_in(repository: &str, version: &str) -> String {
+    let hex: String = version.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{repository}@sha256:{hex:0<64}")
+}
+
+/// The release `version` as the stack's repository holds it.
 fn image(version: &str) -> String {
-    format!("public.ecr.aws/aws-runner/runnerd:{version}")
+    pinned_in(REPO, version)
+}
+
+/// Images a control plane could offer that are not the runner's to run, with
+/// the reason the runner gives.
+fn hostile_images() -> Vec<(&'static str, String, String)> {
+    let not_ours = format!("the image is not in the repository {REPO}");
+    vec![
+        (
+            "another registry",
+            pinned_in("evil.example.com/aws-runner", "0.2.0"),
+            not_ours.clone(),
+        ),
+        (
+            "a tag only",
+            format!("{REPO}:0.2.0"),
+            format!("the image is a tag of {REPO}, not a digest"),
+        ),
+        (
+            "a look-alike",
+            pinned_in(&format!("{REPO}-evil"), "0.2.0"),
+            not_ours,
+        ),
+    ]
 }
 
 /// The task metadata endpoint of one task: `<url>` and `<url>/task`.
-async fn metadata_server(cluster: &str, task_arn: &str) -> String {
-    let container = format!(r#"{{"Name":"runnerd","Image":"{OLD_IMAGE}","DockerId":"abc"}}"#);
+async fn metadata_server(cluster: &str, task_arn: &str, image: &str) -> String {
+    let container = format!(r#"{{"Name":"runnerd","Image":"{image}","DockerId":"abc"}}"#);
     let task = format!(
         r#"{{"Cluster":"{cluster}","TaskARN":"{task_arn}","Family":"runner","Revision":"1","Containers":[{container}]}}"#
     );
@@ -79,7 +114,8 @@ struct Ecs {
 }
 
 impl Ecs {
-    async fn create(infra: Infra) -> Self {
+    /// The service, its task running `first_image`.
+    async fn create(infra: Infra, first_image: &str) -> Self {
         let direct = sdk(&moto_url()).await;
         let ecs = aws_sdk_ecs::Client::new(&direct);
         let short = infra.runner_id[..8].to_owned();
@@ -119,7 +155,7 @@ impl Ecs {
             .container_definitions(
                 ContainerDefinition::builder()
                     .name("runnerd")
-                    .image(OLD_IMAGE)
+                    .image(first_image)
                     // moto needs container-level sizes to run a task.
                     .cpu(384)
                     .memory(768)
@@ -202,7 +238,7 @@ impl Ecs {
             .and_then(|t| t.task_arn())
             .expect("task ARN")
             .to_owned();
-        let metadata_url = metadata_server(&cluster_arn, &task_arn).await;
+        let metadata_url = metadata_server(&cluster_arn, &task_arn, first_image).await;
         let proxy = FaultProxy::start(&moto_url()).await.expect("proxy");
         let through = sdk(&proxy.url()).await;
         Self {
@@ -294,9 +330,13 @@ struct Offer(Mutex<Option<Release>>);
 
 impl Offer {
     fn publish(&self, version: &str) {
+        self.publish_image(version, &image(version));
+    }
+
+    fn publish_image(&self, version: &str, image: &str) {
         *self.0.lock().expect("lock") = Some(Release {
             version: version.into(),
-            image: image(version),
+            image: image.into(),
             auto_update: true,
         });
     }
@@ -320,8 +360,18 @@ fn updater(ecs: &Ecs, offer: &Arc<Offer>, window: UpdateWindow) -> Updater {
             enabled: true,
             window,
             interval: Duration::from_secs(3600),
+            repository: Some(REPO.parse().expect("a repository")),
         },
     }
+}
+
+/// The service on moto with a task running release 0.1.0 of the stack's repository.
+async fn ecs() -> Ecs {
+    Ecs::create(
+        Infra::create(&sdk(&moto_url()).await).await,
+        &image("0.1.0"),
+    )
+    .await
 }
 
 /// A two-hour window that starts two hours from now (UTC).
@@ -338,7 +388,7 @@ fn window_not_now() -> UpdateWindow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_inside_the_window_registers_one_revision_and_updates_the_service_once() {
-    let ecs = Ecs::create(Infra::create(&sdk(&moto_url()).await).await).await;
+    let ecs = ecs().await;
     let offer = Arc::new(Offer::default());
     offer.publish("0.2.0");
     let updater = updater(&ecs, &offer, UpdateWindow::ANY);
@@ -403,7 +453,7 @@ async fn a_release_inside_the_window_registers_one_revision_and_updates_the_serv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outside_the_window_nothing_is_registered_or_updated() {
-    let ecs = Ecs::create(Infra::create(&sdk(&moto_url()).await).await).await;
+    let ecs = ecs().await;
     let offer = Arc::new(Offer::default());
     offer.publish("0.2.0");
     let window = window_not_now();
@@ -428,7 +478,7 @@ async fn outside_the_window_nothing_is_registered_or_updated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_release_is_held_back_until_a_newer_one_is_offered() {
-    let ecs = Ecs::create(Infra::create(&sdk(&moto_url()).await).await).await;
+    let ecs = ecs().await;
     let offer = Arc::new(Offer::default());
     offer.publish("0.2.0");
     let updater = updater(&ecs, &offer, UpdateWindow::ANY);
@@ -482,107 +532,205 @@ async fn a_rolled_back_release_is_held_back_until_a_newer_one_is_offered() {
     );
 }
 
-/// Runs runnerd in-process as the service's task, with a release published
-/// in the reference control plane, until `update_state` is `state`.
-async fn daemon_until(window: &str, state: &str) -> Ecs {
-    let plane = Plane::start().await;
-    let direct = sdk(&moto_url()).await;
-    let infra = Infra {
-        runner_id: plane.runner_id.clone(),
-        ..Infra::create(&direct).await
-    };
-    aws_sdk_secretsmanager::Client::new(&direct)
-        .put_secret_value()
-        .secret_id(&infra.secret_id)
-        .secret_string(&plane.exchange_token)
-        .send()
-        .await
-        .expect("the stack's secret");
-    let ami = existing_ami(&aws_sdk_ec2::Client::new(&direct)).await;
-    let ecs = Ecs::create(infra).await;
-    let mut admin = plane.admin.clone();
-    admin
-        .publish_release(admin::PublishReleaseRequest {
-            version: "0.2.0".into(),
-            image: image("0.2.0"),
-        })
-        .await
-        .expect("publish");
-    admin
-        .set_runner_auto_update(admin::SetRunnerAutoUpdateRequest {
-            runner_id: plane.runner_id.clone(),
-            auto_update: true,
-        })
-        .await
-        .expect("auto-update on");
-
-    let flags: Vec<(String, String)> = [
-        ("runner-id", ecs.infra.runner_id.clone()),
-        ("region", REGION.to_owned()),
-        ("control-plane-url", plane.cp.url()),
-        ("allow-plaintext", String::new()),
-        ("vpc-id", ecs.infra.vpc_id.clone()),
-        ("subnet-ids", ecs.infra.subnet_ids().join(",")),
-        ("security-group-id", ecs.infra.security_group_id.clone()),
-        ("instance-profile", INSTANCE_PROFILE.to_owned()),
-        ("ami", ami),
-        ("table", ecs.infra.table.clone()),
-        ("secret-id", ecs.infra.secret_id.clone()),
-        ("kms-key-id", ecs.infra.kms_key_id.clone()),
-        ("health-listen", "127.0.0.1:0".to_owned()),
-        ("lease-ttl", "5s".to_owned()),
-        ("lease-renew-interval", "1s".to_owned()),
-        ("update-window", window.to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let config = config(&flags);
-    let deps = runnerd::aws_deps_with(&ecs.through, &config);
-    let extras = runnerd::aws_extras(&ecs.through, &config, Some(&ecs.metadata_url));
-    let shutdown = CancellationToken::new();
-    let daemon = tokio::spawn(runnerd::app::run_with(
-        config,
-        deps,
-        extras,
-        shutdown.clone(),
-        None,
-    ));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let runner = loop {
-        let runner = plane.runner().await;
-        if runner
-            .system_details
-            .get("update_state")
-            .map(String::as_str)
-            == Some(state)
-        {
-            break runner;
-        }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_repository_a_tag_and_a_look_alike_are_refused_without_an_ecs_write() {
+    let ecs = ecs().await;
+    let offer = Arc::new(Offer::default());
+    let updater = updater(&ecs, &offer, UpdateWindow::ANY);
+    for (what, hostile, why) in hostile_images() {
+        offer.publish_image("0.2.0", &hostile);
+        let outcome = updater.check().await.expect("check");
+        assert_eq!(outcome.state, State::Refused, "{what}: {outcome:?}");
         assert!(
-            Instant::now() < deadline,
-            "update_state never became {state}: {:?}",
-            runner.system_details
+            outcome
+                .message
+                .starts_with(&format!("0.2.0 refused: {why}")),
+            "{what}: {}",
+            outcome.message
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        runner
-            .capabilities
-            .contains(&(RunnerCapability::SelfUpdate as i32)),
-        "{:?}",
-        runner.capabilities
-    );
+    }
+    assert_eq!(ecs.calls("RegisterTaskDefinition"), 0);
+    assert_eq!(ecs.calls("UpdateService"), 0);
     assert_eq!(
-        runner
-            .system_details
-            .get("latest_version")
-            .map(String::as_str),
-        Some("0.2.0")
+        ecs.revisions().await,
+        std::slice::from_ref(&ecs.first_revision)
     );
-    shutdown.cancel();
-    daemon.await.expect("join").expect("clean stop");
-    ecs
+    assert_eq!(ecs.service_task_definition().await, ecs.first_revision);
+    assert!(ecs.attempts().load().await.expect("load").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_flag_the_repository_is_the_one_of_the_services_pinned_image() {
+    // Pinned by digest: that repository, and only it.
+    let ecs = ecs().await;
+    let offer = Arc::new(Offer::default());
+    let mut derived = updater(&ecs, &offer, UpdateWindow::ANY);
+    derived.config.repository = None;
+    offer.publish_image("0.2.0", &pinned_in("evil.example.com/aws-runner", "0.2.0"));
+    let outcome = derived.check().await.expect("check");
+    assert_eq!(outcome.state, State::Refused, "{outcome:?}");
+    assert_eq!(ecs.calls("RegisterTaskDefinition"), 0);
+    offer.publish("0.2.0");
+    let outcome = derived.check().await.expect("check");
+    assert_eq!(outcome.state, State::Deploying, "{outcome:?}");
+    assert_eq!(ecs.calls("RegisterTaskDefinition"), 1);
+    assert_eq!(ecs.calls("UpdateService"), 1);
+
+    // Pinned by tag: the runner cannot know its repository and refuses all.
+    let tagged = Ecs::create(
+        Infra::create(&sdk(&moto_url()).await).await,
+        &format!("{REPO}:0.1.0"),
+    )
+    .await;
+    let mut unknown = updater(&tagged, &offer, UpdateWindow::ANY);
+    unknown.config.repository = None;
+    let outcome = unknown.check().await.expect("check");
+    assert_eq!(outcome.state, State::Refused, "{outcome:?}");
+    assert!(
+        outcome
+            .message
+            .contains("RUNNER_IMAGE_REPOSITORY is not set and the service's image is not pinned"),
+        "{}",
+        outcome.message
+    );
+    assert_eq!(tagged.calls("RegisterTaskDefinition"), 0);
+    assert_eq!(tagged.calls("UpdateService"), 0);
+}
+
+/// The runner's world for the daemon: a reference control plane with the
+/// runner in it, the stack's resources and its ECS service on moto.
+struct World {
+    plane: Plane,
+    ecs: Ecs,
+    ami: String,
+}
+
+impl World {
+    /// The service's task runs release 0.1.0 of the stack's repository.
+    async fn create() -> Self {
+        let plane = Plane::start().await;
+        let direct = sdk(&moto_url()).await;
+        let infra = Infra {
+            runner_id: plane.runner_id.clone(),
+            ..Infra::create(&direct).await
+        };
+        aws_sdk_secretsmanager::Client::new(&direct)
+            .put_secret_value()
+            .secret_id(&infra.secret_id)
+            .secret_string(&plane.exchange_token)
+            .send()
+            .await
+            .expect("the stack's secret");
+        let ami = existing_ami(&aws_sdk_ec2::Client::new(&direct)).await;
+        let ecs = Ecs::create(infra, &image("0.1.0")).await;
+        plane
+            .admin
+            .clone()
+            .set_runner_auto_update(admin::SetRunnerAutoUpdateRequest {
+                runner_id: plane.runner_id.clone(),
+                auto_update: true,
+            })
+            .await
+            .expect("auto-update on");
+        Self { plane, ecs, ami }
+    }
+
+    /// Publishes a release in the control plane.
+    async fn publish(&self, version: &str, image: &str) {
+        self.plane
+            .admin
+            .clone()
+            .publish_release(admin::PublishReleaseRequest {
+                version: version.into(),
+                image: image.into(),
+            })
+            .await
+            .expect("publish");
+    }
+
+    /// Runs runnerd in-process as the service's task (the stack's repository
+    /// configured, `window` its update window) until the runner's
+    /// `system_details` in the control plane satisfy `done`; stops it and
+    /// returns them.
+    async fn run_until(
+        &self,
+        window: &str,
+        done: impl Fn(&HashMap<String, String>) -> bool,
+    ) -> HashMap<String, String> {
+        let ecs = &self.ecs;
+        let flags: Vec<(String, String)> = [
+            ("runner-id", ecs.infra.runner_id.clone()),
+            ("region", REGION.to_owned()),
+            ("control-plane-url", self.plane.cp.url()),
+            ("allow-plaintext", String::new()),
+            ("vpc-id", ecs.infra.vpc_id.clone()),
+            ("subnet-ids", ecs.infra.subnet_ids().join(",")),
+            ("security-group-id", ecs.infra.security_group_id.clone()),
+            ("instance-profile", INSTANCE_PROFILE.to_owned()),
+            ("ami", self.ami.clone()),
+            ("table", ecs.infra.table.clone()),
+            ("secret-id", ecs.infra.secret_id.clone()),
+            ("kms-key-id", ecs.infra.kms_key_id.clone()),
+            ("health-listen", "127.0.0.1:0".to_owned()),
+            ("lease-ttl", "5s".to_owned()),
+            ("lease-renew-interval", "1s".to_owned()),
+            ("update-window", window.to_owned()),
+            ("image-repository", REPO.to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let config = config(&flags);
+        let deps = runnerd::aws_deps_with(&ecs.through, &config);
+        let extras = runnerd::aws_extras(&ecs.through, &config, Some(&ecs.metadata_url));
+        let shutdown = CancellationToken::new();
+        let daemon = tokio::spawn(runnerd::app::run_with(
+            config,
+            deps,
+            extras,
+            shutdown.clone(),
+            None,
+        ));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let runner = loop {
+            let runner = self.plane.runner().await;
+            if done(&runner.system_details) {
+                break runner;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the runner's status never got there: {:?}",
+                runner.system_details
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(
+            runner
+                .capabilities
+                .contains(&(RunnerCapability::SelfUpdate as i32)),
+            "{:?}",
+            runner.capabilities
+        );
+        shutdown.cancel();
+        daemon.await.expect("join").expect("clean stop");
+        runner.system_details
+    }
+}
+
+fn detail<'a>(details: &'a HashMap<String, String>, key: &str) -> &'a str {
+    details.get(key).map_or("", String::as_str)
+}
+
+/// With release 0.2.0 of the stack's repository published, runs the daemon
+/// until `update_state` is `state`.
+async fn daemon_until(window: &str, state: &str) -> Ecs {
+    let world = World::create().await;
+    world.publish("0.2.0", &image("0.2.0")).await;
+    let details = world
+        .run_until(window, |d| detail(d, "update_state") == state)
+        .await;
+    assert_eq!(detail(&details, "latest_version"), "0.2.0");
+    world.ecs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,4 +762,35 @@ async fn the_daemon_waits_for_the_window() {
         std::slice::from_ref(&ecs.first_revision)
     );
     assert_eq!(ecs.service_task_definition().await, ecs.first_revision);
+}
+
+/// Issue 12: the control plane named the image and the runner registered
+/// it, handing the task role to whoever chose the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_refuses_images_not_of_its_repository_and_says_so_in_its_status() {
+    let world = World::create().await;
+    // One daemon run per offer, on the same runner (restarts, as ECS does).
+    for ((what, hostile, why), version) in hostile_images()
+        .into_iter()
+        .zip(["0.2.0", "0.3.0", "0.4.0"])
+    {
+        world.publish(version, &hostile).await;
+        let details = world
+            .run_until("00-24", |d| {
+                detail(d, "update_state") == "refused" && detail(d, "latest_version") == version
+            })
+            .await;
+        let message = detail(&details, "update_message");
+        assert!(
+            message.starts_with(&format!("{version} refused: {why}; offered ")),
+            "{what}: {message}"
+        );
+    }
+    assert_eq!(world.ecs.calls("RegisterTaskDefinition"), 0);
+    assert_eq!(world.ecs.calls("UpdateService"), 0);
+    assert_eq!(
+        world.ecs.revisions().await,
+        std::slice::from_ref(&world.ecs.first_revision)
+    );
+    assert!(world.ecs.attempts().load().await.expect("load").is_none());
 }

@@ -252,7 +252,7 @@ async fn latest_version_follows_releases_and_auto_update() {
         .clone()
         .publish_release(admin::PublishReleaseRequest {
             version: "0.2.0".into(),
-            image: "public.ecr.aws/acme/runnerd:0.2.0".into(),
+            image: "123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner@sha256:2f2bb0a4ac2f6e5b2d2c1c1b0f3f8f1b9e0a4c2d6e8f0a1b3c5d7e9f1a2b3c4d".into(),
         })
         .await
         .expect("publish");
@@ -272,6 +272,9 @@ async fn latest_version_follows_releases_and_auto_update() {
         .expect("latest")
         .into_inner();
     assert_eq!(latest.version, "0.2.0");
-    assert_eq!(latest.image, "public.ecr.aws/acme/runnerd:0.2.0");
+    assert_eq!(
+        latest.image,
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner@sha256:2f2bb0a4ac2f6e5b2d2c1c1b0f3f8f1b9e0a4c2d6e8f0a1b3c5d7e9f1a2b3c4d"
+    );
     assert!(latest.auto_update);
 }

@@ -498,7 +498,9 @@ pub enum ReleaseCommand {
         /// Semantic version.
         #[arg(long)]
         version: String,
-        /// Container image reference.
+        /// Container image: `<repository>@sha256:<digest>` of the runners'
+        /// own repository (runners refuse anything else; this control plane
+        /// does not check).
         #[arg(long)]
         image: String,
     },

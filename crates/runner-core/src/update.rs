@@ -8,6 +8,9 @@
 //! - a version whose deployment was rolled back is not tried again; any other
 //!   version offered (normally a newer one) is;
 //! - one attempt at a time: a deployment in progress is watched, not repeated;
+//! - the offered image must be `<repository>@sha256:<64 lowercase hex>` of the
+//!   runner's own repository ([`admit`]): the control plane picks a release,
+//!   never where its code comes from;
 //! - the offered image must differ from the one the service runs, and no other
 //!   deployment of the service may be in progress;
 //! - a deployment starts only inside the update window (whole UTC hours).
@@ -152,6 +155,210 @@ pub struct Release {
     pub image: String,
     /// Whether the control plane wants this runner to move to it.
     pub auto_update: bool,
+}
+
+/// Longest image repository accepted, in bytes (a registry's limit on a name).
+pub const MAX_REPOSITORY_LEN: usize = 255;
+
+/// The one container repository self-update deploys from:
+/// `[registry[:port]/]path` without tag or digest, like
+/// `123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner`. Compared as
+/// written, never normalised: `acme/runnerd` and `docker.io/acme/runnerd` are
+/// different repositories here, so no spelling reaches another registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRepository(String);
+
+/// Why a repository name is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RepositoryError(String);
+
+/// Whether `digest` is `sha256:` and 64 lowercase hex digits.
+fn is_sha256_digest(digest: &str) -> bool {
+    digest.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// Whether the first component of a name is a registry host rather than a
+/// path component (the rule Docker uses: a dot, a port, or `localhost`).
+fn looks_like_host(first: &str) -> bool {
+    first.contains(['.', ':']) || first == "localhost"
+}
+
+/// A registry host: DNS labels or an IPv4 address, optionally `:port`.
+fn is_registry_host(host: &str) -> bool {
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    };
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    port_ok && name.split('.').all(label_ok)
+}
+
+/// A path component: lowercase letters and digits, separated by one `.`,
+/// one or two `_`, or dashes.
+fn is_path_component(component: &str) -> bool {
+    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = component.as_bytes();
+    if !bytes.first().is_some_and(alnum) || !bytes.last().is_some_and(alnum) {
+        return false;
+    }
+    bytes
+        .split(alnum)
+        .filter(|separator| !separator.is_empty())
+        .all(|separator| {
+            matches!(separator, b"." | b"_" | b"__") || separator.iter().all(|b| *b == b'-')
+        })
+}
+
+impl ImageRepository {
+    /// The name, as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The repository of `image` when it is pinned: `<repository>@sha256:<64
+    /// lowercase hex>` with nothing else (no tag).
+    pub fn of_pinned(image: &str) -> Option<Self> {
+        let (repository, digest) = image.split_once('@')?;
+        if !is_sha256_digest(digest) {
+            return None;
+        }
+        repository.parse().ok()
+    }
+
+    /// Whether `image` is exactly `<this repository>@sha256:<64 lowercase hex>`.
+    pub fn admit(&self, image: &str) -> Result<(), ImageRefusal> {
+        if image.is_empty() {
+            return Err(ImageRefusal::Empty);
+        }
+        if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ImageRefusal::Whitespace);
+        }
+        match image.strip_prefix(self.as_str()) {
+            // Nothing after the name means the tag `latest`.
+            Some(rest) if rest.is_empty() || rest.starts_with(':') => {
+                Err(ImageRefusal::Tag(self.clone()))
+            }
+            Some(rest) if rest.starts_with('@') => {
+                if rest.strip_prefix('@').is_some_and(is_sha256_digest) {
+                    Ok(())
+                } else {
+                    Err(ImageRefusal::Digest)
+                }
+            }
+            _ => Err(ImageRefusal::Foreign(self.clone())),
+        }
+    }
+}
+
+impl FromStr for ImageRepository {
+    type Err = RepositoryError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let fail = |problem: &str| Err(RepositoryError(format!("{value:?} {problem}")));
+        let example =
+            "give [registry/]path, like 123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner";
+        if value.is_empty() {
+            return Err(RepositoryError("is empty".to_owned()));
+        }
+        if value.len() > MAX_REPOSITORY_LEN {
+            return Err(RepositoryError(format!(
+                "is longer than {MAX_REPOSITORY_LEN} bytes"
+            )));
+        }
+        if value.contains("://") {
+            return fail(&format!("has a scheme: {example}"));
+        }
+        if value.contains('@') {
+            return fail("holds a digest: give the repository alone, without @sha256:...");
+        }
+        let path = match value.split_once('/') {
+            Some((host, path)) if looks_like_host(host) => {
+                if !is_registry_host(host) {
+                    return fail(&format!("has an invalid registry host: {example}"));
+                }
+                path
+            }
+            _ => value,
+        };
+        for component in path.split('/') {
+            if component.contains(':') {
+                return fail("holds a tag: give the repository alone, without :tag");
+            }
+            if !is_path_component(component) {
+                return fail(&format!(
+                    "has the path component {component:?}: lowercase letters and digits, separated by ., _, __ or -"
+                ));
+            }
+        }
+        Ok(Self(value.to_owned()))
+    }
+}
+
+impl fmt::Display for ImageRepository {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why an offered image is not deployed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageRefusal {
+    /// No repository is configured and the service's image is not pinned.
+    #[error(
+        "the runner does not know its repository: RUNNER_IMAGE_REPOSITORY is not set and the service's image is not pinned by digest"
+    )]
+    UnknownRepository,
+    /// The image is empty.
+    #[error("the image is empty")]
+    Empty,
+    /// Whitespace or control characters.
+    #[error("the image contains whitespace or control characters")]
+    Whitespace,
+    /// A tag of the repository (with or without a digest after it).
+    #[error("the image is a tag of {0}, not a digest")]
+    Tag(ImageRepository),
+    /// The repository with a digest that is not `sha256:` and 64 lowercase hex.
+    #[error("the image's digest is not sha256: and 64 lowercase hex digits")]
+    Digest,
+    /// Another repository or registry.
+    #[error("the image is not in the repository {0}")]
+    Foreign(ImageRepository),
+}
+
+/// Admits `offered` for deployment when it is `<repository>@sha256:<64
+/// lowercase hex>` of the runner's repository: `configured`
+/// (`RUNNER_IMAGE_REPOSITORY`) when set, else the repository of the image the
+/// service runs (`service_image`) when that is itself pinned by digest.
+pub fn admit(
+    configured: Option<&ImageRepository>,
+    service_image: &str,
+    offered: &str,
+) -> Result<(), ImageRefusal> {
+    let derived;
+    let repository = match configured {
+        Some(repository) => repository,
+        None => {
+            derived =
+                ImageRepository::of_pinned(service_image).ok_or(ImageRefusal::UnknownRepository)?;
+            &derived
+        }
+    };
+    repository.admit(offered)
 }
 
 /// What to think of an offered version.
@@ -631,6 +838,217 @@ mod tests {
             settle(&attempt, &old, &new, &back),
             Settled::RolledBack(m) if m.contains("runs td:1 instead of td:2")
         ));
+    }
+
+    const REPO: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner";
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn repo(name: &str) -> ImageRepository {
+        name.parse().expect("a valid repository")
+    }
+
+    #[test]
+    fn only_a_digest_of_the_repository_is_admitted() {
+        let ours = repo(REPO);
+        assert_eq!(ours.admit(&format!("{REPO}@{DIGEST}")), Ok(()));
+        let upper = DIGEST.to_uppercase().replace("SHA256", "sha256");
+        let nbsp = format!("{REPO}@{DIGEST}\u{a0}");
+        let hostile: &[(String, ImageRefusal)] = &[
+            // Another registry or repository.
+            (
+                format!("evil.example.com/aws-runner@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                format!("123456789012.dkr.ecr.us-east-1.amazonaws.com/other@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                format!("210987654321.dkr.ecr.us-east-1.amazonaws.com/aws-runner@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                format!("public.ecr.aws/aws-runner/runnerd@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            // Look-alikes: a longer name, a sub-path, a path escape, a prefix,
+            // a Cyrillic "a", a registry host that merely starts alike.
+            (
+                format!("{REPO}-evil@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                format!("{REPO}/../x@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                format!("{REPO}/sub@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                format!("{REPO}.evil.com@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                format!("evil.com/{REPO}@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                format!("123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runn\u{430}r@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                format!(
+                    "123456789012.dkr.ecr.us-east-1.amazonaws.com.evil.com/aws-runner@{DIGEST}"
+                ),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                "123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runne".to_owned(),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            (
+                format!("docker.io/{REPO}@{DIGEST}"),
+                ImageRefusal::Foreign(ours.clone()),
+            ),
+            // A tag, with or without a digest after it.
+            (format!("{REPO}:0.2.0"), ImageRefusal::Tag(ours.clone())),
+            (format!("{REPO}:latest"), ImageRefusal::Tag(ours.clone())),
+            (
+                format!("{REPO}:0.2.0@{DIGEST}"),
+                ImageRefusal::Tag(ours.clone()),
+            ),
+            (REPO.to_owned(), ImageRefusal::Tag(ours.clone())),
+            // Digests that are not sha256 with 64 lowercase hex digits.
+            (format!("{REPO}@{upper}"), ImageRefusal::Digest),
+            (format!("{REPO}@{}", &DIGEST[..70]), ImageRefusal::Digest),
+            (format!("{REPO}@{DIGEST}0"), ImageRefusal::Digest),
+            (
+                format!("{REPO}@{}", DIGEST.replace('a', "g")),
+                ImageRefusal::Digest,
+            ),
+            (
+                format!("{REPO}@{}", DIGEST.replace("sha256", "sha512")),
+                ImageRefusal::Digest,
+            ),
+            (format!("{REPO}@{}", &DIGEST[7..]), ImageRefusal::Digest),
+            (format!("{REPO}@"), ImageRefusal::Digest),
+            (format!("{REPO}@@{DIGEST}"), ImageRefusal::Digest),
+            (format!("{REPO}@{DIGEST}@{DIGEST}"), ImageRefusal::Digest),
+            // Whitespace and control characters anywhere.
+            (format!(" {REPO}@{DIGEST}"), ImageRefusal::Whitespace),
+            (format!("{REPO}@{DIGEST}\n"), ImageRefusal::Whitespace),
+            (format!("{REPO} @{DIGEST}"), ImageRefusal::Whitespace),
+            (nbsp, ImageRefusal::Whitespace),
+            (format!("{REPO}@{DIGEST}\0"), ImageRefusal::Whitespace),
+            (String::new(), ImageRefusal::Empty),
+        ];
+        for (image, why) in hostile {
+            assert_eq!(ours.admit(image).as_ref(), Err(why), "{image:?}");
+            assert_eq!(
+                admit(Some(&ours), "", image).as_ref(),
+                Err(why),
+                "{image:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_flag_wins_and_else_the_service_image_names_the_repository() {
+        let pinned = format!("{REPO}@{DIGEST}");
+        let other = "registry.example.com:5000/team/runnerd";
+        let offered_other = format!("{other}@{DIGEST}");
+        // Derived from the service's image when it is pinned by digest.
+        assert_eq!(admit(None, &pinned, &pinned), Ok(()));
+        assert_eq!(
+            admit(None, &pinned, &offered_other),
+            Err(ImageRefusal::Foreign(repo(REPO)))
+        );
+        // The flag wins over the service's image.
+        assert_eq!(admit(Some(&repo(other)), &pinned, &offered_other), Ok(()));
+        assert_eq!(
+            admit(Some(&repo(other)), &pinned, &pinned),
+            Err(ImageRefusal::Foreign(repo(other)))
+        );
+        // No repository known: every image is refused.
+        for service_image in [
+            format!("{REPO}:0.1.0"),
+            format!("{REPO}:0.1.0@{DIGEST}"),
+            format!("{REPO}@sha256:abc"),
+            "example.com/Aws@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+                .to_owned(),
+            String::new(),
+        ] {
+            assert_eq!(
+                admit(None, &service_image, &pinned),
+                Err(ImageRefusal::UnknownRepository),
+                "{service_image:?}"
+            );
+        }
+        let message = ImageRefusal::UnknownRepository.to_string();
+        assert!(message.contains("RUNNER_IMAGE_REPOSITORY"), "{message}");
+    }
+
+    #[test]
+    fn repositories_are_registry_and_path_without_tag_or_digest() {
+        for good in [
+            REPO,
+            "public.ecr.aws/aws-runner/runnerd",
+            "registry.example.com:5000/team/run_ner__d-x.y",
+            "localhost:5000/aws-runner",
+            "localhost/aws-runner",
+            "10.0.0.1/a",
+            "acme/aws-runner",
+            "aws-runner",
+        ] {
+            assert_eq!(repo(good).as_str(), good);
+            assert_eq!(
+                ImageRepository::of_pinned(&format!("{good}@{DIGEST}")),
+                Some(repo(good))
+            );
+        }
+        let cases: &[(&str, &str)] = &[
+            ("", "is empty"),
+            ("Acme/aws-runner", "path component \"Acme\""),
+            ("aws-runner:1.0", "holds a tag"),
+            ("https://example.com/aws-runner", "has a scheme"),
+            (&format!("{REPO}@{DIGEST}"), "holds a digest"),
+            (&format!("{REPO}:0.1.0"), "holds a tag"),
+            ("example.com/Aws-Runner", "path component \"Aws-Runner\""),
+            ("example.com/a/../b", "path component \"..\""),
+            ("example.com/a/", "path component \"\""),
+            ("example.com//a", "path component \"\""),
+            ("example.com/a___b", "path component"),
+            ("example.com/a._b", "path component"),
+            ("example.com/-a", "path component"),
+            ("example.com/a b", "path component"),
+            ("-example.com/a", "registry host"),
+            ("example..com/a", "registry host"),
+            ("example.com:port/a", "registry host"),
+            ("exa_mple.com/a", "registry host"),
+        ];
+        for (bad, expected) in cases {
+            let err = bad
+                .parse::<ImageRepository>()
+                .expect_err(&format!("{bad:?} must be refused"))
+                .to_string();
+            assert!(
+                err.contains(expected),
+                "{bad:?}: {err:?} lacks {expected:?}"
+            );
+        }
+        let long = format!("example.com/{}", "a".repeat(MAX_REPOSITORY_LEN));
+        assert!(long.parse::<ImageRepository>().is_err());
+        // A tag or a short digest does not pin an image.
+        assert_eq!(ImageRepository::of_pinned(&format!("{REPO}:0.1.0")), None);
+        assert_eq!(
+            ImageRepository::of_pinned(&format!("{REPO}@sha256:abc")),
+            None
+        );
+        assert_eq!(
+            ImageRepository::of_pinned(&format!("{REPO}:0.1.0@{DIGEST}")),
+            None
+        );
     }
 
     #[test]

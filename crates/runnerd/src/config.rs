@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use runner_core::leader::LeaseTiming;
 use runner_core::orphans::OrphanPolicy;
-use runner_core::update::UpdateWindow;
+use runner_core::update::{ImageRepository, UpdateWindow};
 use runner_core::validate;
 
 /// Exit code for a bad configuration (EX_USAGE).
@@ -190,6 +190,12 @@ pub struct DaemonArgs {
     /// (plus jitter).
     #[arg(long, env = "RUNNER_UPDATE_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub update_interval: Duration,
+    /// The container repository self-update may deploy from, without tag or
+    /// digest (e.g. 123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner):
+    /// only <repository>@sha256:<digest> images are deployed. Unset: the
+    /// repository of the service's image if that is pinned by digest, else none.
+    #[arg(long, env = "RUNNER_IMAGE_REPOSITORY")]
+    pub image_repository: Option<String>,
     /// Address of the health and metrics port (/healthz, /readyz, /metrics).
     #[arg(long, env = "RUNNER_HEALTH_LISTEN", default_value = "127.0.0.1:9090")]
     pub health_listen: SocketAddr,
@@ -283,7 +289,7 @@ pub struct Placement {
 }
 
 /// Self-update through ECS.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct UpdateConfig {
     /// Off: never update, only report what is offered.
     pub enabled: bool,
@@ -291,6 +297,9 @@ pub struct UpdateConfig {
     pub window: UpdateWindow,
     /// How often the latest release is asked for.
     pub interval: Duration,
+    /// The only repository images are deployed from; `None`: the service's
+    /// image's, when it is pinned by digest.
+    pub repository: Option<ImageRepository>,
 }
 
 /// EC2 call budgets (token buckets below EC2's own).
@@ -637,6 +646,14 @@ impl DaemonArgs {
                     "must be between 1m and 24h",
                 ));
             },
+            repository: match self.image_repository.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(name) => Some(name.parse().map_err(
+                    |e: runner_core::update::RepositoryError| {
+                        bad("image-repository", "RUNNER_IMAGE_REPOSITORY", e.to_string())
+                    },
+                )?),
+            },
         };
         tracing_subscriber::EnvFilter::try_new(&self.log)
             .map_err(|e| bad("log", "RUNNER_LOG", e.to_string()))?;
@@ -786,6 +803,21 @@ mod tests {
             (&["--update-window", "night"], "--update-window"),
             (&["--update-interval", "10s"], "--update-interval"),
             (&["--self-update", "maybe"], "--self-update"),
+            (
+                &["--image-repository", "example.com/Aws-Runner"],
+                "--image-repository (RUNNER_IMAGE_REPOSITORY): \"example.com/Aws-Runner\" has the path component \"Aws-Runner\"",
+            ),
+            (
+                &[
+                    "--image-repository",
+                    "123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner:1.0",
+                ],
+                "--image-repository (RUNNER_IMAGE_REPOSITORY): \"123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner:1.0\" holds a tag",
+            ),
+            (
+                &["--image-repository", "public.ecr.aws/a/b@sha256:00"],
+                "holds a digest",
+            ),
         ];
         for (extra, expected) in cases {
             let err = args(extra).expect_err(&format!("{extra:?} must be refused"));
@@ -831,6 +863,7 @@ mod tests {
         assert!(config.update.enabled);
         assert_eq!(config.update.window, UpdateWindow::ANY);
         assert_eq!(config.update.interval, Duration::from_secs(3600));
+        assert_eq!(config.update.repository, None);
         let config = args(&[
             "--self-update",
             "false",
@@ -843,6 +876,22 @@ mod tests {
         assert!(!config.update.enabled);
         assert_eq!(config.update.window.to_string(), "22-04");
         assert_eq!(config.update.interval, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn the_image_repository_is_kept_as_given() {
+        let repository = "123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner";
+        let config = args(&["--image-repository", repository]).expect("valid");
+        assert_eq!(
+            config
+                .update
+                .repository
+                .as_ref()
+                .map(ImageRepository::as_str),
+            Some(repository)
+        );
+        let config = args(&["--image-repository", ""]).expect("empty is unset");
+        assert_eq!(config.update.repository, None);
     }
 
     #[test]

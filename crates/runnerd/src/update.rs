@@ -1,7 +1,11 @@
 //! Self-update: the leader asks the control plane for the latest release
 //! (every `--update-interval`, with jitter), settles the last attempt, and,
 //! when the rules of `runner_core::update` allow, registers a task definition
-//! revision with the new image and points its own ECS service at it. ECS's
+//! revision with the new image and points its own ECS service at it. Only
+//! `<repository>@sha256:<digest>` of the runner's own repository is ever
+//! registered (`--image-repository`, else the repository of the service's
+//! digest-pinned image); any other image is refused, logged as a warning and
+//! reported as `refused`, whatever the control plane says. ECS's
 //! deployment circuit breaker rolls a failing image back; the attempt record
 //! then holds that version back until a newer one is offered.
 //!
@@ -21,7 +25,7 @@ use runner_core::leader::Leadership;
 use runner_core::traits::Clock;
 use runner_core::update::{
     Attempt, AttemptState, Attempts, Deployer, Gate, Release, Releases, Service, Settled,
-    UpdateError, Verdict, gate, judge, settle,
+    UpdateError, Verdict, admit, gate, judge, settle,
 };
 use runner_proto::pb;
 use semver::Version;
@@ -119,6 +123,8 @@ pub enum State {
     Disabled,
     /// The offered release was rolled back; waiting for a newer one.
     HeldBack,
+    /// The offered image is not a digest of the runner's own repository.
+    Refused,
     /// Another deployment of the service is in progress.
     Waiting,
     /// Outside the update window.
@@ -139,6 +145,7 @@ impl State {
             Self::UpToDate => "up_to_date",
             Self::Disabled => "disabled",
             Self::HeldBack => "held_back",
+            Self::Refused => "refused",
             Self::Waiting => "waiting",
             Self::Scheduled => "scheduled",
             Self::Deploying => "deploying",
@@ -197,6 +204,14 @@ impl std::fmt::Debug for Updater {
 fn version(what: &str, value: &str) -> Result<Version, UpdateError> {
     Version::parse(value)
         .map_err(|_| UpdateError::Rejected(format!("{what} {value:?} is not a semantic version")))
+}
+
+/// An offered image for messages: quoted, escaped, at most 200 characters.
+fn shown(image: &str) -> String {
+    match image.char_indices().nth(200) {
+        Some((end, _)) => format!("{:?}...", &image[..end]),
+        None => format!("{image:?}"),
+    }
 }
 
 fn since(at: SystemTime) -> String {
@@ -325,6 +340,22 @@ impl Updater {
             Some(service) => service,
             None => self.parts.deployer.service().await?,
         };
+        // Before anything else about the image: the control plane names a
+        // release, never where the runner's code comes from.
+        if let Err(refusal) = admit(
+            self.config.repository.as_ref(),
+            &service.image,
+            &release.image,
+        ) {
+            return Ok(Outcome::new(
+                State::Refused,
+                format!(
+                    "{offered} refused: {refusal}; offered {}",
+                    shown(&release.image)
+                ),
+                latest,
+            ));
+        }
         match gate(
             &service,
             &release.image,
@@ -439,10 +470,11 @@ impl Updater {
             self.health.set_detail("latest_version", latest);
         }
         if previous != Some(outcome) {
-            if outcome.state == State::Error || outcome.state == State::Failed {
-                tracing::warn!(state = outcome.state.as_str(), message = %outcome.message, "self-update check");
+            // `outcome`, not `message`: the event's own message is the fixed text.
+            if matches!(outcome.state, State::Error | State::Failed | State::Refused) {
+                tracing::warn!(state = outcome.state.as_str(), outcome = %outcome.message, "self-update check");
             } else {
-                tracing::info!(state = outcome.state.as_str(), message = %outcome.message, "self-update check");
+                tracing::info!(state = outcome.state.as_str(), outcome = %outcome.message, "self-update check");
             }
         }
     }
@@ -498,6 +530,14 @@ mod tests {
 
     use super::*;
 
+    const REPO: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com/aws-runner";
+
+    /// `<REPO>@sha256:<64 hex>`, one digest per version.
+    fn pinned(version: &str) -> String {
+        let hex: String = version.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{REPO}@sha256:{hex:0<64}")
+    }
+
     /// 1 January 2025 at `hour`:00 UTC.
     fn at(hour: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_735_689_600 + hour * 3600)
@@ -513,7 +553,7 @@ mod tests {
         fn publish(&self, version: &str, auto_update: bool) {
             *self.release.lock().unwrap() = Some(Release {
                 version: version.into(),
-                image: format!("runnerd:{version}"),
+                image: pinned(version),
                 auto_update,
             });
         }
@@ -633,7 +673,7 @@ mod tests {
         fn new() -> Self {
             Self {
                 releases: Arc::default(),
-                service: Arc::new(FakeService::new("runnerd:0.1.0")),
+                service: Arc::new(FakeService::new(&pinned("0.1.0"))),
                 attempts: Arc::default(),
                 clock: Arc::new(ManualClock(Mutex::new(at(23)))),
                 leadership: Arc::new(Leadership::always()),
@@ -656,6 +696,7 @@ mod tests {
                     enabled,
                     window: window.parse::<UpdateWindow>().unwrap(),
                     interval: Duration::from_secs(3600),
+                    repository: Some(REPO.parse().unwrap()),
                 },
             }
         }
@@ -786,10 +827,185 @@ mod tests {
         // A newer version with the image the service already runs.
         *f.releases.release.lock().unwrap() = Some(Release {
             version: "0.2.0".into(),
-            image: "runnerd:0.1.0".into(),
+            image: pinned("0.1.0"),
             auto_update: true,
         });
         assert_eq!(updater.check().await.unwrap().state, State::UpToDate);
+        assert_eq!(f.service.registered(), 0);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 0);
+    }
+
+    /// Offers `image` as release 0.2.0 and checks once.
+    async fn offer(f: &Fixture, updater: &Updater, image: &str) -> Outcome {
+        *f.releases.release.lock().unwrap() = Some(Release {
+            version: "0.2.0".into(),
+            image: image.into(),
+            auto_update: true,
+        });
+        updater.check().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_a_digest_of_the_runners_repository_is_deployed() {
+        let f = Fixture::new();
+        let updater = f.updater("0.1.0", "00-24", true);
+        let digest = pinned("0.2.0");
+        let digest = digest.split_once('@').unwrap().1;
+        for (image, why) in [
+            (
+                format!("evil.example.com/aws-runner@{digest}"),
+                format!("the image is not in the repository {REPO}"),
+            ),
+            (
+                format!("{REPO}-evil@{digest}"),
+                format!("the image is not in the repository {REPO}"),
+            ),
+            (
+                format!("{REPO}:0.2.0"),
+                format!("the image is a tag of {REPO}, not a digest"),
+            ),
+            (
+                format!("{REPO}@sha256:abc"),
+                "the image's digest is not sha256: and 64 lowercase hex digits".to_owned(),
+            ),
+        ] {
+            let outcome = offer(&f, &updater, &image).await;
+            assert_eq!(outcome.state, State::Refused, "{image}: {outcome:?}");
+            assert!(
+                outcome
+                    .message
+                    .starts_with(&format!("0.2.0 refused: {why}")),
+                "{image}: {}",
+                outcome.message
+            );
+            assert!(outcome.message.contains(&format!("{image:?}")));
+            assert_eq!(outcome.latest.as_deref(), Some("0.2.0"));
+        }
+        assert_eq!(f.service.registered(), 0);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 0);
+        assert!(
+            f.attempts.0.lock().unwrap().is_none(),
+            "no attempt recorded"
+        );
+
+        // A long hostile image is cut in the message.
+        let long = format!("evil.example.com/{}", "a".repeat(4096));
+        let outcome = offer(&f, &updater, &long).await;
+        assert_eq!(outcome.state, State::Refused);
+        assert!(outcome.message.len() < 400, "{}", outcome.message);
+
+        assert_eq!(
+            offer(&f, &updater, &pinned("0.2.0")).await.state,
+            State::Deploying
+        );
+        assert_eq!(f.service.registered(), 1);
+        assert_eq!(f.service.deploys.load(Ordering::SeqCst), 1);
+    }
+
+    /// Log lines written through it.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_logged_as_a_warning_and_shown_in_the_status() {
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer({
+                let capture = capture.clone();
+                move || capture.clone()
+            })
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let f = Fixture::new();
+        let updater = f.updater("0.1.0", "00-24", true);
+        let hostile = format!("{REPO}:0.2.0");
+        let outcome = offer(&f, &updater, &hostile).await;
+        updater.report(&outcome, None);
+
+        let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = logs
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .find(|l: &serde_json::Value| l["state"] == "refused")
+            .unwrap_or_else(|| panic!("no refusal logged: {logs}"));
+        assert_eq!(line["level"], "WARN", "{line}");
+        let reason = line["outcome"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains(&format!("the image is a tag of {REPO}, not a digest")),
+            "{line}"
+        );
+        assert!(reason.contains(&format!("{hostile:?}")), "{line}");
+        let details = f.health.details().borrow().clone();
+        assert_eq!(
+            details.get("update_state").map(String::as_str),
+            Some("refused")
+        );
+        assert_eq!(details.get("update_message"), Some(&outcome.message));
+        assert_eq!(
+            details.get("latest_version").map(String::as_str),
+            Some("0.2.0")
+        );
+    }
+
+    #[tokio::test]
+    async fn without_the_flag_the_repository_is_the_service_images_when_pinned() {
+        let f = Fixture::new();
+        let mut updater = f.updater("0.1.0", "00-24", true);
+        updater.config.repository = None;
+        let look_alike = format!("{REPO}-evil@sha256:{}", "0".repeat(64));
+        let outcome = offer(&f, &updater, &look_alike).await;
+        assert_eq!(outcome.state, State::Refused, "{outcome:?}");
+        assert_eq!(f.service.registered(), 0);
+
+        // The flag wins over the service's image.
+        updater.config.repository = Some("registry.example.com/aws-runner".parse().unwrap());
+        let outcome = offer(&f, &updater, &pinned("0.2.0")).await;
+        assert_eq!(outcome.state, State::Refused, "{outcome:?}");
+        assert!(
+            outcome
+                .message
+                .contains("not in the repository registry.example.com/aws-runner"),
+            "{}",
+            outcome.message
+        );
+        assert_eq!(f.service.registered(), 0);
+
+        updater.config.repository = None;
+        assert_eq!(
+            offer(&f, &updater, &pinned("0.2.0")).await.state,
+            State::Deploying
+        );
+        assert_eq!(f.service.registered(), 1);
+
+        // A service image pinned by tag tells nothing: everything is refused.
+        let f = Fixture {
+            service: Arc::new(FakeService::new(&format!("{REPO}:0.1.0"))),
+            ..Fixture::new()
+        };
+        let mut updater = f.updater("0.1.0", "00-24", true);
+        updater.config.repository = None;
+        let outcome = offer(&f, &updater, &pinned("0.2.0")).await;
+        assert_eq!(outcome.state, State::Refused, "{outcome:?}");
+        assert!(
+            outcome
+                .message
+                .contains("RUNNER_IMAGE_REPOSITORY is not set"),
+            "{}",
+            outcome.message
+        );
         assert_eq!(f.service.registered(), 0);
         assert_eq!(f.service.deploys.load(Ordering::SeqCst), 0);
     }
