@@ -1,12 +1,18 @@
 //! Status delivery to the control plane.
 //!
-//! Invariants: versions per environment strictly grow (continuing from the
-//! highest the control plane accepted, so a restart never reuses one, and
-//! starting each leadership term above every version of earlier terms); a
-//! status equal to the last published one is not sent again; an unsent status
-//! is replaced by a newer one (each status is complete, so the newest carries
-//! everything); undelivered statuses are retried with backoff until
-//! delivered, the environment disappears, or the control plane rejects them.
+//! Invariants: every version this process assigns is above every version it
+//! assigned before (one counter for all environments, raised under the same
+//! lock that assigns), above the highest the control plane accepted for the
+//! environment when that lies in the current term's range, and at least the
+//! term's floor `epoch · 2³²`, above every version of earlier terms. So a
+//! version is never reused within a process's life, whatever the order of
+//! publishes, clears, new terms and rechecks, and a restart continues above
+//! what the control plane accepted. A status equal to the last published one
+//! is not sent again; an unsent status is replaced by a newer one (each
+//! status is complete, so the newest carries everything); undelivered
+//! statuses are retried with backoff until delivered, the environment
+//! disappears, or the control plane rejects them. While the process does
+//! not lead, nothing is sent, and nothing is renumbered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -20,10 +26,11 @@ use crate::backoff::Backoff;
 use crate::model::{EnvironmentId, Status};
 use crate::traits::{ControlPlane, ControlPlaneError};
 
+/// Versions of one leadership term lie in `[epoch · 2³², (epoch + 1) · 2³²)`.
+const TERM_BITS: u32 = 32;
+
 #[derive(Debug, Default)]
 struct Entry {
-    /// The next version to assign.
-    next_version: u64,
     /// The last status published (sent or waiting).
     last: Option<Status>,
     /// Waiting to be sent: (version, status).
@@ -32,14 +39,38 @@ struct Entry {
     failures: u32,
 }
 
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<EnvironmentId, Entry>,
+    /// The current term's epoch.
+    epoch: u64,
+    /// The highest version this process assigned, across terms.
+    issued: u64,
+}
+
+impl State {
+    /// The next version for a status whose environment the control plane
+    /// accepted up to `accepted`: above everything issued, at least the
+    /// term's floor, and above `accepted` when that is of this term or an
+    /// earlier one (a newer term's version means this process was deposed:
+    /// its status will be refused, and must not take the newer term's numbers).
+    fn next(&mut self, accepted: u64) -> u64 {
+        let floor = self.epoch.saturating_mul(1 << TERM_BITS);
+        let ceiling = self.epoch.saturating_add(1).saturating_mul(1 << TERM_BITS);
+        let mut version = self.issued.saturating_add(1).max(floor);
+        if accepted < ceiling {
+            version = version.max(accepted.saturating_add(1));
+        }
+        self.issued = version;
+        version
+    }
+}
+
 /// Statuses waiting for delivery.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    entries: Mutex<HashMap<EnvironmentId, Entry>>,
+    state: Mutex<State>,
     wake: Notify,
-    floor: std::sync::atomic::AtomicU64,
-    /// The highest version this process assigned, across terms.
-    issued: std::sync::atomic::AtomicU64,
 }
 
 /// What one delivery round did, for metrics.
@@ -54,8 +85,8 @@ pub struct Round {
 }
 
 impl Outbox {
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<EnvironmentId, Entry>> {
-        self.entries.lock().expect("outbox lock is never poisoned")
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("outbox lock is never poisoned")
     }
 
     /// Publishes `status` for `id`; `accepted` is the highest version the
@@ -63,17 +94,12 @@ impl Outbox {
     /// or `None` when the status equals the last one published.
     pub fn publish(&self, id: EnvironmentId, accepted: u64, status: Status) -> Option<u64> {
         let version = {
-            let mut entries = self.entries();
-            let entry = entries.entry(id).or_default();
-            let floor = self.floor.load(std::sync::atomic::Ordering::SeqCst);
-            entry.next_version = entry.next_version.max(accepted + 1).max(floor);
-            if entry.last.as_ref() == Some(&status) {
+            let mut state = self.state();
+            if state.entries.get(&id).and_then(|e| e.last.as_ref()) == Some(&status) {
                 return None;
             }
-            let version = entry.next_version;
-            entry.next_version += 1;
-            self.issued
-                .fetch_max(version, std::sync::atomic::Ordering::SeqCst);
+            let version = state.next(accepted);
+            let entry = state.entries.entry(id).or_default();
             entry.last = Some(status.clone());
             entry.pending = Some((version, status));
             version
@@ -85,32 +111,30 @@ impl Outbox {
     /// Starts a leadership term: versions from now on are at least
     /// `epoch · 2³²`, above anything an earlier leader (a lower epoch) can
     /// send, so a late status from a deposed leader is refused by the control
-    /// plane instead of overwriting a newer one.
+    /// plane instead of overwriting a newer one. A term resumed at the same
+    /// epoch continues above every version already issued.
     pub fn start_term(&self, epoch: u64) {
-        self.clear();
-        // A term resumed at the same epoch (local validity lapsed and came
-        // back) continues after every version already issued.
-        let issued = self.issued.load(std::sync::atomic::Ordering::SeqCst);
-        self.floor.store(
-            epoch.saturating_mul(1 << 32).max(issued + 1),
-            std::sync::atomic::Ordering::SeqCst,
-        );
+        let mut state = self.state();
+        state.entries.clear();
+        state.epoch = state.epoch.max(epoch);
     }
 
     /// Drops every pending status and what was last published (on a change
-    /// of leadership: the leader owns reporting).
+    /// of leadership: the leader owns reporting). Versions already issued
+    /// stay issued.
     pub fn clear(&self) {
-        self.entries().clear();
+        self.state().entries.clear();
     }
 
     /// Forgets an environment the control plane no longer knows.
     pub fn forget(&self, id: EnvironmentId) {
-        self.entries().remove(&id);
+        self.state().entries.remove(&id);
     }
 
     /// How many statuses wait for delivery.
     pub fn pending(&self) -> usize {
-        self.entries()
+        self.state()
+            .entries
             .values()
             .filter(|e| e.pending.is_some())
             .count()
@@ -118,7 +142,12 @@ impl Outbox {
 
     /// The last status published for `id`.
     pub fn last(&self, id: EnvironmentId) -> Option<Status> {
-        self.entries().get(&id).and_then(|e| e.last.clone())
+        self.state().entries.get(&id).and_then(|e| e.last.clone())
+    }
+
+    /// The highest version this process assigned.
+    pub fn issued(&self) -> u64 {
+        self.state().issued
     }
 
     /// Sends everything pending once, at most `concurrency` at a time.
@@ -128,17 +157,19 @@ impl Outbox {
         concurrency: usize,
     ) -> Round {
         let batch: BTreeMap<EnvironmentId, (u64, Status)> = self
-            .entries()
+            .state()
+            .entries
             .iter()
             .filter_map(|(id, e)| e.pending.clone().map(|p| (*id, p)))
             .collect();
         let mut round = Round::default();
         let mut recheck = Vec::new();
         for (id, version, result) in send_all(batch, concurrency, control_plane).await {
-            let mut entries = self.entries();
-            let Some(entry) = entries.get_mut(&id) else {
+            let mut state = self.state();
+            let Some(entry) = state.entries.get_mut(&id) else {
                 continue;
             };
+            // Versions are never reused, so the number names the status.
             let still_pending = entry.pending.as_ref().is_some_and(|(v, _)| *v == version);
             match result {
                 Ok(()) => {
@@ -152,7 +183,7 @@ impl Outbox {
                     round.rejected += 1;
                     tracing::warn!(env.id = %id, status_version = version, error = %message, "control plane rejected a status");
                     if still_pending {
-                        recheck.push(id);
+                        recheck.push((id, version));
                     }
                 }
                 Err(ControlPlaneError::Unavailable(message)) => {
@@ -163,28 +194,40 @@ impl Outbox {
             }
         }
         // A rejected status is usually numbered below one the control plane
-        // already holds (another replica reported since): continue from the
-        // accepted version, or drop it if the environment is gone.
-        for id in recheck {
+        // already holds (another replica reported since): renumber it above
+        // the accepted version, or drop it if the environment is gone.
+        for (id, rejected) in recheck {
             let fetched = control_plane.get_environment(id).await;
-            let mut entries = self.entries();
-            let Some(entry) = entries.get_mut(&id) else {
+            let mut state = self.state();
+            let still_pending = state
+                .entries
+                .get(&id)
+                .and_then(|e| e.pending.as_ref())
+                .is_some_and(|(v, _)| *v == rejected);
+            // A newer status published meanwhile has its own number.
+            if !still_pending {
                 continue;
-            };
+            }
+            let ceiling = state.epoch.saturating_add(1).saturating_mul(1 << TERM_BITS);
             match fetched {
                 Ok(Some(environment))
-                    if environment.accepted_status_version + 1 > entry.next_version =>
+                    if environment.accepted_status_version >= rejected
+                        && environment.accepted_status_version < ceiling =>
                 {
-                    entry.next_version = environment.accepted_status_version + 1;
-                    if let Some((version, _)) = &mut entry.pending {
-                        *version = entry.next_version;
-                        entry.next_version += 1;
+                    let version = state.next(environment.accepted_status_version);
+                    if let Some(entry) = state.entries.get_mut(&id)
+                        && let Some((v, _)) = &mut entry.pending
+                    {
+                        *v = version;
                     }
                 }
-                Ok(Some(_)) | Ok(None) => {
-                    // The version was not the problem, or the environment is gone.
-                    entry.pending = None;
-                    entry.last = None;
+                Ok(_) => {
+                    // The version was not the problem, the environment is
+                    // gone, or a newer term reports it: drop the status.
+                    if let Some(entry) = state.entries.get_mut(&id) {
+                        entry.pending = None;
+                        entry.last = None;
+                    }
                 }
                 Err(_) => {}
             }
@@ -193,9 +236,10 @@ impl Outbox {
     }
 
     /// Delivers while `leading()` holds, until `shutdown`: wakes on publish,
-    /// retries failures with
-    /// `backoff` (by the most failed entry), and makes a last attempt when
-    /// shut down.
+    /// retries failures with `backoff` (by the most failed entry), and makes
+    /// a last attempt when shut down, if still leading. Rounds while not
+    /// leading send nothing and keep what is pending (a lapse that recovers
+    /// at the same epoch delivers it; a new term clears it).
     pub async fn run_while(
         self: Arc<Self>,
         leading: impl Fn() -> bool,
@@ -206,14 +250,13 @@ impl Outbox {
         shutdown: CancellationToken,
     ) {
         loop {
-            if !leading() {
-                // Only the leader reports; what a former leader left is stale.
-                self.clear();
+            if leading() {
+                let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
+                on_round(round, self.pending());
             }
-            let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
-            on_round(round, self.pending());
             let failures = self
-                .entries()
+                .state()
+                .entries
                 .values()
                 .filter(|e| e.pending.is_some())
                 .map(|e| e.failures)
@@ -233,6 +276,11 @@ impl Outbox {
             let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
             on_round(round, self.pending());
         }
+    }
+
+    /// Wakes the delivery loop (leadership came back).
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 }
 
@@ -261,8 +309,13 @@ async fn send_all(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use async_trait::async_trait;
+    use rand::{Rng as _, SeedableRng as _};
+
     use super::*;
-    use crate::model::Phase;
+    use crate::model::{Environment, EnvironmentClass, Phase, Revision, Spec};
 
     fn status(phase: Phase) -> Status {
         Status {
@@ -289,5 +342,191 @@ mod tests {
         outbox.start_term(4);
         let third = outbox.publish(id, 0, status(Phase::Stopped)).expect("new");
         assert_eq!(third, 4 << 32);
+    }
+
+    #[test]
+    fn a_clear_never_lets_a_version_be_reused() {
+        // The sequence the chaos suite hit: publish, clear (leadership
+        // looked lost), publish again with the same lagging `accepted`.
+        let outbox = Outbox::default();
+        let id = EnvironmentId(uuid::Uuid::new_v4());
+        outbox.start_term(1);
+        let a = outbox.publish(id, 0, status(Phase::Creating)).expect("new");
+        assert_eq!(a, 1 << 32);
+        outbox.clear();
+        let b = outbox.publish(id, 0, status(Phase::Starting)).expect("new");
+        assert!(b > a, "{b} reuses {a}");
+        outbox.forget(id);
+        let c = outbox.publish(id, 0, status(Phase::Running)).expect("new");
+        assert!(c > b, "{c} reuses {b}");
+    }
+
+    #[test]
+    fn an_accepted_version_of_a_newer_term_is_not_adopted() {
+        let outbox = Outbox::default();
+        let id = EnvironmentId(uuid::Uuid::new_v4());
+        outbox.start_term(2);
+        // A newer leader (epoch 3) already reported: this deposed process
+        // must not number its status inside epoch 3's range.
+        let v = outbox
+            .publish(id, (3 << 32) + 5, status(Phase::Running))
+            .expect("new");
+        assert_eq!(v, 2 << 32);
+        // Its own term's accepted versions are adopted.
+        let w = outbox
+            .publish(id, (2 << 32) + 40, status(Phase::Stopped))
+            .expect("new");
+        assert_eq!(w, (2 << 32) + 41);
+    }
+
+    /// A control plane that keeps, per environment, the highest accepted
+    /// version and its status, and records every (version, status) sent.
+    #[derive(Default)]
+    struct Plane {
+        accepted: Mutex<HashMap<EnvironmentId, (u64, Status)>>,
+        sent: Mutex<HashMap<(EnvironmentId, u64), Status>>,
+        /// Statuses sent at a version already delivered with other content.
+        reused: Mutex<u32>,
+    }
+
+    impl Plane {
+        fn accepted(&self, id: EnvironmentId) -> u64 {
+            self.accepted
+                .lock()
+                .expect("lock")
+                .get(&id)
+                .map_or(0, |(v, _)| *v)
+        }
+
+        /// Another replica reports, at `version`.
+        fn other_reports(&self, id: EnvironmentId, version: u64) {
+            let mut accepted = self.accepted.lock().expect("lock");
+            let entry = accepted.entry(id).or_insert((0, status(Phase::Creating)));
+            if version > entry.0 {
+                *entry = (version, status(Phase::Deleting));
+            }
+        }
+    }
+
+    #[async_trait]
+    impl ControlPlane for Plane {
+        async fn list_environments(&self) -> Result<Vec<Environment>, ControlPlaneError> {
+            Ok(Vec::new())
+        }
+
+        async fn get_environment(
+            &self,
+            id: EnvironmentId,
+        ) -> Result<Option<Environment>, ControlPlaneError> {
+            Ok(Some(Environment {
+                id,
+                spec: Spec {
+                    spec_version: 1,
+                    desired: None,
+                    class_id: String::new(),
+                    repository_url: String::new(),
+                    revision: Revision::Default,
+                    creator: String::new(),
+                },
+                accepted_status_version: self.accepted(id),
+            }))
+        }
+
+        async fn list_classes(&self) -> Result<Vec<EnvironmentClass>, ControlPlaneError> {
+            Ok(Vec::new())
+        }
+
+        async fn update_status(
+            &self,
+            id: EnvironmentId,
+            status_version: u64,
+            status: &Status,
+        ) -> Result<(), ControlPlaneError> {
+            {
+                let mut sent = self.sent.lock().expect("lock");
+                if let Some(before) = sent.get(&(id, status_version))
+                    && before != status
+                {
+                    *self.reused.lock().expect("lock") += 1;
+                }
+                sent.insert((id, status_version), status.clone());
+            }
+            let mut accepted = self.accepted.lock().expect("lock");
+            let entry = accepted.entry(id).or_insert((0, status.clone()));
+            if status_version > entry.0 || (status_version == entry.0 && &entry.1 == status) {
+                *entry = (status_version, status.clone());
+                Ok(())
+            } else {
+                Err(ControlPlaneError::Rejected("stale status_version".into()))
+            }
+        }
+    }
+
+    /// Random interleavings of publish, clear, forget, new terms (new and
+    /// resumed epochs), deliveries with rechecks, other replicas' reports
+    /// and restarts: no version is ever sent twice with different content,
+    /// and each process's versions only grow.
+    #[tokio::test]
+    async fn no_interleaving_reuses_a_version() {
+        let ids: Vec<EnvironmentId> = (0..3)
+            .map(|n| EnvironmentId(uuid::Uuid::from_u128(n + 1)))
+            .collect();
+        let phases = [
+            Phase::Creating,
+            Phase::Starting,
+            Phase::Running,
+            Phase::Stopping,
+            Phase::Stopped,
+        ];
+        for seed in 0..300_u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let plane = Plane::default();
+            let mut outbox = Outbox::default();
+            let mut epoch = 1;
+            outbox.start_term(epoch);
+            let mut last_issued = 0;
+            for _ in 0..200 {
+                let id = ids[rng.gen_range(0..ids.len())];
+                match rng.gen_range(0..100) {
+                    0..45 => {
+                        // `accepted` as the caller knows it: current or lagging.
+                        let accepted = plane.accepted(id).saturating_sub(rng.gen_range(0..3));
+                        let phase = phases[rng.gen_range(0..phases.len())];
+                        outbox.publish(id, accepted, status(phase));
+                    }
+                    45..50 => outbox.clear(),
+                    50..53 => outbox.forget(id),
+                    53..58 => outbox.start_term(epoch),
+                    58..61 => {
+                        epoch += 1;
+                        outbox.start_term(epoch);
+                    }
+                    61..64 => {
+                        // Another replica's report, in this term or the next.
+                        let term = epoch + rng.gen_range(0..2);
+                        plane.other_reports(id, (term << 32) + rng.gen_range(0..1000));
+                    }
+                    64..66 => {
+                        // A restart: a new process, a new term.
+                        outbox = Outbox::default();
+                        epoch += 1;
+                        outbox.start_term(epoch);
+                        last_issued = 0;
+                    }
+                    _ => {
+                        outbox.deliver_once(&plane, 4).await;
+                    }
+                }
+                let issued = outbox.issued();
+                assert!(issued >= last_issued, "seed {seed}: issued went back");
+                last_issued = issued;
+            }
+            outbox.deliver_once(&plane, 4).await;
+            assert_eq!(
+                *plane.reused.lock().expect("lock"),
+                0,
+                "seed {seed}: a version was sent twice with different content"
+            );
+        }
     }
 }

@@ -353,16 +353,19 @@ pub async fn run_with(
         )),
     );
 
+    // The lease is released last, after the outbox's last delivery: a
+    // status is only ever sent while leading.
+    let lease_stop = CancellationToken::new();
     spawn_critical(
         "lease",
         Box::pin({
-            let (lease, leadership, shutdown) = (
+            let (lease, leadership, stop) = (
                 deps.lease.clone(),
                 deps.leadership.clone(),
-                shutdown.clone(),
+                lease_stop.clone(),
             );
             let timing = config.engine.lease;
-            async move { run_lease(lease.as_ref(), &leadership, timing, shutdown).await }
+            async move { run_lease(lease.as_ref(), &leadership, timing, stop).await }
         }),
     );
 
@@ -495,12 +498,14 @@ pub async fn run_with(
                 }
                 let drained = scheduler.run(&work, metrics.as_ref(), term.clone(), grace).await;
                 watcher.abort();
+                if shutdown.is_cancelled() {
+                    // The outbox delivers what is pending, still leading.
+                    tracing::info!(finished = drained.finished, aborted = drained.aborted, "work queue drained");
+                    return;
+                }
                 // Statuses not delivered by now are the next leader's to report.
                 term_outbox.clear();
                 tracing::info!(finished = drained.finished, aborted = drained.aborted, "work queue drained");
-                if shutdown.is_cancelled() {
-                    return;
-                }
                 tracing::warn!(epoch, "no longer leading: reconciling stopped");
             }
         }
@@ -523,6 +528,7 @@ pub async fn run_with(
     }
     outbox_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(3), outbox_task).await;
+    lease_stop.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     tracing::info!("stopped");
