@@ -238,6 +238,7 @@ pub async fn run_with(
         scm: scm.clone(),
         scm_events: scm_events_tx,
         self_update: extras.self_update.is_some() && config.update.enabled,
+        calls: TaskTracker::new(),
     });
     let key = match session.credentials(&shutdown).await {
         Ok(key) => key,
@@ -401,49 +402,60 @@ pub async fn run_with(
         ),
     );
 
-    // Status delivery outlives the scheduler, for a last flush.
+    // Status delivery outlives the scheduler, for a last flush. Both are
+    // critical: either ending before shutdown stops the process.
     let outbox_stop = CancellationToken::new();
-    let outbox_task = tokio::spawn({
-        let (outbox, metrics, stop) = (outbox.clone(), metrics.clone(), outbox_stop.clone());
-        let backoff = Backoff {
-            base: Duration::from_millis(500),
-            max: Duration::from_secs(30),
-        };
-        let leadership = deps.leadership.clone();
-        async move {
-            outbox
-                .run_while(
-                    move || leadership.is_leader(),
-                    control_plane,
-                    backoff,
-                    16,
-                    move |round, pending| metrics.status_round(round, pending),
-                    stop,
-                )
-                .await;
-        }
-        .instrument(tracing::info_span!("task", name = "status-outbox"))
-    });
+    let outbox_done = CancellationToken::new();
+    spawn_critical(
+        "status-outbox",
+        Box::pin({
+            let (outbox, metrics, stop) = (outbox.clone(), metrics.clone(), outbox_stop.clone());
+            let done = outbox_done.clone().drop_guard();
+            let backoff = Backoff {
+                base: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+            };
+            let leadership = deps.leadership.clone();
+            async move {
+                outbox
+                    .run_while(
+                        move || leadership.is_leader(),
+                        control_plane,
+                        backoff,
+                        16,
+                        move |round, pending| metrics.status_round(round, pending),
+                        stop,
+                    )
+                    .await;
+                drop(done);
+            }
+        }),
+    );
 
     let grace = config.engine.shutdown_grace;
-    let scheduler_task = tokio::spawn({
-        let (metrics, shutdown, synced) = (metrics.clone(), shutdown.clone(), synced.clone());
-        let leadership = deps.leadership.clone();
-        let (term_context, term_desired, term_queue) =
-            (context.clone(), desired.clone(), queue.clone());
-        let term_outbox = outbox.clone();
-        let term_observer = observer.clone();
-        async move {
-            // No create or terminate before the first full sync.
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = synced.cancelled() => {}
-            }
-            let work_metrics = metrics.clone();
-            let work = |id: EnvironmentId| {
-                let context = context.clone();
-                let metrics = work_metrics.clone();
-                async move {
+    let scheduler_done = CancellationToken::new();
+    spawn_critical(
+        "scheduler",
+        Box::pin({
+            let (metrics, shutdown, synced) = (metrics.clone(), shutdown.clone(), synced.clone());
+            let done = scheduler_done.clone().drop_guard();
+            let leadership = deps.leadership.clone();
+            let (term_context, term_desired, term_queue) =
+                (context.clone(), desired.clone(), queue.clone());
+            let term_outbox = outbox.clone();
+            let term_observer = observer.clone();
+            async move {
+                let _done = done;
+                // No create or terminate before the first full sync.
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = synced.cancelled() => {}
+                }
+                let work_metrics = metrics.clone();
+                let work = |id: EnvironmentId| {
+                    let context = context.clone();
+                    let metrics = work_metrics.clone();
+                    async move {
                     let started = Instant::now();
                     let result = reconcile(&context, id).await;
                     let outcome = match &result {
@@ -457,60 +469,76 @@ pub async fn run_with(
                     result
                 }
                 .instrument(tracing::info_span!("reconcile", env.id = %id))
-            };
-            let mut scheduler = scheduler;
-            let mut changes = leadership.watch();
-            loop {
-                // Only the leader reconciles.
-                while !leadership.is_leader() {
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        _ = changes.changed() => {}
-                    }
-                }
-                let Some(epoch) = leadership.epoch() else { continue };
-                tracing::info!(epoch, "leading: reconciling");
-                let term = shutdown.child_token();
-                let watcher = tokio::spawn({
-                    let (leadership, term) = (leadership.clone(), term.clone());
-                    async move {
-                        while leadership.is_leader() && !term.is_cancelled() {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                };
+                let mut scheduler = scheduler;
+                let mut changes = leadership.watch();
+                loop {
+                    // Only the leader reconciles.
+                    while !leadership.is_leader() {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            _ = changes.changed() => {}
                         }
-                        term.cancel();
                     }
-                });
-                // The previous leader may have written since these were loaded.
-                while let Err(err) = term_context.reload_all().await {
-                    tracing::warn!(error = %err, "cannot reload the records");
-                    tokio::select! {
-                        () = term.cancelled() => break,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    let Some(epoch) = leadership.epoch() else {
+                        continue;
+                    };
+                    tracing::info!(epoch, "leading: reconciling");
+                    let term = shutdown.child_token();
+                    let watcher = tokio::spawn({
+                        let (leadership, term) = (leadership.clone(), term.clone());
+                        async move {
+                            while leadership.is_leader() && !term.is_cancelled() {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            term.cancel();
+                        }
+                    });
+                    // The previous leader may have written since these were loaded.
+                    while let Err(err) = term_context.reload_all().await {
+                        tracing::warn!(error = %err, "cannot reload the records");
+                        tokio::select! {
+                            () = term.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
                     }
+                    term_outbox.start_term(epoch);
+                    // The standby's view of instances may predate the old leader's last launches.
+                    if let Err(err) = term_observer.refresh().await {
+                        tracing::warn!(error = %chain(&err), "cannot refresh the view of instances");
+                    }
+                    for id in term_desired
+                        .present()
+                        .into_iter()
+                        .chain(term_context.recorded())
+                    {
+                        term_queue.enqueue(id);
+                    }
+                    let drained = scheduler
+                        .run(&work, metrics.as_ref(), term.clone(), grace)
+                        .await;
+                    watcher.abort();
+                    if shutdown.is_cancelled() {
+                        // The outbox delivers what is pending, still leading.
+                        tracing::info!(
+                            finished = drained.finished,
+                            aborted = drained.aborted,
+                            "work queue drained"
+                        );
+                        return;
+                    }
+                    // Statuses not delivered by now are the next leader's to report.
+                    term_outbox.clear();
+                    tracing::info!(
+                        finished = drained.finished,
+                        aborted = drained.aborted,
+                        "work queue drained"
+                    );
+                    tracing::warn!(epoch, "no longer leading: reconciling stopped");
                 }
-                term_outbox.start_term(epoch);
-                // The standby's view of instances may predate the old leader's last launches.
-                if let Err(err) = term_observer.refresh().await {
-                    tracing::warn!(error = %chain(&err), "cannot refresh the view of instances");
-                }
-                for id in term_desired.present().into_iter().chain(term_context.recorded()) {
-                    term_queue.enqueue(id);
-                }
-                let drained = scheduler.run(&work, metrics.as_ref(), term.clone(), grace).await;
-                watcher.abort();
-                if shutdown.is_cancelled() {
-                    // The outbox delivers what is pending, still leading.
-                    tracing::info!(finished = drained.finished, aborted = drained.aborted, "work queue drained");
-                    return;
-                }
-                // Statuses not delivered by now are the next leader's to report.
-                term_outbox.clear();
-                tracing::info!(finished = drained.finished, aborted = drained.aborted, "work queue drained");
-                tracing::warn!(epoch, "no longer leading: reconciling stopped");
             }
-        }
-        .instrument(tracing::info_span!("task", name = "scheduler"))
-    });
+        }),
+    );
 
     let result = tokio::select! {
         () = shutdown.cancelled() => {
@@ -523,11 +551,13 @@ pub async fn run_with(
             Err(AppError::TaskEnded { task, reason })
         }
     };
-    if let Err(err) = scheduler_task.await {
-        tracing::error!(error = %err, "the scheduler panicked");
-    }
+    // In-flight reconciles drain within the grace period (a panicked
+    // scheduler has already said so through `fatal_rx`).
+    let _ = tokio::time::timeout(grace + Duration::from_secs(5), scheduler_done.cancelled()).await;
+    session.calls.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.calls.wait()).await;
     outbox_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(3), outbox_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), outbox_done.cancelled()).await;
     lease_stop.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;

@@ -123,6 +123,8 @@ pub struct Session {
     /// Whether this runner can update itself (it runs as an ECS service task
     /// with self-update on).
     pub self_update: bool,
+    /// The calls being answered, waited for at shutdown.
+    pub calls: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for Session {
@@ -513,7 +515,7 @@ impl Session {
         let session = self.clone();
         let calls = calls.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        self.calls.spawn(async move {
             let Ok(_permit) = calls.acquire_owned().await else {
                 return;
             };
