@@ -287,6 +287,13 @@ async fn launch_sets_tags_disk_imds_profile_and_secret_free_user_data() {
         Some("required"),
         "IMDSv2 required"
     );
+    // Regression (issue 12): a hop limit of 2 let a container on the
+    // instance fetch the instance's credentials.
+    assert_eq!(
+        options.http_put_response_hop_limit(),
+        Some(1),
+        "IMDS answers the instance itself, not its containers"
+    );
     assert!(
         raw.iam_instance_profile()
             .and_then(|p| p.arn())
@@ -652,6 +659,161 @@ async fn orphans_are_marked_then_terminated_after_the_grace_period_a_few_per_pas
         Some("running"),
         "an instance without our tags is never touched"
     );
+}
+
+/// An instance launched outside the runner but wearing its tags (for
+/// `environment`), with `profile` (none when `None`) and `group`.
+async fn launch_wearing_tags(
+    sdk: &aws_config::SdkConfig,
+    infra: &Infra,
+    environment: EnvironmentId,
+    profile: Option<&str>,
+    group: &str,
+) -> String {
+    use aws_sdk_ec2::types::{IamInstanceProfileSpecification, ResourceType, TagSpecification};
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    aws_sdk_ec2::Client::new(sdk)
+        .run_instances()
+        .image_id(&infra.ami)
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(&infra.subnets[0].0)
+        .security_group_ids(group)
+        .set_iam_instance_profile(
+            profile.map(|p| IamInstanceProfileSpecification::builder().name(p).build()),
+        )
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .tags(tag(TAG_RUNNER, &infra.runner_id))
+                .tags(tag(TAG_ENVIRONMENT, &environment.to_string()))
+                .tags(tag(TAG_ATTEMPT, "1"))
+                .tags(tag(TAG_MANAGED_BY, "aws-runner"))
+                .build(),
+        )
+        .send()
+        .await
+        .expect("an instance wearing the runner's tags")
+        .instances()[0]
+        .instance_id()
+        .expect("id")
+        .to_owned()
+}
+
+/// Regression (issue 12): the orphan sweep terminated anything that wore the
+/// runner's tags. Now only instances with the tags AND the environments'
+/// instance profile AND security group are observed, so swept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_leaves_alone_tagged_instances_without_the_runners_profile_and_group() {
+    let sdk = sdk(&moto_url()).await;
+    let infra = Infra::create(&sdk).await;
+    let leadership = Arc::new(Leadership::default());
+    let adapters = infra.adapters(&sdk, "a", &leadership);
+    lead(&adapters.store, &leadership).await;
+    let compute: Arc<dyn Compute> = adapters.compute.clone();
+    let orphan = compute
+        .launch(&request(&infra, env(), 1, 0))
+        .await
+        .expect("a real orphan")
+        .id;
+
+    let iam = aws_sdk_iam::Client::new(&sdk);
+    let other_profile = "some-other-profile";
+    let _ = iam
+        .create_instance_profile()
+        .instance_profile_name(other_profile)
+        .send()
+        .await;
+    let other_group = aws_sdk_ec2::Client::new(&sdk)
+        .create_security_group()
+        .group_name(format!("other-{}", &infra.runner_id[..8]))
+        .description("another group in the runner's VPC")
+        .vpc_id(&infra.vpc_id)
+        .send()
+        .await
+        .expect("create security group")
+        .group_id
+        .expect("group id");
+    let foreign = [
+        launch_wearing_tags(
+            &sdk,
+            &infra,
+            env(),
+            Some(other_profile),
+            &infra.security_group_id,
+        )
+        .await,
+        launch_wearing_tags(
+            &sdk,
+            &infra,
+            env(),
+            Some(crate::INSTANCE_PROFILE),
+            &other_group,
+        )
+        .await,
+        launch_wearing_tags(&sdk, &infra, env(), None, &infra.security_group_id).await,
+    ];
+
+    let observer = Arc::new(Observer::new(compute.clone(), Duration::ZERO));
+    let context = Context::new(
+        adapters.store.clone(),
+        compute.clone(),
+        observer.clone(),
+        Arc::new(Outbox::default()),
+        Arc::new(Desired::default()),
+        Vec::new(),
+        ReconcileSettings::default(),
+        Vec::new(),
+    );
+    let policy = OrphanPolicy {
+        grace: Duration::from_secs(600),
+        max_per_pass: 10,
+    };
+    let now = SystemTime::now();
+    observer.refresh().await.expect("observe");
+    assert_eq!(
+        observer
+            .all()
+            .iter()
+            .map(|i| i.id.clone())
+            .collect::<Vec<_>>(),
+        [orphan.as_str()],
+        "only the runner's own instance is observed"
+    );
+    let first = sweep(&context, policy, now).await.expect("sweep");
+    assert_eq!((first.quarantined, first.terminated), (1, 0));
+    observer.refresh().await.expect("observe");
+    let later = sweep(&context, policy, now + Duration::from_secs(601))
+        .await
+        .expect("sweep");
+    assert_eq!((later.quarantined, later.terminated), (0, 1));
+
+    let described = aws_sdk_ec2::Client::new(&sdk)
+        .describe_instances()
+        .set_instance_ids(Some(
+            std::iter::once(orphan.clone())
+                .chain(foreign.iter().cloned())
+                .collect(),
+        ))
+        .send()
+        .await
+        .expect("describe");
+    for raw in described.reservations().iter().flat_map(|r| r.instances()) {
+        let id = raw.instance_id().expect("id");
+        let state = raw.state().and_then(|s| s.name()).map(|n| n.as_str());
+        let marked = raw.tags().iter().any(|t| t.key() == Some(TAG_QUARANTINED));
+        if id == orphan {
+            assert_eq!(state, Some("terminated"), "the real orphan is terminated");
+            assert!(marked, "the real orphan was marked first");
+        } else {
+            assert_eq!(
+                state,
+                Some("running"),
+                "{id} wears the tags only: untouched"
+            );
+            assert!(!marked, "{id} wears the tags only: not even marked");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
