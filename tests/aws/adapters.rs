@@ -881,6 +881,127 @@ async fn credentials_round_trip_through_secrets_manager() {
     assert!(matches!(missing.load().await, Err(SecretError::Malformed(m)) if m.contains("nope")));
 }
 
+/// Regression (issue 12): one secret held the exchange token, then the
+/// runner's credential, so a stack update with a new exchange token wiped
+/// the credential and key pair. Now the stack's exchange-token secret is
+/// read only while the runner's own secret holds no access token, and never
+/// written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_exchange_token_in_the_stacks_secret_never_replaces_the_stored_credential() {
+    let sdk = sdk(&moto_url()).await;
+    let infra = Infra::create(&sdk).await;
+    let client = aws_sdk_secretsmanager::Client::new(&sdk);
+    let create = |name: String, value: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .create_secret()
+                .name(&name)
+                .secret_string(value)
+                .send()
+                .await
+                .expect("create secret");
+            name
+        }
+    };
+    let value = |id: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get_secret_value()
+                .secret_id(id)
+                .send()
+                .await
+                .expect("read")
+                .secret_string()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    let short = &infra.runner_id[..8];
+    // As the stack creates them: the runner's empty, the exchange token's.
+    let runner_secret = create(format!("runner-{short}/credential"), "{}").await;
+    let stack_secret = create(format!("runner-{short}/exchange-token"), "ret_first").await;
+    let adapters = runner_aws::adapters(
+        &sdk,
+        &runner_aws::AdapterSettings {
+            secret_id: runner_secret.clone(),
+            exchange_token_secret_id: Some(stack_secret.clone()),
+            ..infra.settings("a")
+        },
+        &leading(),
+    );
+    let secrets = adapters.secrets;
+    let exposed =
+        |t: &Option<secrecy::SecretString>| t.as_ref().map(|t| t.expose_secret().to_owned());
+
+    let mut first = secrets.load().await.expect("load");
+    assert_eq!(exposed(&first.exchange_token).as_deref(), Some("ret_first"));
+    assert!(first.access_token.is_none() && first.private_key.is_none());
+    // The first start: key pair, then the traded credential.
+    first.private_key = Some(runner_core::traits::SecretKeyBytes([7; 32]));
+    secrets.save(&first).await.expect("save the key");
+    assert!(
+        !value(runner_secret.clone()).await.contains("ret_first"),
+        "the exchange token is not copied into the runner's secret"
+    );
+    first.exchange_token = None;
+    first.access_token = Some("rat_access".to_owned().into());
+    secrets.save(&first).await.expect("save the credential");
+
+    // A stack update with a new exchange token.
+    client
+        .put_secret_value()
+        .secret_id(&stack_secret)
+        .secret_string("ret_second")
+        .send()
+        .await
+        .expect("the stack's update");
+    let loaded = secrets.load().await.expect("load after the update");
+    assert_eq!(exposed(&loaded.access_token).as_deref(), Some("rat_access"));
+    assert_eq!(
+        loaded.private_key,
+        Some(runner_core::traits::SecretKeyBytes([7; 32]))
+    );
+    assert!(
+        loaded.exchange_token.is_none(),
+        "the new exchange token is not even read while a credential is stored"
+    );
+    assert_eq!(
+        value(stack_secret.clone()).await,
+        "ret_second",
+        "never written"
+    );
+
+    // A stack from before the split: the credential sits in the secret that
+    // is now the exchange-token secret. It is used and moved.
+    let legacy_runner = create(format!("runner-{short}/legacy-credential"), "{}").await;
+    let legacy_stack = create(format!("runner-{short}/legacy-exchange"), "{}").await;
+    client
+        .put_secret_value()
+        .secret_id(&legacy_stack)
+        .secret_string(runner_aws::secrets::render(&loaded).as_str())
+        .send()
+        .await
+        .expect("the credential where the old runner kept it");
+    let legacy = runner_aws::adapters(
+        &sdk,
+        &runner_aws::AdapterSettings {
+            secret_id: legacy_runner.clone(),
+            exchange_token_secret_id: Some(legacy_stack),
+            ..infra.settings("a")
+        },
+        &leading(),
+    )
+    .secrets;
+    let moved = legacy.load().await.expect("load the legacy credential");
+    assert_eq!(exposed(&moved.access_token).as_deref(), Some("rat_access"));
+    assert!(
+        value(legacy_runner).await.contains("rat_access"),
+        "moved into the runner's own secret"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelope_encryption_binds_the_context() {
     let sdk = sdk(&moto_url()).await;
