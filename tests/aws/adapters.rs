@@ -972,34 +972,6 @@ async fn a_new_exchange_token_in_the_stacks_secret_never_replaces_the_stored_cre
         "ret_second",
         "never written"
     );
-
-    // A stack from before the split: the credential sits in the secret that
-    // is now the exchange-token secret. It is used and moved.
-    let legacy_runner = create(format!("runner-{short}/legacy-credential"), "{}").await;
-    let legacy_stack = create(format!("runner-{short}/legacy-exchange"), "{}").await;
-    client
-        .put_secret_value()
-        .secret_id(&legacy_stack)
-        .secret_string(runner_aws::secrets::render(&loaded).as_str())
-        .send()
-        .await
-        .expect("the credential where the old runner kept it");
-    let legacy = runner_aws::adapters(
-        &sdk,
-        &runner_aws::AdapterSettings {
-            secret_id: legacy_runner.clone(),
-            exchange_token_secret_id: Some(legacy_stack),
-            ..infra.settings("a")
-        },
-        &leading(),
-    )
-    .secrets;
-    let moved = legacy.load().await.expect("load the legacy credential");
-    assert_eq!(exposed(&moved.access_token).as_deref(), Some("rat_access"));
-    assert!(
-        value(legacy_runner).await.contains("rat_access"),
-        "moved into the runner's own secret"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,16 +142,7 @@ impl SecretStore for SecretsManagerStore {
             return Ok(credentials);
         }
         if let Some(id) = &self.exchange_token_secret_id {
-            let stack = self.read(id).await?;
-            credentials.exchange_token = stack.exchange_token;
-            if credentials.private_key.is_none() && stack.private_key.is_some() {
-                // A stack from before the split kept the runner's credential
-                // in what is now the exchange-token secret: move it to the
-                // runner's own, where a new exchange token cannot reach it.
-                credentials.private_key = stack.private_key;
-                credentials.access_token = stack.access_token;
-                self.save(&credentials).await?;
-            }
+            credentials.exchange_token = self.read(id).await?.exchange_token;
         }
         Ok(credentials)
     }
