@@ -792,6 +792,14 @@ mod tests {
             (&["--update-window", "night"], "--update-window"),
             (&["--update-interval", "10s"], "--update-interval"),
             (&["--self-update", "maybe"], "--self-update"),
+            (
+                &["--allowed-instance-types", "t3.medium,large"],
+                "--allowed-instance-types (RUNNER_ALLOWED_INSTANCE_TYPES): \"large\" is not an EC2 instance type",
+            ),
+            (
+                &["--exchange-token-secret-id", "runner/credentials"],
+                "--exchange-token-secret-id (RUNNER_EXCHANGE_TOKEN_SECRET_ID): must be another secret",
+            ),
         ];
         for (extra, expected) in cases {
             let err = args(extra).expect_err(&format!("{extra:?} must be refused"));
@@ -849,6 +857,28 @@ mod tests {
         assert!(!config.update.enabled);
         assert_eq!(config.update.window.to_string(), "22-04");
         assert_eq!(config.update.interval, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn the_allowlist_and_the_exchange_token_secret_are_optional() {
+        let config = args(&[]).expect("valid");
+        assert!(config.placement.allowed_instance_types.is_any());
+        assert_eq!(config.exchange_token_secret_id, None);
+        let config = args(&[
+            "--allowed-instance-types",
+            "t3.medium, m7i.large",
+            "--exchange-token-secret-id",
+            "runner/exchange-token",
+        ])
+        .expect("valid");
+        assert_eq!(
+            config.placement.allowed_instance_types.types(),
+            ["t3.medium", "m7i.large"]
+        );
+        assert_eq!(
+            config.exchange_token_secret_id.as_deref(),
+            Some("runner/exchange-token")
+        );
     }
 
     #[test]
