@@ -268,7 +268,7 @@ async fn launch_one(
             InstanceMetadataOptionsRequest::builder()
                 .http_tokens(HttpTokensState::Required)
                 .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                .http_put_response_hop_limit(2)
+                .http_put_response_hop_limit(1)
                 .build(),
         )
         .tag_specifications(

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
-use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::{
+    IamInstanceProfileSpecification, InstanceType, ResourceType, Tag, TagSpecification,
+};
 use runner_aws::ec2::{TAG_ATTEMPT, TAG_ENVIRONMENT, TAG_MANAGED_BY, TAG_RUNNER};
 use runner_core::model::{EnvironmentId, client_token};
 use uuid::Uuid;
@@ -54,6 +56,13 @@ pub(crate) async fn populate(tools: &Tools, n: usize) -> anyhow::Result<Populate
                     .max_count(1)
                     .subnet_id(&subnet)
                     .security_group_ids(&world.infra.security_group_id)
+                    // The runner observes only instances with its profile
+                    // and group.
+                    .iam_instance_profile(
+                        IamInstanceProfileSpecification::builder()
+                            .name(world::INSTANCE_PROFILE)
+                            .build(),
+                    )
                     .tag_specifications(
                         TagSpecification::builder()
                             .resource_type(ResourceType::Instance)

@@ -148,6 +148,8 @@ def up(args):
             {"ParameterKey": "ControlPlaneUrl", "ParameterValue": "https://control-plane.invalid"},
             {"ParameterKey": "VpcId", "ParameterValue": vpc},
             {"ParameterKey": "SubnetIds", "ParameterValue": ",".join(subnets)},
+            # No image runs here (moto's ECS starts no task); any digest will do.
+            {"ParameterKey": "RunnerImageDigest", "ParameterValue": "sha256:" + "0" * 64},
         ])
         for _ in range(120):
             status = cfn.describe_stacks(StackName=stack)["Stacks"][0]["StackStatus"]
@@ -157,10 +159,15 @@ def up(args):
         if status != "CREATE_COMPLETE":
             raise SystemExit(f"the stack ended in {status}")
         outputs = {o["OutputKey"]: o.get("OutputValue", "") for o in cfn.describe_stacks(StackName=stack)["Stacks"][0]["Outputs"]}
-        # moto's CloudFormation skips AWS::SecretsManager::Secret; create it as the stack would.
+        # moto's CloudFormation skips AWS::SecretsManager::Secret; create them as the stack would:
+        # the exchange token's, and the runner's credential (empty).
+        sm = client("secretsmanager", moto)
+        if not outputs.get("ExchangeTokenSecretArn"):
+            outputs["ExchangeTokenSecretArn"] = sm.create_secret(
+                Name=f"aws-runner/{runner['id']}/exchange-token", SecretString=runner["exchange_token"])["ARN"]
         if not outputs.get("SecretArn"):
-            outputs["SecretArn"] = client("secretsmanager", moto).create_secret(
-                Name=f"aws-runner/{runner['id']}/credentials", SecretString=runner["exchange_token"])["ARN"]
+            outputs["SecretArn"] = sm.create_secret(
+                Name=f"aws-runner/{runner['id']}/credential", SecretString="{}")["ARN"]
         state.update(stack=stack, runner_id=runner["id"], outputs=outputs, subnets=subnets)
         save_state(state)
         say(f"stack {stack} is CREATE_COMPLETE")
@@ -176,7 +183,9 @@ def up(args):
                "RUNNER_VPC_ID": o["VpcId"], "RUNNER_SUBNET_IDS": o["SubnetIds"],
                "RUNNER_SECURITY_GROUP_ID": o["EnvironmentSecurityGroupId"],
                "RUNNER_INSTANCE_PROFILE": o["EnvironmentInstanceProfileArn"], "RUNNER_AMI": o["EnvironmentAmi"],
-               "RUNNER_TABLE": o["TableName"], "RUNNER_SECRET_ID": o["SecretArn"], "RUNNER_KMS_KEY_ID": o["KmsKeyArn"],
+               "RUNNER_TABLE": o["TableName"], "RUNNER_SECRET_ID": o["SecretArn"],
+               "RUNNER_EXCHANGE_TOKEN_SECRET_ID": o["ExchangeTokenSecretArn"],
+               "RUNNER_ALLOWED_INSTANCE_TYPES": o["AllowedInstanceTypes"], "RUNNER_KMS_KEY_ID": o["KmsKeyArn"],
                "RUNNER_HEALTH_LISTEN": f"127.0.0.1:{health}", "RUNNER_LOG_FORMAT": "json"}
         state["runnerd_pid"] = spawn("runnerd", [args.runnerd], env=env)
         state["health_url"] = f"http://127.0.0.1:{health}"

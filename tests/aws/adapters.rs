@@ -287,6 +287,13 @@ async fn launch_sets_tags_disk_imds_profile_and_secret_free_user_data() {
         Some("required"),
         "IMDSv2 required"
     );
+    // Regression (issue 12): a hop limit of 2 let a container on the
+    // instance fetch the instance's credentials.
+    assert_eq!(
+        options.http_put_response_hop_limit(),
+        Some(1),
+        "IMDS answers the instance itself, not its containers"
+    );
     assert!(
         raw.iam_instance_profile()
             .and_then(|p| p.arn())
@@ -654,6 +661,161 @@ async fn orphans_are_marked_then_terminated_after_the_grace_period_a_few_per_pas
     );
 }
 
+/// An instance launched outside the runner but wearing its tags (for
+/// `environment`), with `profile` (none when `None`) and `group`.
+async fn launch_wearing_tags(
+    sdk: &aws_config::SdkConfig,
+    infra: &Infra,
+    environment: EnvironmentId,
+    profile: Option<&str>,
+    group: &str,
+) -> String {
+    use aws_sdk_ec2::types::{IamInstanceProfileSpecification, ResourceType, TagSpecification};
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    aws_sdk_ec2::Client::new(sdk)
+        .run_instances()
+        .image_id(&infra.ami)
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(&infra.subnets[0].0)
+        .security_group_ids(group)
+        .set_iam_instance_profile(
+            profile.map(|p| IamInstanceProfileSpecification::builder().name(p).build()),
+        )
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .tags(tag(TAG_RUNNER, &infra.runner_id))
+                .tags(tag(TAG_ENVIRONMENT, &environment.to_string()))
+                .tags(tag(TAG_ATTEMPT, "1"))
+                .tags(tag(TAG_MANAGED_BY, "aws-runner"))
+                .build(),
+        )
+        .send()
+        .await
+        .expect("an instance wearing the runner's tags")
+        .instances()[0]
+        .instance_id()
+        .expect("id")
+        .to_owned()
+}
+
+/// Regression (issue 12): the orphan sweep terminated anything that wore the
+/// runner's tags. Now only instances with the tags AND the environments'
+/// instance profile AND security group are observed, so swept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_leaves_alone_tagged_instances_without_the_runners_profile_and_group() {
+    let sdk = sdk(&moto_url()).await;
+    let infra = Infra::create(&sdk).await;
+    let leadership = Arc::new(Leadership::default());
+    let adapters = infra.adapters(&sdk, "a", &leadership);
+    lead(&adapters.store, &leadership).await;
+    let compute: Arc<dyn Compute> = adapters.compute.clone();
+    let orphan = compute
+        .launch(&request(&infra, env(), 1, 0))
+        .await
+        .expect("a real orphan")
+        .id;
+
+    let iam = aws_sdk_iam::Client::new(&sdk);
+    let other_profile = "some-other-profile";
+    let _ = iam
+        .create_instance_profile()
+        .instance_profile_name(other_profile)
+        .send()
+        .await;
+    let other_group = aws_sdk_ec2::Client::new(&sdk)
+        .create_security_group()
+        .group_name(format!("other-{}", &infra.runner_id[..8]))
+        .description("another group in the runner's VPC")
+        .vpc_id(&infra.vpc_id)
+        .send()
+        .await
+        .expect("create security group")
+        .group_id
+        .expect("group id");
+    let foreign = [
+        launch_wearing_tags(
+            &sdk,
+            &infra,
+            env(),
+            Some(other_profile),
+            &infra.security_group_id,
+        )
+        .await,
+        launch_wearing_tags(
+            &sdk,
+            &infra,
+            env(),
+            Some(crate::INSTANCE_PROFILE),
+            &other_group,
+        )
+        .await,
+        launch_wearing_tags(&sdk, &infra, env(), None, &infra.security_group_id).await,
+    ];
+
+    let observer = Arc::new(Observer::new(compute.clone(), Duration::ZERO));
+    let context = Context::new(
+        adapters.store.clone(),
+        compute.clone(),
+        observer.clone(),
+        Arc::new(Outbox::default()),
+        Arc::new(Desired::default()),
+        Vec::new(),
+        ReconcileSettings::default(),
+        Vec::new(),
+    );
+    let policy = OrphanPolicy {
+        grace: Duration::from_secs(600),
+        max_per_pass: 10,
+    };
+    let now = SystemTime::now();
+    observer.refresh().await.expect("observe");
+    assert_eq!(
+        observer
+            .all()
+            .iter()
+            .map(|i| i.id.clone())
+            .collect::<Vec<_>>(),
+        [orphan.as_str()],
+        "only the runner's own instance is observed"
+    );
+    let first = sweep(&context, policy, now).await.expect("sweep");
+    assert_eq!((first.quarantined, first.terminated), (1, 0));
+    observer.refresh().await.expect("observe");
+    let later = sweep(&context, policy, now + Duration::from_secs(601))
+        .await
+        .expect("sweep");
+    assert_eq!((later.quarantined, later.terminated), (0, 1));
+
+    let described = aws_sdk_ec2::Client::new(&sdk)
+        .describe_instances()
+        .set_instance_ids(Some(
+            std::iter::once(orphan.clone())
+                .chain(foreign.iter().cloned())
+                .collect(),
+        ))
+        .send()
+        .await
+        .expect("describe");
+    for raw in described.reservations().iter().flat_map(|r| r.instances()) {
+        let id = raw.instance_id().expect("id");
+        let state = raw.state().and_then(|s| s.name()).map(|n| n.as_str());
+        let marked = raw.tags().iter().any(|t| t.key() == Some(TAG_QUARANTINED));
+        if id == orphan {
+            assert_eq!(state, Some("terminated"), "the real orphan is terminated");
+            assert!(marked, "the real orphan was marked first");
+        } else {
+            assert_eq!(
+                state,
+                Some("running"),
+                "{id} wears the tags only: untouched"
+            );
+            assert!(!marked, "{id} wears the tags only: not even marked");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_round_trip_through_secrets_manager() {
     let sdk = sdk(&moto_url()).await;
@@ -717,6 +879,99 @@ async fn credentials_round_trip_through_secrets_manager() {
     )
     .secrets;
     assert!(matches!(missing.load().await, Err(SecretError::Malformed(m)) if m.contains("nope")));
+}
+
+/// Regression (issue 12): one secret held the exchange token, then the
+/// runner's credential, so a stack update with a new exchange token wiped
+/// the credential and key pair. Now the stack's exchange-token secret is
+/// read only while the runner's own secret holds no access token, and never
+/// written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_exchange_token_in_the_stacks_secret_never_replaces_the_stored_credential() {
+    let sdk = sdk(&moto_url()).await;
+    let infra = Infra::create(&sdk).await;
+    let client = aws_sdk_secretsmanager::Client::new(&sdk);
+    let create = |name: String, value: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .create_secret()
+                .name(&name)
+                .secret_string(value)
+                .send()
+                .await
+                .expect("create secret");
+            name
+        }
+    };
+    let value = |id: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get_secret_value()
+                .secret_id(id)
+                .send()
+                .await
+                .expect("read")
+                .secret_string()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    let short = &infra.runner_id[..8];
+    // As the stack creates them: the runner's empty, the exchange token's.
+    let runner_secret = create(format!("runner-{short}/credential"), "{}").await;
+    let stack_secret = create(format!("runner-{short}/exchange-token"), "ret_first").await;
+    let adapters = runner_aws::adapters(
+        &sdk,
+        &runner_aws::AdapterSettings {
+            secret_id: runner_secret.clone(),
+            exchange_token_secret_id: Some(stack_secret.clone()),
+            ..infra.settings("a")
+        },
+        &leading(),
+    );
+    let secrets = adapters.secrets;
+    let exposed =
+        |t: &Option<secrecy::SecretString>| t.as_ref().map(|t| t.expose_secret().to_owned());
+
+    let mut first = secrets.load().await.expect("load");
+    assert_eq!(exposed(&first.exchange_token).as_deref(), Some("ret_first"));
+    assert!(first.access_token.is_none() && first.private_key.is_none());
+    // The first start: key pair, then the traded credential.
+    first.private_key = Some(runner_core::traits::SecretKeyBytes([7; 32]));
+    secrets.save(&first).await.expect("save the key");
+    assert!(
+        !value(runner_secret.clone()).await.contains("ret_first"),
+        "the exchange token is not copied into the runner's secret"
+    );
+    first.exchange_token = None;
+    first.access_token = Some("rat_access".to_owned().into());
+    secrets.save(&first).await.expect("save the credential");
+
+    // A stack update with a new exchange token.
+    client
+        .put_secret_value()
+        .secret_id(&stack_secret)
+        .secret_string("ret_second")
+        .send()
+        .await
+        .expect("the stack's update");
+    let loaded = secrets.load().await.expect("load after the update");
+    assert_eq!(exposed(&loaded.access_token).as_deref(), Some("rat_access"));
+    assert_eq!(
+        loaded.private_key,
+        Some(runner_core::traits::SecretKeyBytes([7; 32]))
+    );
+    assert!(
+        loaded.exchange_token.is_none(),
+        "the new exchange token is not even read while a credential is stored"
+    );
+    assert_eq!(
+        value(stack_secret.clone()).await,
+        "ret_second",
+        "never written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

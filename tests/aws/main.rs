@@ -223,6 +223,7 @@ impl Infra {
             runner_id: self.runner_id.clone(),
             holder: holder.to_owned(),
             secret_id: self.secret_id.clone(),
+            exchange_token_secret_id: None,
             kms_key_id: self.kms_key_id.clone(),
             ec2: runner_aws::ec2::Ec2Settings {
                 runner_id: self.runner_id.clone(),

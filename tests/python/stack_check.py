@@ -2,10 +2,13 @@
 
 Checks that the stack reaches CREATE_COMPLETE and that its core resources
 exist (table, roles, security groups, cluster, service, instance profile),
-then creates what moto's CloudFormation cannot (the secret), starts the
-reference control plane and runnerd with the stack's outputs, and waits for an
+then creates what moto's CloudFormation cannot (the two secrets: the
+exchange token's and the runner's empty credential), starts the reference
+control plane and runnerd with the stack's outputs, and waits for an
 environment to run on an instance tagged as the runner's, in one of the
-stack's subnets. Prints one line per check and 'stack: N passed, N failed'.
+stack's subnets; the runner refuses a class outside AllowedInstanceTypes and
+keeps its credential apart from the exchange token. Prints one line per check
+and 'stack: N passed, N failed'.
 """
 
 import argparse
@@ -99,6 +102,7 @@ def main():
                 {"ParameterKey": "ControlPlaneUrl", "ParameterValue": "https://control-plane.example.com"},
                 {"ParameterKey": "VpcId", "ParameterValue": vpc},
                 {"ParameterKey": "SubnetIds", "ParameterValue": ",".join(subnets)},
+                {"ParameterKey": "RunnerImageDigest", "ParameterValue": "sha256:" + "0" * 64},
             ],
         )
         status = "CREATE_IN_PROGRESS"
@@ -126,9 +130,14 @@ def main():
         check("the instance profile exists", outputs["EnvironmentInstanceProfileArn"].startswith("arn:"), outputs)
 
         # moto's CloudFormation does not create AWS::SecretsManager::Secret:
-        # create it as the stack would, holding the exchange token.
-        secret_arn = outputs.get("SecretArn") or client("secretsmanager", args.moto).create_secret(
-            Name=f"aws-runner/{runner['id']}/credentials", SecretString=runner["exchange_token"]
+        # create them as the stack would, the exchange token's and the
+        # runner's (empty).
+        sm = client("secretsmanager", args.moto)
+        exchange_arn = outputs.get("ExchangeTokenSecretArn") or sm.create_secret(
+            Name=f"aws-runner/{runner['id']}/exchange-token", SecretString=runner["exchange_token"]
+        )["ARN"]
+        secret_arn = outputs.get("SecretArn") or sm.create_secret(
+            Name=f"aws-runner/{runner['id']}/credential", SecretString="{}"
         )["ARN"]
 
         env = {
@@ -149,6 +158,8 @@ def main():
             "RUNNER_AMI": outputs["EnvironmentAmi"],
             "RUNNER_TABLE": outputs["TableName"],
             "RUNNER_SECRET_ID": secret_arn,
+            "RUNNER_EXCHANGE_TOKEN_SECRET_ID": exchange_arn,
+            "RUNNER_ALLOWED_INSTANCE_TYPES": outputs["AllowedInstanceTypes"],
             "RUNNER_KMS_KEY_ID": outputs["KmsKeyArn"],
             "RUNNER_HEALTH_LISTEN": "127.0.0.1:0",
             "RUNNER_POLL_INTERVAL": "500ms",
@@ -173,6 +184,18 @@ def main():
             check("its instance carries the runner's tags", tags.get("aws-runner:runner-id") == runner["id"]
                   and tags.get("aws-runner:environment-id") == created["id"], tags)
             check("its instance is in one of the stack's subnets", instance["SubnetId"] in subnets, instance["SubnetId"])
+            credential = json.loads(sm.get_secret_value(SecretId=secret_arn)["SecretString"])
+            check("the runner keeps its credential in its own secret",
+                  bool(credential.get("access_token")) and bool(credential.get("private_key"))
+                  and "exchange_token" not in credential, sorted(credential))
+            check("the exchange-token secret is left as the stack wrote it",
+                  sm.get_secret_value(SecretId=exchange_arn)["SecretString"] == runner["exchange_token"])
+            costly = ctl(args.runnerctl, cp_url, "class", "create", "--runner", runner["id"], "--name", "Huge",
+                         "--instance-type", "p4d.24xlarge", "--disk-gib", "20")
+            answer = ctl(args.runnerctl, cp_url, "call", "validate-class", "--runner", runner["id"], "--class", costly["id"])
+            problems = (answer.get("result") or {}).get("problems") or []
+            check("the runner refuses a class outside AllowedInstanceTypes",
+                  any("is not one of the instance types this runner allows" in p for p in problems), answer)
     finally:
         if runnerd:
             runnerd.terminate()

@@ -98,3 +98,69 @@ async fn ping_validate_class_and_parse_context() {
     }
     runner.stop().await.expect("clean stop");
 }
+
+/// Regression (issue 12): the control plane chose any instance type, so the
+/// cost. With `--allowed-instance-types`, a class of another type is refused
+/// by validate_environment_class and by the spec check, before any AWS call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classes_outside_the_instance_type_allowlist_are_refused_before_any_aws_call() {
+    let mut world = World::new().await;
+    world.extra_args = vec![
+        "--allowed-instance-types".into(),
+        "t3.medium,m7i.xlarge".into(),
+    ];
+    let runner = world.start_runner().await;
+    let refusal =
+        "m7i.large is not one of the instance types this runner allows (t3.medium, m7i.xlarge)";
+
+    let validated = |outcome| match outcome {
+        admin::call_runner_response::Outcome::Result(pb::RunnerResult {
+            kind: Some(runner_result::Kind::ValidateEnvironmentClass(v)),
+        }) => v,
+        other => panic!("unexpected {other:?}"),
+    };
+    let offerings = world.compute.calls("offered_zones");
+    let refused = validated(call(&world, class("m7i.large", 50)).await);
+    assert_eq!(refused.problems, [format!("instance_type: {refusal}")]);
+    assert!(refused.availability_zones.is_empty());
+    assert_eq!(
+        world.compute.calls("offered_zones"),
+        offerings,
+        "a refused type costs no AWS call"
+    );
+    let allowed = validated(call(&world, class("m7i.xlarge", 50)).await);
+    assert!(allowed.problems.is_empty(), "{:?}", allowed.problems);
+
+    // The world's class is m7i.large.
+    let mut request = world.create_request(&world.class_id);
+    request.unchecked = true;
+    let env_id = world.create(request).await;
+    let envs = world
+        .wait_for("the environment refused", Duration::from_secs(20), |envs| {
+            envs.iter().any(|e| {
+                crate::id(e) == env_id
+                    && e.status
+                        .as_ref()
+                        .is_some_and(|s| !s.failure_message.is_empty())
+            })
+        })
+        .await;
+    let status = envs
+        .iter()
+        .find(|e| crate::id(e) == env_id)
+        .and_then(|e| e.status.clone())
+        .expect("status");
+    assert_eq!(
+        status.failure_message,
+        format!("environment_class.instance_type: {refusal}")
+    );
+    assert_eq!(
+        status.runner_ack.map(|a| a.code),
+        Some(pb::RunnerAckCode::InvalidSpec as i32)
+    );
+    assert!(
+        world.compute.launch_requests().is_empty(),
+        "nothing was launched"
+    );
+    runner.stop().await.expect("clean stop");
+}

@@ -5,9 +5,11 @@
 //! describe) set below EC2's per-account limits; the SDK's standard retries
 //! handle throttling and 5xx; nothing here loops on its own. Mutations refuse
 //! to run unless this replica leads. Instances without this runner's tags are
-//! never described, so never touched.
+//! never described, and an instance wearing them without also carrying the
+//! environments' instance profile and security group is logged once and left
+//! out of every observation: the runner never touches it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -85,6 +87,9 @@ pub struct Ec2Compute {
     describes: DefaultDirectRateLimiter,
     offerings: Mutex<HashMap<String, (Instant, Vec<String>)>>,
     root_devices: Mutex<HashMap<String, String>>,
+    /// Instances wearing the runner's tags without its profile and group,
+    /// already logged.
+    foreign: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Ec2Compute {
@@ -168,8 +173,9 @@ pub struct RunPlacement<'a> {
 
 /// What every launch asks for, shared by the launch and `runnerd doctor`'s
 /// DryRun: one instance of `instance_type` from the AMI in `subnet` with the
-/// environments' group and profile, IMDSv2 required, an encrypted gp3 root
-/// disk (when the AMI's root device is known: `(device, GiB)`), and `tags`
+/// environments' group and profile, IMDSv2 required with a hop limit of 1 (a
+/// container on the instance cannot reach the instance's credentials), an
+/// encrypted gp3 root disk (when the AMI's root device is known: `(device, GiB)`), and `tags`
 /// on the instance and its volumes.
 pub fn run_request(
     client: &Client,
@@ -206,7 +212,7 @@ pub fn run_request(
             InstanceMetadataOptionsRequest::builder()
                 .http_tokens(HttpTokensState::Required)
                 .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                .http_put_response_hop_limit(2)
+                .http_put_response_hop_limit(1)
                 .build(),
         )
         .tag_specifications(
@@ -306,6 +312,38 @@ fn instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
     })
 }
 
+/// Whether the instance profile `arn` (as DescribeInstances shows it) is the
+/// configured one, given as an ARN or a name.
+fn same_profile(arn: &str, configured: &str) -> bool {
+    if configured.starts_with("arn:") {
+        arn == configured
+    } else {
+        arn.rsplit('/').next() == Some(configured)
+    }
+}
+
+/// Whether a described instance wearing the runner's tags was launched as
+/// the runner launches: with the environments' instance profile and security
+/// group. A terminated instance has neither any more and is let through:
+/// nothing can be done to it, and a reconcile waits to see it go.
+fn placed_like_ours(i: &aws_sdk_ec2::types::Instance, settings: &Ec2Settings) -> bool {
+    if matches!(
+        state(i.state().and_then(|s| s.name())),
+        InstanceState::ShuttingDown | InstanceState::Terminated
+    ) {
+        return true;
+    }
+    let profile = i
+        .iam_instance_profile()
+        .and_then(|p| p.arn())
+        .is_some_and(|arn| same_profile(arn, &settings.instance_profile));
+    let group = i
+        .security_groups()
+        .iter()
+        .any(|g| g.group_id() == Some(settings.security_group_id.as_str()));
+    profile && group
+}
+
 /// The bootstrap script every instance runs (`deploy/bootstrap.sh`).
 pub const BOOTSTRAP: &str = include_str!("../../../deploy/bootstrap.sh");
 
@@ -369,6 +407,7 @@ impl Ec2Compute {
             leadership,
             offerings: Mutex::new(HashMap::new()),
             root_devices: Mutex::new(HashMap::new()),
+            foreign: Mutex::new(HashSet::new()),
         }
     }
 
@@ -432,8 +471,19 @@ impl Ec2Compute {
                 break;
             };
             let page = page.map_err(classify)?;
-            for reservation in page.reservations() {
-                out.extend(reservation.instances().iter().filter_map(instance));
+            for raw in page.reservations().iter().flat_map(|r| r.instances()) {
+                let Some(found) = instance(raw) else {
+                    continue;
+                };
+                if placed_like_ours(raw, &self.settings) {
+                    out.push(found);
+                } else if self.foreign.lock().expect("lock").insert(found.id.clone()) {
+                    tracing::warn!(
+                        instance.id = %found.id,
+                        env.id = %found.environment,
+                        "an instance wears this runner's tags without the environments' instance profile and security group: left alone"
+                    );
+                }
             }
         }
         Ok(out)

@@ -37,8 +37,11 @@ pub struct AdapterSettings {
     pub runner_id: String,
     /// This replica's name in the lease.
     pub holder: String,
-    /// The Secrets Manager secret.
+    /// The runner's Secrets Manager secret (its credential).
     pub secret_id: String,
+    /// The stack's exchange-token secret; `None`: the exchange token is in
+    /// the runner's secret.
+    pub exchange_token_secret_id: Option<String>,
     /// The KMS key for users' tokens and environments' secrets.
     pub kms_key_id: String,
     /// EC2 settings.
@@ -79,10 +82,13 @@ pub fn adapters(
             settings.ec2.clone(),
             leadership.clone(),
         )),
-        secrets: Arc::new(secrets::SecretsManagerStore::new(
-            aws_sdk_secretsmanager::Client::new(sdk),
-            &settings.secret_id,
-        )),
+        secrets: Arc::new(
+            secrets::SecretsManagerStore::new(
+                aws_sdk_secretsmanager::Client::new(sdk),
+                &settings.secret_id,
+            )
+            .with_exchange_token_secret(settings.exchange_token_secret_id.as_deref()),
+        ),
         tokens: Arc::new(tokens::DynamoTokenStore::new(
             aws_sdk_dynamodb::Client::new(sdk),
             &settings.table,

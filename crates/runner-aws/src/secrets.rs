@@ -1,8 +1,14 @@
 //! The runner's credentials in Secrets Manager.
 //!
-//! The stack creates the secret holding only the exchange token (as plain
-//! text). The runner overwrites it with a JSON object holding the access
-//! token and its X25519 private key. Values never appear in errors or logs.
+//! Two secrets: the runner's own, which the stack creates empty (`{}`) and
+//! only the runner writes (a JSON object with the access token and its X25519
+//! private key), and the stack's exchange-token secret, whose value is the
+//! `ExchangeToken` parameter (plain text). The exchange-token secret is read
+//! only while the runner's secret holds no access token, and never written:
+//! a stack update with a new exchange token cannot replace a credential.
+//! Without an exchange-token secret, the runner's secret holds the exchange
+//! token at first (as plain text) and the runner overwrites it. Values never
+//! appear in errors or logs.
 
 use async_trait::async_trait;
 use aws_sdk_secretsmanager::Client;
@@ -14,11 +20,12 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-/// The runner's secret.
+/// The runner's secret, and the stack's exchange-token secret.
 #[derive(Debug, Clone)]
 pub struct SecretsManagerStore {
     client: Client,
     secret_id: String,
+    exchange_token_secret_id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -37,7 +44,32 @@ impl SecretsManagerStore {
         Self {
             client,
             secret_id: secret_id.to_owned(),
+            exchange_token_secret_id: None,
         }
+    }
+
+    /// Takes the exchange token from the secret `id` (the stack's), read
+    /// only while the runner's secret holds no access token.
+    #[must_use]
+    pub fn with_exchange_token_secret(mut self, id: Option<&str>) -> Self {
+        self.exchange_token_secret_id = id.map(str::to_owned);
+        self
+    }
+
+    async fn read(&self, id: &str) -> Result<Credentials, SecretError> {
+        let output = self
+            .client
+            .get_secret_value()
+            .secret_id(id)
+            .send()
+            .await
+            .map_err(|e| match e.code() {
+                Some("ResourceNotFoundException") => {
+                    SecretError::Malformed(format!("secret {id} does not exist"))
+                }
+                _ => SecretError::Unavailable(Box::new(e)),
+            })?;
+        parse(output.secret_string().unwrap_or_default())
     }
 }
 
@@ -105,23 +137,26 @@ pub fn render(credentials: &Credentials) -> Zeroizing<String> {
 #[async_trait]
 impl SecretStore for SecretsManagerStore {
     async fn load(&self) -> Result<Credentials, SecretError> {
-        let output = self
-            .client
-            .get_secret_value()
-            .secret_id(&self.secret_id)
-            .send()
-            .await
-            .map_err(|e| match e.code() {
-                Some("ResourceNotFoundException") => {
-                    SecretError::Malformed(format!("secret {} does not exist", self.secret_id))
-                }
-                _ => SecretError::Unavailable(Box::new(e)),
-            })?;
-        parse(output.secret_string().unwrap_or_default())
+        let mut credentials = self.read(&self.secret_id).await?;
+        if credentials.access_token.is_some() {
+            return Ok(credentials);
+        }
+        if let Some(id) = &self.exchange_token_secret_id {
+            credentials.exchange_token = self.read(id).await?.exchange_token;
+        }
+        Ok(credentials)
     }
 
     async fn save(&self, credentials: &Credentials) -> Result<(), SecretError> {
-        let text = render(credentials);
+        let text = if self.exchange_token_secret_id.is_some() {
+            // The exchange token stays in the stack's secret only.
+            render(&Credentials {
+                exchange_token: None,
+                ..credentials.clone()
+            })
+        } else {
+            render(credentials)
+        };
         self.client
             .put_secret_value()
             .secret_id(&self.secret_id)

@@ -1,8 +1,10 @@
 //! Orphans: instances tagged as this runner's whose environment the runner
 //! neither knows nor holds a record of. They are first marked (a tag), and
 //! terminated on a later pass once the grace period has passed, a bounded
-//! number per pass. Instances without this runner's tags are never seen here:
-//! observation only returns tagged ones.
+//! number per pass. Only what observation returns is seen here, and it returns
+//! only instances that carry this runner's tags AND were launched as the
+//! runner launches (the environments' instance profile and security group;
+//! see `runner_aws::ec2`): another instance wearing the tags is left alone.
 
 use std::time::{Duration, SystemTime};
 

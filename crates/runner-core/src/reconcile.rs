@@ -114,6 +114,8 @@ pub struct Context {
     pub settings: ReconcileSettings,
     /// Repository credentials for instances.
     pub checkout: Arc<dyn Checkout>,
+    /// The instance types classes may use.
+    pub instance_types: crate::validate::AllowedInstanceTypes,
     records: Mutex<HashMap<EnvironmentId, Record>>,
     mutated: Mutex<HashMap<EnvironmentId, Instant>>,
 }
@@ -148,6 +150,7 @@ impl Context {
             subnets,
             settings,
             checkout: Arc::new(AnonymousCheckout),
+            instance_types: crate::validate::AllowedInstanceTypes::default(),
             records: Mutex::new(records.into_iter().map(|r| (r.environment, r)).collect()),
             mutated: Mutex::new(HashMap::new()),
         }
@@ -157,6 +160,14 @@ impl Context {
     #[must_use]
     pub fn with_checkout(mut self, checkout: Arc<dyn Checkout>) -> Self {
         self.checkout = checkout;
+        self
+    }
+
+    /// Refuses classes whose instance type `allowed` does not hold (the
+    /// default: any type).
+    #[must_use]
+    pub fn with_instance_types(mut self, allowed: crate::validate::AllowedInstanceTypes) -> Self {
+        self.instance_types = allowed;
         self
     }
 
@@ -411,7 +422,15 @@ async fn converge(ctx: &Context, env: &Environment) -> Result<Action, ReconcileE
         return Ok(Action::Requeue(ctx.settings.poll));
     }
     let class = ctx.desired.class(&spec.class_id);
-    let valid = match validate_spec(spec, class.as_ref()) {
+    let valid = match validate_spec(spec, class.as_ref()).and_then(|desired| match &class {
+        // Before any AWS call: the class's type must be one the runner allows.
+        Some(class) if desired != DesiredPhase::Deleted => ctx
+            .instance_types
+            .check("environment_class.instance_type", &class.instance_type)
+            .map(|()| desired)
+            .map_err(|e| e.to_string()),
+        _ => Ok(desired),
+    }) {
         Ok(desired) => Valid { desired, class },
         Err(problem) => return invalid(ctx, env, &record, problem).await,
     };

@@ -165,6 +165,56 @@ pub fn instance_type(field: &str, value: &str) -> Result {
     Ok(())
 }
 
+/// The instance types a runner may launch (its stack's
+/// `AllowedInstanceTypes`, which the task role's `ec2:InstanceType`
+/// condition enforces too); empty allows any.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedInstanceTypes(Vec<String>);
+
+impl AllowedInstanceTypes {
+    /// Exactly `types`, each an instance type (checked as `field`); none, or
+    /// only empty entries, allows any.
+    pub fn new<'a>(field: &str, types: impl IntoIterator<Item = &'a str>) -> Result<Self> {
+        let types: Vec<&str> = types.into_iter().collect();
+        if types.iter().all(|t| t.is_empty()) {
+            return Ok(Self::default());
+        }
+        let mut allowed: Vec<String> = Vec::new();
+        for t in types {
+            instance_type(field, t)?;
+            if !allowed.iter().any(|a| a == t) {
+                allowed.push(t.to_owned());
+            }
+        }
+        Ok(Self(allowed))
+    }
+
+    /// Whether any type is allowed.
+    pub fn is_any(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The allowed types, in the order given; empty when any is allowed.
+    pub fn types(&self) -> &[String] {
+        &self.0
+    }
+
+    /// Refuses an instance type (already checked with [`instance_type`])
+    /// that is not allowed, naming `field` and the allowed types.
+    pub fn check(&self, field: &str, value: &str) -> Result {
+        if self.is_any() || self.0.iter().any(|t| t == value) {
+            return Ok(());
+        }
+        Err(FieldError::new(
+            field,
+            format!(
+                "{value} is not one of the instance types this runner allows ({})",
+                self.0.join(", ")
+            ),
+        ))
+    }
+}
+
 /// A root disk size in GiB, within [`MIN_DISK_GIB`]..=[`MAX_DISK_GIB`].
 pub fn disk_gib(field: &str, value: i64) -> Result {
     if !(i64::from(MIN_DISK_GIB)..=i64::from(MAX_DISK_GIB)).contains(&value) {
@@ -385,6 +435,35 @@ mod tests {
         ] {
             assert!(instance_type("t", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_instance_type_allowlist_refuses_other_types_by_name() {
+        let allowed = AllowedInstanceTypes::new("allowed", ["t3.medium", "m7i.large", "t3.medium"])
+            .expect("valid");
+        assert!(!allowed.is_any());
+        assert_eq!(allowed.check("c", "m7i.large"), Ok(()));
+        assert_eq!(
+            allowed.check("environment_class.instance_type", "p4d.24xlarge"),
+            Err(FieldError::new(
+                "environment_class.instance_type",
+                "p4d.24xlarge is not one of the instance types this runner allows (t3.medium, m7i.large)"
+            ))
+        );
+        assert!(
+            allowed.check("c", "m7i.largeX").is_err(),
+            "exact names only"
+        );
+        let any = AllowedInstanceTypes::new("allowed", [""]).expect("empty");
+        assert!(any.is_any());
+        assert_eq!(any.check("c", "p4d.24xlarge"), Ok(()));
+        assert_eq!(
+            AllowedInstanceTypes::new("allowed", ["t3.medium", "large"]).map(|_| ()),
+            Err(FieldError::new(
+                "allowed",
+                "\"large\" is not an EC2 instance type (like \"m7i.large\")"
+            ))
+        );
     }
 
     #[test]

@@ -230,6 +230,7 @@ pub async fn run_with(
         auth,
         secrets: deps.secrets.clone(),
         compute: compute.clone(),
+        instance_types: config.placement.allowed_instance_types.clone(),
         zones: std::sync::OnceLock::new(),
         health: health.clone(),
         metrics: metrics.clone(),
@@ -340,7 +341,8 @@ pub async fn run_with(
             },
             records,
         )
-        .with_checkout(scm.clone()),
+        .with_checkout(scm.clone())
+        .with_instance_types(config.placement.allowed_instance_types.clone()),
     );
 
     spawn_critical(

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use runner_core::leader::LeaseTiming;
 use runner_core::orphans::OrphanPolicy;
 use runner_core::update::{ImageRepository, UpdateWindow};
-use runner_core::validate;
+use runner_core::validate::{self, AllowedInstanceTypes};
 
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -115,12 +115,22 @@ pub struct DaemonArgs {
     /// The environments' AMI: an id (ami-...) or resolve:ssm:<parameter>.
     #[arg(long, env = "RUNNER_AMI", required = true)]
     pub ami: Option<String>,
+    /// Comma-separated instance types environment classes may use (the
+    /// stack's AllowedInstanceTypes); a class with another type is refused.
+    /// Unset: any type.
+    #[arg(long, env = "RUNNER_ALLOWED_INSTANCE_TYPES", value_delimiter = ',')]
+    pub allowed_instance_types: Vec<String>,
     /// The DynamoDB table holding the runner's state.
     #[arg(long, env = "RUNNER_TABLE", required = true)]
     pub table: Option<String>,
     /// The Secrets Manager secret holding the runner's credentials.
     #[arg(long, env = "RUNNER_SECRET_ID", required = true)]
     pub secret_id: Option<String>,
+    /// The stack's Secrets Manager secret holding the one-time exchange
+    /// token, read only while the runner's secret holds no access token.
+    /// Unset: the exchange token is in the runner's secret.
+    #[arg(long, env = "RUNNER_EXCHANGE_TOKEN_SECRET_ID")]
+    pub exchange_token_secret_id: Option<String>,
     /// The KMS key that encrypts users' tokens.
     #[arg(long, env = "RUNNER_KMS_KEY_ID", required = true)]
     pub kms_key_id: Option<String>,
@@ -244,6 +254,8 @@ pub struct Config {
     pub table: String,
     /// The runner's secret.
     pub secret_id: String,
+    /// The stack's exchange-token secret, if separate.
+    pub exchange_token_secret_id: Option<String>,
     /// The KMS key for users' tokens.
     pub kms_key_id: String,
     /// EC2 call budgets.
@@ -286,6 +298,8 @@ pub struct Placement {
     pub instance_profile: String,
     /// The AMI (id or resolve:ssm: reference).
     pub ami: String,
+    /// The instance types environment classes may use.
+    pub allowed_instance_types: AllowedInstanceTypes,
 }
 
 /// Self-update through ECS.
@@ -547,7 +561,30 @@ impl DaemonArgs {
                 format!("{table:?} is not a DynamoDB table name"),
             ));
         }
+        let allowed_instance_types = AllowedInstanceTypes::new(
+            "allowed_instance_types",
+            self.allowed_instance_types.iter().map(|t| t.trim()),
+        )
+        .map_err(|e| {
+            bad(
+                "allowed-instance-types",
+                "RUNNER_ALLOWED_INSTANCE_TYPES",
+                e.problem,
+            )
+        })?;
         let secret_id = required("secret-id", "RUNNER_SECRET_ID", self.secret_id.as_ref())?;
+        let exchange_token_secret_id = self
+            .exchange_token_secret_id
+            .as_ref()
+            .map(|id| id.trim().to_owned())
+            .filter(|id| !id.is_empty());
+        if exchange_token_secret_id.as_ref() == Some(&secret_id) {
+            return Err(bad(
+                "exchange-token-secret-id",
+                "RUNNER_EXCHANGE_TOKEN_SECRET_ID",
+                "must be another secret than --secret-id (unset it to keep the exchange token in that secret)",
+            ));
+        }
         let kms_key_id = required("kms-key-id", "RUNNER_KMS_KEY_ID", self.kms_key_id.as_ref())?;
 
         if !(1..=1024).contains(&self.concurrency) {
@@ -682,9 +719,11 @@ impl DaemonArgs {
                 security_group_id,
                 instance_profile,
                 ami,
+                allowed_instance_types,
             },
             table,
             secret_id,
+            exchange_token_secret_id,
             kms_key_id,
             rate_limits,
             engine,
@@ -818,6 +857,14 @@ mod tests {
                 &["--image-repository", "public.ecr.aws/a/b@sha256:00"],
                 "holds a digest",
             ),
+            (
+                &["--allowed-instance-types", "t3.medium,large"],
+                "--allowed-instance-types (RUNNER_ALLOWED_INSTANCE_TYPES): \"large\" is not an EC2 instance type",
+            ),
+            (
+                &["--exchange-token-secret-id", "runner/credentials"],
+                "--exchange-token-secret-id (RUNNER_EXCHANGE_TOKEN_SECRET_ID): must be another secret",
+            ),
         ];
         for (extra, expected) in cases {
             let err = args(extra).expect_err(&format!("{extra:?} must be refused"));
@@ -892,6 +939,28 @@ mod tests {
         );
         let config = args(&["--image-repository", ""]).expect("empty is unset");
         assert_eq!(config.update.repository, None);
+    }
+
+    #[test]
+    fn the_allowlist_and_the_exchange_token_secret_are_optional() {
+        let config = args(&[]).expect("valid");
+        assert!(config.placement.allowed_instance_types.is_any());
+        assert_eq!(config.exchange_token_secret_id, None);
+        let config = args(&[
+            "--allowed-instance-types",
+            "t3.medium, m7i.large",
+            "--exchange-token-secret-id",
+            "runner/exchange-token",
+        ])
+        .expect("valid");
+        assert_eq!(
+            config.placement.allowed_instance_types.types(),
+            ["t3.medium", "m7i.large"]
+        );
+        assert_eq!(
+            config.exchange_token_secret_id.as_deref(),
+            Some("runner/exchange-token")
+        );
     }
 
     #[test]

@@ -31,7 +31,8 @@ use crate::session::VERSION;
 
 /// Longest one check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
-/// The instance type of the dry-run launch (offered in every region).
+/// The instance type of the dry-run launch (offered in every region), unless
+/// the runner allows only some types: then the first of those.
 const DRY_RUN_TYPE: &str = "t3.micro";
 /// The dry-run root disk when the AMI does not say.
 const DRY_RUN_DISK_GIB: i32 = 30;
@@ -238,7 +239,8 @@ impl Doctor {
             secrets: runner_aws::secrets::SecretsManagerStore::new(
                 aws_sdk_secretsmanager::Client::new(sdk),
                 &config.secret_id,
-            ),
+            )
+            .with_exchange_token_secret(config.exchange_token_secret_id.as_deref()),
             deployer,
         }
     }
@@ -664,6 +666,11 @@ impl Doctor {
         let Some(subnet) = placement.subnet_ids.first() else {
             return Outcome::Skip("no subnet configured".into());
         };
+        let instance_type = placement
+            .allowed_instance_types
+            .types()
+            .first()
+            .map_or(DRY_RUN_TYPE, String::as_str);
         let tags: Vec<Tag> = [
             (TAG_RUNNER, self.config.runner_id.as_str()),
             (TAG_ENVIRONMENT, "doctor"),
@@ -680,7 +687,7 @@ impl Doctor {
                 security_group_id: &placement.security_group_id,
                 instance_profile: &placement.instance_profile,
             },
-            DRY_RUN_TYPE,
+            instance_type,
             subnet,
             // The launch's encrypted gp3 root disk, when the AMI's root is
             // known (an SSM-resolved AMI is only known to EC2).
@@ -692,7 +699,7 @@ impl Doctor {
         .await;
         let pass = || {
             Outcome::Pass(format!(
-                "RunInstances would succeed ({DRY_RUN_TYPE} in {subnet}, the environments' group, profile, tags and encrypted disk)"
+                "RunInstances would succeed ({instance_type} in {subnet}, the environments' group, profile, tags and encrypted disk)"
             ))
         };
         match result {
@@ -793,7 +800,7 @@ impl Doctor {
 
     async fn secret(&self, found: &mut Option<Credentials>) -> Outcome {
         let secret = &self.config.secret_id;
-        let new_token = "create a new exchange token for this runner in the control plane and put it in the secret as plain text";
+        let new_token = "create a new exchange token for this runner in the control plane and set it as the stack's ExchangeToken (or, without RUNNER_EXCHANGE_TOKEN_SECRET_ID, put it in the secret as plain text)";
         match self.secrets.load().await {
             Ok(credentials) => {
                 let outcome = match (
@@ -1041,7 +1048,7 @@ impl Doctor {
                     "the control plane refused the runner's access token: {}",
                     status.message()
                 ),
-                "the runner's credential was revoked or is for another control plane: create a new exchange token for this runner and put it in the secret (RUNNER_SECRET_ID)",
+                "the runner's credential was revoked or is for another control plane: create a new exchange token for this runner, set it as the stack's ExchangeToken, and remove access_token from the runner's secret (RUNNER_SECRET_ID; keep private_key)",
             ),
             Err(status) => fail(
                 format!("{:?}: {}", status.code(), status.message()),

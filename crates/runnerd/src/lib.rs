@@ -60,6 +60,7 @@ pub fn aws_deps_with(sdk: &aws_config::SdkConfig, config: &config::Config) -> ap
         runner_id: config.runner_id.clone(),
         holder: holder_name(),
         secret_id: config.secret_id.clone(),
+        exchange_token_secret_id: config.exchange_token_secret_id.clone(),
         kms_key_id: config.kms_key_id.clone(),
         ec2: runner_aws::ec2::Ec2Settings {
             runner_id: config.runner_id.clone(),

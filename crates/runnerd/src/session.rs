@@ -62,7 +62,7 @@ pub enum ScmEvent {
 pub enum SessionError {
     /// The secret holds neither an access token nor an exchange token.
     #[error(
-        "the runner secret holds no access token and no exchange token; create a new exchange token in the control plane and put it in the secret"
+        "the runner secret holds no access token and there is no exchange token; create a new exchange token in the control plane and set it as the stack's ExchangeToken"
     )]
     NoCredentials,
     /// The control plane refused the exchange token.
@@ -106,6 +106,8 @@ pub struct Session {
     pub secrets: Arc<dyn SecretStore>,
     /// For validate_environment_class.
     pub compute: Arc<dyn Compute>,
+    /// The instance types classes may use.
+    pub instance_types: validate::AllowedInstanceTypes,
     /// Availability zones of the configured subnets.
     pub zones: std::sync::OnceLock<Vec<String>>,
     /// Health and degradation.
@@ -192,8 +194,9 @@ impl Session {
         }
     }
 
-    /// Makes sure the runner has an access token and a key pair: reuses them
-    /// after a restart, or trades the exchange token on first start. The key
+    /// Makes sure the runner has an access token and a key pair: reuses the
+    /// stored credential whenever there is one (a new exchange token never
+    /// replaces it), or trades the exchange token on first start. The key
     /// pair is stored before the exchange, so a crash in between never leads
     /// to signing up with a different key.
     pub async fn credentials(
@@ -616,7 +619,11 @@ impl Session {
             problems.push(e.to_string());
         }
         let mut availability_zones = Vec::new();
-        match validate::instance_type("instance_type", &class.instance_type) {
+        // The allowlist before the offerings: a refused type costs no AWS call.
+        match validate::instance_type("instance_type", &class.instance_type).and_then(|()| {
+            self.instance_types
+                .check("instance_type", &class.instance_type)
+        }) {
             Err(e) => problems.push(e.to_string()),
             Ok(()) => match self.compute.offered_zones(&class.instance_type).await {
                 Ok(zones) => {
