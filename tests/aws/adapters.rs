@@ -1005,3 +1005,53 @@ async fn envelope_encryption_binds_the_context() {
     tampered.ciphertext[0] ^= 1;
     assert!(envelope.open(&tampered, &alice).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_that_waits_past_the_leases_validity_never_leaves() {
+    let sdk = sdk(&moto_url()).await;
+    let infra = Infra::create(&sdk).await;
+    let mut settings = infra.settings("a");
+    // One launch per 5 s: the second waits for the bucket longer than the
+    // leadership below stays valid.
+    settings.ec2.launch_rate = (0.2, 1);
+    let leadership = Arc::new(Leadership::default());
+    leadership.set(7, tokio::time::Instant::now() + Duration::from_secs(3600));
+    let compute = runner_aws::adapters(&sdk, &settings, &leadership).compute;
+    let first = env();
+    compute
+        .launch(&request(&infra, first, 1, 1))
+        .await
+        .expect("the first launch takes the only token");
+    // Valid when the call starts (so it passes the check at entry), lapsed
+    // long before the bucket has a token again.
+    leadership.set(7, tokio::time::Instant::now() + Duration::from_secs(1));
+    let second = env();
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        compute.launch(&request(&infra, second, 1, 1)),
+    )
+    .await
+    .expect("the bucket refills within a minute");
+    assert!(
+        matches!(outcome, Err(ComputeError::Fenced)),
+        "{outcome:?} after {:?}",
+        started.elapsed()
+    );
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    let launched = ec2
+        .describe_instances()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name(format!("tag:{TAG_ENVIRONMENT}"))
+                .values(second.to_string())
+                .build(),
+        )
+        .send()
+        .await
+        .expect("describe");
+    assert!(
+        launched.reservations().is_empty(),
+        "the second launch reached EC2"
+    );
+}

@@ -232,15 +232,37 @@ pub fn run_request(
 /// Attempts of one launch or mutation.
 const ATTEMPTS: u32 = 4;
 
+/// Why a gated call did not go out or failed.
+#[derive(Debug)]
+enum Gate<E> {
+    /// Leadership lapsed before the call could leave (the bucket wait may
+    /// outlast it): nothing was sent.
+    NotLeading,
+    /// EC2 answered with an error, or could not be reached.
+    Sdk(Box<aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>),
+}
+
+impl<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static> Gate<E> {
+    fn into_compute(self) -> ComputeError {
+        match self {
+            Self::NotLeading => ComputeError::Fenced,
+            Self::Sdk(err) => classify(*err),
+        }
+    }
+}
+
 /// Sends a launch or mutation: every attempt, retries included, first takes
-/// a token from `bucket`, so EC2 never sees more than the bucket allows;
-/// transient failures are retried with full-jitter backoff, a bounded
-/// number of times, with the same request (same client token).
+/// a token from `bucket`, so EC2 never sees more than the bucket allows,
+/// then checks leadership at the moment it leaves (the wait may outlast the
+/// lease's local validity); transient failures are retried with full-jitter
+/// backoff, a bounded number of times, with the same request (same client
+/// token). This is the one retry loop of its own: each attempt must take a
+/// bucket token, which the SDK's retries would not.
 async fn gated<T, E, Fut>(
     bucket: &DefaultDirectRateLimiter,
     leadership: &Leadership,
     mut send: impl FnMut() -> Fut,
-) -> Result<T, aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>
+) -> Result<T, Gate<E>>
 where
     E: ProvideErrorMetadata,
     Fut: std::future::Future<
@@ -257,12 +279,15 @@ where
     let mut attempt = 1;
     loop {
         bucket.until_ready().await;
+        if !leadership.is_leader() {
+            return Err(Gate::NotLeading);
+        }
         match send().await {
             Err(err) if attempt < ATTEMPTS && transient(&err) && leadership.is_leader() => {
                 tokio::time::sleep(backoff.full_jitter(attempt)).await;
                 attempt += 1;
             }
-            result => return result,
+            result => return result.map_err(|err| Gate::Sdk(Box::new(err))),
         }
     }
 }
@@ -523,7 +548,9 @@ impl Compute for Ec2Compute {
         let result = gated(&self.launches, &self.leadership, || run.clone().send()).await;
         let output = match result {
             Ok(output) => output,
-            Err(err) => {
+            Err(Gate::NotLeading) => return Err(ComputeError::Fenced),
+            Err(Gate::Sdk(err)) => {
+                let err = *err;
                 let code = err
                     .as_service_error()
                     .and_then(|e| e.code())
@@ -593,7 +620,7 @@ impl Compute for Ec2Compute {
         gated(&self.mutations, &self.leadership, || request.clone().send())
             .await
             .map(drop)
-            .map_err(classify)
+            .map_err(Gate::into_compute)
     }
 
     async fn stop(&self, instance_id: &str) -> Result<(), ComputeError> {
@@ -602,7 +629,7 @@ impl Compute for Ec2Compute {
         gated(&self.mutations, &self.leadership, || request.clone().send())
             .await
             .map(drop)
-            .map_err(classify)
+            .map_err(Gate::into_compute)
     }
 
     async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError> {
@@ -611,7 +638,7 @@ impl Compute for Ec2Compute {
         gated(&self.mutations, &self.leadership, || request.clone().send())
             .await
             .map(drop)
-            .map_err(classify)
+            .map_err(Gate::into_compute)
     }
 
     async fn quarantine(&self, instance_id: &str, at: SystemTime) -> Result<(), ComputeError> {
@@ -625,7 +652,7 @@ impl Compute for Ec2Compute {
         gated(&self.mutations, &self.leadership, || request.clone().send())
             .await
             .map(drop)
-            .map_err(classify)
+            .map_err(Gate::into_compute)
     }
 
     async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError> {
