@@ -8,6 +8,11 @@
 //!   `failure_message` (at most 4096 bytes, no control characters);
 //! - a URL with credentials is refused, and no error echoes credentials
 //!   or a query;
+//! - an accepted repository URL is canonical (issue 12): its text is what
+//!   the `url` crate reads back, https, without `@`, backslash, quotes,
+//!   whitespace or control characters, query or fragment, with a lowercase
+//!   ASCII host that is no IDN (`xn--`) and has no trailing dot, and it
+//!   starts with its origin;
 //! - a parsed context URL's clone URL parses back to the same repository.
 
 #![no_main]
@@ -86,6 +91,33 @@ fn no_secret(message: &str) {
     }
 }
 
+/// What an accepted repository URL promises.
+fn canonical(text: &str, url: &url::Url) {
+    assert_eq!(url.as_str(), text, "accepted a URL that is not canonical");
+    assert_eq!(url.scheme(), "https");
+    assert!(url.username().is_empty() && url.password().is_none());
+    assert!(url.query().is_none() && url.fragment().is_none());
+    assert!(
+        !text.contains(['@', '\\', '"', '\'', '`'])
+            && !text.chars().any(|c| c.is_whitespace() || c.is_control()),
+        "{text:?}"
+    );
+    let host = url.host_str().expect("an https URL has a host");
+    assert!(
+        host.is_ascii()
+            && !host.bytes().any(|b| b.is_ascii_uppercase())
+            && !host.ends_with('.')
+            && !host.split('.').any(|l| l.starts_with("xn--")),
+        "{host:?}"
+    );
+    assert!(!text.contains(":443/"), "{text:?}");
+    let origin = validate::repository_origin(url);
+    assert!(
+        text.starts_with(&origin) && text.len() > origin.len(),
+        "{text:?} is not under {origin:?}"
+    );
+}
+
 fn field_rules(input: &Input) {
     let s = input.text.as_str();
     let named = |result: Result<(), validate::FieldError>| {
@@ -106,7 +138,7 @@ fn field_rules(input: &Input) {
     named(validate::commit("f", s));
     named(validate::version("f", s));
     match validate::repository_url("f", &input.repository_url) {
-        Ok(url) => assert_eq!(url.scheme(), "https"),
+        Ok(url) => canonical(&input.repository_url, &url),
         Err(err) => assert_eq!(err.field, "f"),
     }
     if let Some((credentials, query)) = with_secrets(&input.repository_url) {

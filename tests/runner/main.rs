@@ -7,6 +7,7 @@ mod faults;
 mod lifecycle;
 mod logs;
 mod scm;
+mod urls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
