@@ -285,7 +285,7 @@ async fn launch_one(
         )
         .user_data(
             base64::engine::general_purpose::STANDARD
-                .encode(runner_aws::ec2::user_data(&request, world::REGION)),
+                .encode(runner_aws::ec2::user_data(&request, world::REGION)?),
         )
         .send()
         .await?;

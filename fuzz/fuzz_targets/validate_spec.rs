@@ -8,6 +8,11 @@
 //!   `failure_message` (at most 4096 bytes, no control characters);
 //! - a URL with credentials is refused, and no error echoes credentials
 //!   or a query;
+//! - an accepted repository URL is canonical (issue 12): its text is what
+//!   the `url` crate reads back, https, without `@`, backslash, quotes,
+//!   whitespace or control characters, query or fragment, with a lowercase
+//!   ASCII host that is no IDN (`xn--`) and has no trailing dot, and it
+//!   starts with its origin;
 //! - a parsed context URL's clone URL parses back to the same repository.
 
 #![no_main]
@@ -66,12 +71,25 @@ fn acceptable_message(message: &str) {
 const USER: &str = "uSeRmArKeR";
 const PASSWORD: &str = "pAsSmArKeR";
 const QUERY: &str = "access_token=qUeRyMaRkEr";
+/// What must never be echoed.
+const MARKERS: [&str; 3] = [USER, PASSWORD, "qUeRyMaRkEr"];
 
 /// `url` with marker credentials, and `url` with a marker query; `None`
 /// when it cannot hold them. The markers are what must never be echoed
 /// (the rest of a URL may be: a path is not secret).
 fn with_secrets(url: &str) -> Option<(String, String)> {
     let parsed = url::Url::parse(url).ok()?;
+    // A URL that already holds a marker (in its path, say, in any case,
+    // percent-encoded, or once the parser drops its tabs) may be echoed.
+    let holds_marker = |text: &str| {
+        let decoded = percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .to_lowercase();
+        MARKERS.iter().any(|m| decoded.contains(&m.to_lowercase()))
+    };
+    if holds_marker(url) || holds_marker(parsed.as_str()) {
+        return None;
+    }
     let mut credentials = parsed.clone();
     credentials.set_username(USER).ok()?;
     credentials.set_password(Some(PASSWORD)).ok()?;
@@ -81,9 +99,40 @@ fn with_secrets(url: &str) -> Option<(String, String)> {
 }
 
 fn no_secret(message: &str) {
-    for marker in ["uSeRmArKeR", "pAsSmArKeR", "qUeRyMaRkEr"] {
+    for marker in MARKERS {
         assert!(!message.contains(marker), "{message:?} echoes a secret");
     }
+}
+
+/// What an accepted repository URL promises.
+fn canonical(text: &str, url: &url::Url) {
+    assert_eq!(url.as_str(), text, "accepted a URL that is not canonical");
+    assert_eq!(url.scheme(), "https");
+    assert!(url.username().is_empty() && url.password().is_none());
+    assert!(url.query().is_none() && url.fragment().is_none());
+    assert!(
+        !text.contains(['@', '\\', '"', '\'', '`'])
+            && !text.chars().any(|c| c.is_whitespace() || c.is_control()),
+        "{text:?}"
+    );
+    let host = url.host_str().expect("an https URL has a host");
+    assert!(
+        host.is_ascii()
+            && !host.bytes().any(|b| b.is_ascii_uppercase())
+            && !host.ends_with('.')
+            && !host.split('.').any(|l| l.starts_with("xn--")),
+        "{host:?}"
+    );
+    let authority = text["https://".len()..]
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    assert!(!authority.ends_with(":443"), "{text:?}");
+    let origin = validate::repository_origin(url);
+    assert!(
+        text.starts_with(&origin) && text.len() > origin.len(),
+        "{text:?} is not under {origin:?}"
+    );
 }
 
 fn field_rules(input: &Input) {
@@ -106,7 +155,7 @@ fn field_rules(input: &Input) {
     named(validate::commit("f", s));
     named(validate::version("f", s));
     match validate::repository_url("f", &input.repository_url) {
-        Ok(url) => assert_eq!(url.scheme(), "https"),
+        Ok(url) => canonical(&input.repository_url, &url),
         Err(err) => assert_eq!(err.field, "f"),
     }
     if let Some((credentials, query)) = with_secrets(&input.repository_url) {

@@ -1,6 +1,8 @@
 //! The instance bootstrap script, run for real: bash, the AWS CLI against
 //! moto, and git against the fake provider over HTTPS. Only the instance
 //! itself is missing (moto runs no user data), so the script runs here.
+//! The script deletes the checkout secret once the clone is done or has
+//! failed; the user data's shell header keeps hostile values inert.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -136,11 +138,50 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         revision: Revision::Branch("main".into()),
         checkout_secret: Some(secret_id.clone()),
     };
-    let user_data = runner_aws::ec2::user_data(&request, crate::REGION);
+    let user_data = runner_aws::ec2::user_data(&request, crate::REGION).expect("canonical URL");
     assert!(!user_data.contains(pat), "the token is in the user data");
+    assert!(
+        user_data.contains(&format!(
+            "AWS_RUNNER_REPOSITORY_ORIGIN='https://{}/'\n",
+            fake.host()
+        )),
+        "{user_data}"
+    );
+    let sm = aws_sdk_secretsmanager::Client::new(&sdk);
+
+    // An origin that does not cover the URL: the credential is not even read.
+    let elsewhere = user_data.replace(
+        &format!("AWS_RUNNER_REPOSITORY_ORIGIN='https://{}/'", fake.host()),
+        "AWS_RUNNER_REPOSITORY_ORIGIN='https://127.0.0.1:1/'",
+    );
+    let refused = run_user_data(&elsewhere, &root, &ca);
+    assert!(!refused.ok, "{}", refused.output);
+    assert!(
+        refused
+            .output
+            .contains("the repository URL is not under its origin https://127.0.0.1:1/"),
+        "{}",
+        refused.output
+    );
+    assert_eq!(fake.calls("git"), 0, "git ran");
+    assert!(
+        secret_exists(&sm, &secret_id).await,
+        "deleted without a clone"
+    );
 
     let run = run_user_data(&user_data, &root, &ca);
     assert!(run.ok, "bootstrap failed:\n{}", run.output);
+    assert!(
+        !secret_exists(&sm, &secret_id).await,
+        "the secret outlived the clone:\n{}",
+        run.output
+    );
+    assert!(
+        run.output
+            .contains(&format!("deleted the checkout credential {secret_id}")),
+        "{}",
+        run.output
+    );
     assert_eq!(
         std::fs::read_to_string(root.join("workspace/README.md")).expect("checked out"),
         "checked out by the bootstrap\n"
@@ -170,7 +211,9 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         again.output
     );
 
-    // A wrong credential: git is refused, the script fails, nothing leaks.
+    // A wrong credential (a relaunch writes the secret again, although the
+    // first instance deleted it): git is refused, the script fails, nothing
+    // leaks, and the secret is deleted all the same.
     std::fs::remove_dir_all(root.join("workspace")).expect("clean");
     let wrong = scm::authorization(
         ScmKind::GitLab,
@@ -178,10 +221,14 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         "glpat-wrong",
         Purpose::Git,
     );
-    secrets
-        .put(env, &SecretString::from(wrong), &holder())
-        .await
-        .expect("overwrite");
+    assert_eq!(
+        secrets
+            .put(env, &SecretString::from(wrong), &holder())
+            .await
+            .expect("written again"),
+        secret_id
+    );
+    assert!(secret_exists(&sm, &secret_id).await);
     let refused = run_user_data(&user_data, &root, &ca);
     assert!(
         !refused.ok,
@@ -193,9 +240,22 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         "{}",
         refused.output
     );
+    assert!(
+        !secret_exists(&sm, &secret_id).await,
+        "the secret outlived a failed clone:\n{}",
+        refused.output
+    );
+    assert!(
+        !root.join("workspace/.git").exists(),
+        "a failed clone left a checkout"
+    );
 
-    // No secret (deleted with its environment): the script says so and fails.
-    secrets.delete(env).await.expect("delete");
+    // The runner's own delete (environment removed) finds it gone: done.
+    secrets
+        .delete(env)
+        .await
+        .expect("delete of a deleted secret");
+    // No secret: the script says so and fails.
     let missing = run_user_data(&user_data, &root, &ca);
     assert!(!missing.ok);
     assert!(
@@ -204,6 +264,95 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
             .contains(&format!("cannot read the checkout credential {secret_id}")),
         "{}",
         missing.output
+    );
+    std::fs::remove_dir_all(&root).expect("clean up");
+}
+
+async fn secret_exists(sm: &aws_sdk_secretsmanager::Client, id: &str) -> bool {
+    use aws_sdk_secretsmanager::error::ProvideErrorMetadata as _;
+    match sm.describe_secret().secret_id(id).send().await {
+        Ok(_) => true,
+        Err(err) if err.code() == Some("ResourceNotFoundException") => false,
+        Err(err) => panic!("describe {id}: {err:?}"),
+    }
+}
+
+/// The user data's shell header hands every value to the script verbatim,
+/// whatever quotes, expansions or newlines it holds: nothing in it runs.
+#[test]
+fn the_user_data_header_keeps_hostile_values_inert() {
+    let root = std::env::temp_dir().join(format!("header-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&root).expect("mkdir");
+    let pwned = root.join("pwned");
+    let p = pwned.display();
+    // Branch names git accepts and validate::branch lets through.
+    for branch in [
+        format!("x';touch${{IFS}}{p};'"),
+        format!("$(touch${{IFS}}{p})"),
+        format!("`touch${{IFS}}{p}`"),
+        format!("x\"$(touch${{IFS}}{p})\"'"),
+        "a'b''c;id|x&y".to_owned(),
+    ] {
+        assert_eq!(
+            runner_core::validate::branch("b", &branch),
+            Ok(()),
+            "{branch}"
+        );
+        let request = LaunchRequest {
+            environment: EnvironmentId(uuid::Uuid::new_v4()),
+            attempt: 1,
+            client_token: "t".into(),
+            subnet: Subnet {
+                id: "subnet-1".into(),
+                availability_zone: "eu-west-1a".into(),
+            },
+            instance_type: "m5.large".into(),
+            disk_gib: 30,
+            repository_url: "https://github.com/acme/api.git".into(),
+            revision: Revision::Branch(branch.clone()),
+            checkout_secret: None,
+        };
+        let user_data = runner_aws::ec2::user_data(&request, crate::REGION).expect("user data");
+        let header = user_data
+            .strip_suffix(runner_aws::ec2::BOOTSTRAP)
+            .expect("the header, then the script");
+        let script = root.join("header.sh");
+        std::fs::write(
+            &script,
+            format!("{header}printf '%s' \"$AWS_RUNNER_BRANCH\"\n"),
+        )
+        .expect("write");
+        let output = Command::new("bash").arg(&script).output().expect("bash");
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(String::from_utf8_lossy(&output.stdout), branch);
+        assert!(!pwned.exists(), "{branch:?} ran a command");
+    }
+    // A URL that is not canonical makes no user data at all.
+    let mut request = LaunchRequest {
+        environment: EnvironmentId(uuid::Uuid::new_v4()),
+        attempt: 1,
+        client_token: "t".into(),
+        subnet: Subnet {
+            id: "subnet-1".into(),
+            availability_zone: "eu-west-1a".into(),
+        },
+        instance_type: "m5.large".into(),
+        disk_gib: 30,
+        repository_url: "https://github.com\\@evil.example/acme/api".into(),
+        revision: Revision::Default,
+        checkout_secret: None,
+    };
+    let err = runner_aws::ec2::user_data(&request, crate::REGION).expect_err("refused");
+    assert!(
+        err.to_string()
+            .starts_with("spec.content.repository_url: must not contain a backslash"),
+        "{err}"
+    );
+    request.repository_url = "https://git.example.com:8443/acme/api.git".into();
+    assert!(
+        runner_aws::ec2::user_data(&request, crate::REGION)
+            .expect("user data")
+            .contains("\nAWS_RUNNER_REPOSITORY_ORIGIN='https://git.example.com:8443/'\n")
     );
     std::fs::remove_dir_all(&root).expect("clean up");
 }

@@ -88,7 +88,7 @@ impl World {
     }
 
     /// `RUNNER_*` settings for this world.
-    fn env(&self) -> Vec<(String, String)> {
+    pub(crate) fn env(&self) -> Vec<(String, String)> {
         [
             ("RUNNER_ID", self.infra.runner_id.clone()),
             ("RUNNER_REGION", crate::REGION.to_owned()),

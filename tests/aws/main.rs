@@ -9,6 +9,7 @@ mod daemon;
 mod doctor;
 mod faults;
 mod repository;
+mod scan;
 mod tokens;
 mod update;
 

@@ -36,7 +36,7 @@ async fn token_items(world: &World) -> usize {
         .len()
 }
 
-async fn add_pat(world: &World, principal: &str, host: &str, pat: &str) -> String {
+pub(crate) async fn add_pat(world: &World, principal: &str, host: &str, pat: &str) -> String {
     for _ in 0..150 {
         let key = world
             .admin

@@ -487,3 +487,112 @@ async fn list_environments_pages_through_everything() {
         .await;
     assert_status(bad_token, Code::InvalidArgument, "page.page_token");
 }
+
+/// Issue 12: crafted repository URLs that a lenient parser reads as
+/// github.com (or that are merely not canonical) are refused at create time,
+/// naming the problem and echoing no part of the URL; the canonical forms
+/// of real providers pass unchanged.
+#[tokio::test]
+async fn create_environment_accepts_only_canonical_repository_urls() {
+    let f = Fixture::new().await;
+    let runner = f.runner("urls").await;
+    let class = f.class(&runner.id).await;
+    let mut admin = f.admin.clone();
+    let with_url = |url: &str| {
+        let mut request = create_environment_request(&runner.id, &class.id);
+        request.content.as_mut().expect("content").repository_url = url.into();
+        request
+    };
+    for (url, problem) in [
+        (
+            "https://github.com\\@evil.example/acme/api",
+            "must not contain a backslash",
+        ),
+        (
+            "https://ghp_SeCrEt9@github.com/acme/api",
+            "must not contain credentials or a user name",
+        ),
+        (
+            "https://github.com/acme%2Fapi",
+            "must not contain an encoded slash (%2F)",
+        ),
+        (
+            "https://g\u{456}thub.com/acme/api",
+            "host must be plain ASCII",
+        ),
+        (
+            "https://xn--gthub-n2e.com/acme/api",
+            "host must be plain ASCII",
+        ),
+        (
+            "https://github.com/@evil.example/acme/api",
+            "must not contain '@'",
+        ),
+        ("https://GitHub.com/acme/api", "host must be lowercase"),
+        (
+            "https://github.com:443/acme/api",
+            "must not name the default port 443",
+        ),
+        ("https://github.com:0443/acme/api", "has an invalid port"),
+        (
+            "https://github.com./acme/api",
+            "host must not end with a dot",
+        ),
+        ("https://github.com/acme/api' x", "must not contain spaces"),
+        ("https://github.com/acme/it's", "must not contain quotes"),
+        (
+            "https://github.com/acme/../evil/api",
+            "must not have a \".\" or \"..\" path segment",
+        ),
+        (
+            "https://github.com/acme/api\t.git",
+            "must not contain control characters",
+        ),
+        (
+            "https://github.com/acme/api\nHost: evil",
+            "must not contain control characters",
+        ),
+    ] {
+        let err = admin
+            .create_environment(with_url(url))
+            .await
+            .expect_err(url);
+        assert_eq!(err.code(), Code::InvalidArgument, "{url:?}: {err:?}");
+        let expected = format!("content.repository_url: {problem}");
+        assert!(
+            err.message().contains(&expected),
+            "{url:?}: {:?} does not say {expected:?}",
+            err.message()
+        );
+        for echo in ["evil", "ghp_SeCrEt9", "acme"] {
+            assert!(
+                !err.message().contains(echo),
+                "{url:?}: {:?}",
+                err.message()
+            );
+        }
+    }
+    let listed = runner
+        .client
+        .clone()
+        .list_environments(pb::ListEnvironmentsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .environments;
+    assert!(listed.is_empty(), "a crafted URL was stored: {listed:?}");
+
+    for url in [
+        "https://github.com/acme/api.git",
+        "https://gitlab.example.com:8443/group/sub/repo.git",
+        "https://dev.azure.com/org/My%20Project/_git/repo",
+    ] {
+        let created = admin
+            .create_environment(with_url(url))
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e:?}"))
+            .into_inner();
+        let content = spec(&created).content.expect("content");
+        assert_eq!(content.repository_url, url, "stored as sent");
+    }
+}

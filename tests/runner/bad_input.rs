@@ -100,6 +100,9 @@ enum Damage {
     NoMetadata,
     /// `spec` left out.
     NoSpec,
+    /// `spec.content.repository_url` replaced (with what the reference
+    /// control plane refuses even unchecked: control characters).
+    RepositoryUrl(&'static str),
 }
 
 impl Damage {
@@ -110,6 +113,11 @@ impl Damage {
             Self::NoContent => spec.content = None,
             Self::NoMetadata => env.metadata = None,
             Self::NoSpec => env.spec = None,
+            Self::RepositoryUrl(url) => {
+                if let Some(content) = spec.content.as_mut() {
+                    content.repository_url = url.into();
+                }
+            }
         }
     }
 }
@@ -801,6 +809,16 @@ async fn malformed_input_gets_a_clear_error_and_the_runner_keeps_serving() {
             "no metadata",
             Damage::NoMetadata,
             "metadata.creator: must not be empty",
+        ),
+        (
+            "URL with a tab",
+            Damage::RepositoryUrl("https://github.com/acme/api\t.git"),
+            "spec.content.repository_url: must not contain control characters",
+        ),
+        (
+            "URL with a newline",
+            Damage::RepositoryUrl("https://github.com/acme/api\nHost: evil.example"),
+            "spec.content.repository_url: must not contain control characters",
         ),
     ] {
         let id = world.create_env().await;

@@ -8,6 +8,7 @@ mod lifecycle;
 mod logs;
 mod scm;
 mod trust;
+mod urls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

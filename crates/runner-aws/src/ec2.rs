@@ -27,6 +27,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use runner_core::leader::Leadership;
 use runner_core::model::{EnvironmentId, Instance, InstanceState, Revision, Subnet};
 use runner_core::traits::{Compute, ComputeError, LaunchRequest};
+use runner_core::validate;
 
 /// Tag: the runner that owns the instance.
 pub const TAG_RUNNER: &str = "aws-runner:runner-id";
@@ -372,15 +373,22 @@ fn placed_like_ours(i: &aws_sdk_ec2::types::Instance, settings: &Ec2Settings) ->
 /// The bootstrap script every instance runs (`deploy/bootstrap.sh`).
 pub const BOOTSTRAP: &str = include_str!("../../../deploy/bootstrap.sh");
 
-/// `value` as one single-quoted shell word.
+/// `value` as one single-quoted shell word: bash expands nothing inside
+/// single quotes, and a `'` ends the quote, is escaped, and reopens it.
 fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 /// The instance's user data: the bootstrap script after shell assignments
 /// saying what to check out and from which secret. It holds no secret: the
-/// git credential reaches the instance through its own secret.
-pub fn user_data(request: &LaunchRequest, region: &str) -> String {
+/// git credential reaches the instance through its own secret. The
+/// repository URL must be canonical (`validate::repository_url`); the
+/// credential's scope, its origin, is computed here so that the script
+/// never parses the URL.
+pub fn user_data(request: &LaunchRequest, region: &str) -> Result<String, ComputeError> {
+    let url = validate::repository_url("spec.content.repository_url", &request.repository_url)
+        .map_err(|err| ComputeError::Rejected(err.to_string()))?;
+    let origin = validate::repository_origin(&url);
     let (branch, commit) = match &request.revision {
         Revision::Default => ("", ""),
         Revision::Branch(b) => (b.as_str(), ""),
@@ -392,7 +400,8 @@ pub fn user_data(request: &LaunchRequest, region: &str) -> String {
             "AWS_RUNNER_ENVIRONMENT_ID",
             request.environment.to_string().as_str(),
         ),
-        ("AWS_RUNNER_REPOSITORY_URL", request.repository_url.as_str()),
+        ("AWS_RUNNER_REPOSITORY_URL", url.as_str()),
+        ("AWS_RUNNER_REPOSITORY_ORIGIN", origin.as_str()),
         ("AWS_RUNNER_BRANCH", branch),
         ("AWS_RUNNER_COMMIT", commit),
         (
@@ -407,7 +416,7 @@ pub fn user_data(request: &LaunchRequest, region: &str) -> String {
         out.push('\n');
     }
     out.push_str(BOOTSTRAP);
-    out
+    Ok(out)
 }
 
 impl Ec2Compute {
@@ -543,7 +552,7 @@ impl Compute for Ec2Compute {
         .client_token(&request.client_token)
         .user_data(
             base64::engine::general_purpose::STANDARD
-                .encode(user_data(request, &self.settings.region)),
+                .encode(user_data(request, &self.settings.region)?),
         );
         let result = gated(&self.launches, &self.leadership, || run.clone().send()).await;
         let output = match result {

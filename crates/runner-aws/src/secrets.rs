@@ -171,6 +171,12 @@ impl SecretStore for SecretsManagerStore {
 /// Per-environment secrets, named `aws-runner/<runner id>/environments/<id>`
 /// (the stack's environment role reads only that prefix, and only a secret
 /// whose `aws-runner:instance-arn` tag is the reading instance).
+///
+/// The instance deletes its secret once its clone is done or has failed, so
+/// a secret may be gone at any time: `put` creates it again, `bind` and
+/// `delete` count "not found" as done. Right after a deletion Secrets
+/// Manager may refuse to reuse the name for a short while; `put` then fails
+/// as unavailable and the launch is retried with backoff.
 #[derive(Debug, Clone)]
 pub struct EnvironmentSecretsManager {
     client: Client,

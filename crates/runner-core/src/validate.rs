@@ -260,10 +260,32 @@ pub fn host(field: &str, value: &str) -> Result {
     Ok(())
 }
 
-/// A repository URL: `https://host[:port]/path`, without credentials, query or
-/// fragment. Returns the parsed URL.
+/// A repository URL in its one canonical form: `https://host[:port]/path`.
+///
+/// The URL decides which host receives the creator's token, and its text goes
+/// to the instance's shell and to git, so only the form that every parser
+/// reads the same way passes: lowercase ASCII host (no IDN, no `xn--` label:
+/// look-alikes of another host), no trailing dot, no explicit port 443; no
+/// user info and no `@` anywhere; no backslash, whitespace, quotes or control
+/// characters; no query or fragment; no empty, `.` or `..` path segment;
+/// percent-encoding only where needed, in uppercase, never of `/`, `\`, `@`
+/// or a control character. Anything the `url` crate would rewrite is refused
+/// rather than rewritten. Errors name the problem and never echo the URL.
+/// Returns the parsed URL, whose text is `value`.
 pub fn repository_url(field: &str, value: &str) -> Result<url::Url> {
     text(field, value, MAX_REPOSITORY_URL_LEN)?;
+    let refuse = |problem: &str| Err(FieldError::new(field, problem));
+    if value.chars().any(char::is_whitespace) {
+        return refuse(
+            "must not contain spaces or other whitespace (write a space in a path as %20)",
+        );
+    }
+    if value.contains('\\') {
+        return refuse("must not contain a backslash");
+    }
+    if value.contains(['"', '\'', '`']) {
+        return refuse("must not contain quotes");
+    }
     let url = url::Url::parse(value)
         .map_err(|err| FieldError::new(field, format!("is not a valid URL ({err})")))?;
     if url.scheme() != "https" {
@@ -272,28 +294,157 @@ pub fn repository_url(field: &str, value: &str) -> Result<url::Url> {
             format!("scheme {:?} is not supported, use https", url.scheme()),
         ));
     }
-    if !url.username().is_empty() || url.password().is_some() {
+    let Some(rest) = value.strip_prefix("https://") else {
+        return refuse("must start with \"https://\" in lowercase");
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    if authority.contains('@') {
         // Never echo the URL: the user part may be a token.
-        return Err(FieldError::new(
-            field,
-            "must not contain credentials; tokens are configured per host",
-        ));
+        return refuse(
+            "must not contain credentials or a user name; tokens are configured per host",
+        );
     }
+    if tail.contains(['?', '#']) {
+        return refuse("must not have a query or fragment");
+    }
+    if tail.contains('@') {
+        return refuse("must not contain '@'");
+    }
+    repository_host(field, authority)?;
+    repository_path(field, tail)?;
     let Some(url_host) = url.host_str() else {
-        return Err(FieldError::new(field, "has no host"));
+        return refuse("has no host");
     };
     let host_port = match url.port() {
         Some(port) => format!("{url_host}:{port}"),
         None => url_host.to_owned(),
     };
     host(field, &host_port)?;
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(FieldError::new(field, "must not have a query or fragment"));
-    }
-    if url.path().trim_matches('/').is_empty() {
-        return Err(FieldError::new(field, "has no repository path"));
+    if url.as_str() != value {
+        return refuse(
+            "is not in canonical form (it would be read differently from how it is written)",
+        );
     }
     Ok(url)
+}
+
+/// The authority of a repository URL, as written.
+fn repository_host(field: &str, authority: &str) -> Result {
+    let refuse = |problem: &str| Err(FieldError::new(field, problem));
+    if authority.is_empty() {
+        return refuse("has no host");
+    }
+    if authority.starts_with('[') {
+        return refuse("host must be a name or an IPv4 address");
+    }
+    let (name, port) = match authority.rsplit_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (authority, None),
+    };
+    if !authority.is_ascii()
+        || name.split('.').any(|label| {
+            label
+                .get(..4)
+                .is_some_and(|p| p.eq_ignore_ascii_case("xn--"))
+        })
+    {
+        return refuse(
+            "host must be plain ASCII: internationalised (IDN or \"xn--\") names are refused, \
+             they can imitate another host",
+        );
+    }
+    if authority.contains('%') {
+        return refuse("host must not be percent-encoded");
+    }
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return refuse("host must be lowercase");
+    }
+    if name.ends_with('.') {
+        return refuse("host must not end with a dot");
+    }
+    if let Some(port) = port {
+        if port == "443" {
+            return refuse("must not name the default port 443");
+        }
+        let ok = !port.starts_with('0')
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_ok_and(|p| p > 0);
+        if !ok {
+            return refuse("has an invalid port (a number from 1 to 65535, without leading zeros)");
+        }
+    }
+    Ok(())
+}
+
+/// The path of a repository URL, as written (empty or starting with `/`).
+fn repository_path(field: &str, path: &str) -> Result {
+    let refuse = |problem: &str| Err(FieldError::new(field, problem));
+    if !path.is_ascii() {
+        return refuse("must be ASCII (percent-encode other characters in its path)");
+    }
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    if segments.iter().all(|s| s.is_empty()) {
+        return refuse("has no repository path");
+    }
+    for segment in &segments {
+        if segment.is_empty() {
+            return refuse("must not have an empty path segment (\"//\" or a trailing \"/\")");
+        }
+        let dots = segment.to_ascii_lowercase().replace("%2e", ".");
+        if dots == "." || dots == ".." {
+            return refuse("must not have a \".\" or \"..\" path segment");
+        }
+        let mut bytes = segment.bytes();
+        while let Some(b) = bytes.next() {
+            if b != b'%' {
+                let allowed = b.is_ascii_alphanumeric() || b"-._~!$&()*+,;=:".contains(&b);
+                if !allowed {
+                    return Err(FieldError::new(
+                        field,
+                        format!(
+                            "must not contain {:?} in its path (percent-encode it)",
+                            char::from(b)
+                        ),
+                    ));
+                }
+                continue;
+            }
+            let hex = [bytes.next(), bytes.next()];
+            let [Some(hi), Some(lo)] = hex else {
+                return refuse("has a malformed percent-encoding");
+            };
+            let digit = |d: u8| match d {
+                b'0'..=b'9' => Some(d - b'0'),
+                b'A'..=b'F' => Some(d - b'A' + 10),
+                _ => None,
+            };
+            let (Some(h), Some(l)) = (digit(hi), digit(lo)) else {
+                return if hi.is_ascii_hexdigit() && lo.is_ascii_hexdigit() {
+                    refuse("must write percent-encodings in uppercase (like %2A)")
+                } else {
+                    refuse("has a malformed percent-encoding")
+                };
+            };
+            let byte = h * 16 + l;
+            match byte {
+                b'/' => return refuse("must not contain an encoded slash (%2F)"),
+                b'\\' => return refuse("must not contain an encoded backslash (%5C)"),
+                b'@' => return refuse("must not contain '@', even percent-encoded"),
+                0..0x20 | 0x7f => return refuse("must not contain encoded control characters"),
+                b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => {
+                    return refuse("percent-encodes a character that needs no encoding");
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The origin `https://host[:port]/` of a URL [`repository_url`] accepted:
+/// the one place its checkout credential may be sent.
+pub fn repository_origin(url: &url::Url) -> String {
+    format!("{}/", url.origin().ascii_serialization())
 }
 
 /// A git branch name, following `git check-ref-format --branch`.
@@ -479,21 +630,240 @@ mod tests {
     }
 
     #[test]
-    fn repository_urls() {
-        assert!(repository_url("r", "https://github.com/acme/api.git").is_ok());
-        assert!(repository_url("r", "https://git.example.com:8443/group/sub/repo").is_ok());
-        let err =
-            repository_url("r", "https://x-access-token:ghp_secret@github.com/a/b").unwrap_err();
-        assert!(!err.to_string().contains("ghp_secret"), "{err}");
-        for bad in [
-            "",
-            "github.com/acme/api",
-            "http://github.com/acme/api",
-            "git@github.com:acme/api.git",
-            "https://github.com/",
-            "https://github.com/a/b?x=1",
+    fn repository_urls_in_canonical_form_pass() {
+        for ok in [
+            "https://github.com/acme/api",
+            "https://github.com/acme/api.git",
+            "https://gitlab.com/group/sub/subsub/repo.git",
+            "https://git.example.com:8443/group/sub/repo",
+            "https://127.0.0.1:8443/acme/api.git",
+            "https://dev.azure.com/org/My%20Project/_git/repo",
+            "https://dev.azure.com/org/Caf%C3%A9/_git/repo",
+            "https://org.visualstudio.com/Project/_git/repo",
+            "https://bitbucket.org/acme/api_v2-x.y~z",
         ] {
-            assert!(repository_url("r", bad).is_err(), "{bad}");
+            let url = repository_url("r", ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(url.as_str(), ok);
+        }
+        let origin = |u: &str| repository_origin(&repository_url("r", u).expect("valid"));
+        assert_eq!(origin("https://github.com/acme/api"), "https://github.com/");
+        assert_eq!(
+            origin("https://git.example.com:8443/group/sub/repo"),
+            "https://git.example.com:8443/"
+        );
+    }
+
+    /// Regression (issue 12): `https://github.com\@evil.example/acme/api`
+    /// passed with host github.com (the `url` crate ends an https host at
+    /// `\`), so the github.com token went to an environment whose git and
+    /// curl read `github.com\` as a user name and connected to evil.example.
+    /// This table is the crafted URLs of that review and more tricks; each is
+    /// refused naming its problem, without echoing the URL.
+    #[test]
+    fn crafted_repository_urls_are_refused_naming_the_problem() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "https://github.com\\@evil.example/acme/api",
+                "must not contain a backslash",
+            ),
+            (
+                "https://github.com\\evil.example/acme/api",
+                "must not contain a backslash",
+            ),
+            (
+                "https://github.com/acme\\api",
+                "must not contain a backslash",
+            ),
+            (
+                "https://x-access-token:ghp_SeCrEt1@github.com/a/b",
+                "must not contain credentials or a user name",
+            ),
+            (
+                "https://ghp_SeCrEt1@github.com/a/b",
+                "must not contain credentials",
+            ),
+            (
+                "https://github.com:443@evil.example/a/b",
+                "must not contain credentials",
+            ),
+            (
+                "https://github.com/@evil.example/acme/api",
+                "must not contain '@'",
+            ),
+            ("https://github.com/acme/api@evil", "must not contain '@'"),
+            (
+                "https://github.com/acme%40evil.example/api",
+                "'@', even percent-encoded",
+            ),
+            (
+                "https://github.com/acme%2Fapi",
+                "must not contain an encoded slash (%2F)",
+            ),
+            ("https://github.com/acme%2fapi", "in uppercase"),
+            ("https://github.com/acme%5Capi", "encoded backslash (%5C)"),
+            (
+                "https://github.com/acme%0Aapi",
+                "encoded control characters",
+            ),
+            (
+                "https://github.com/acme%00api",
+                "encoded control characters",
+            ),
+            (
+                "https://github.com/acme%7Fapi",
+                "encoded control characters",
+            ),
+            ("https://github.com/%61cme/api", "needs no encoding"),
+            ("https://github.com/acme%2", "malformed percent-encoding"),
+            (
+                "https://github.com/acme%zzapi",
+                "malformed percent-encoding",
+            ),
+            // Cyrillic і (U+0456), and its punycode.
+            (
+                "https://g\u{456}thub.com/acme/api",
+                "host must be plain ASCII",
+            ),
+            (
+                "https://xn--gthub-n2e.com/acme/api",
+                "host must be plain ASCII",
+            ),
+            (
+                "https://XN--gthub-n2e.com/acme/api",
+                "host must be plain ASCII",
+            ),
+            ("https://github.com/acm\u{e9}/api", "must be ASCII"),
+            ("https://GitHub.com/acme/api", "host must be lowercase"),
+            (
+                "https://github.com./acme/api",
+                "host must not end with a dot",
+            ),
+            (
+                "https://github.com:443/acme/api",
+                "must not name the default port 443",
+            ),
+            ("https://github.com:0443/acme/api", "has an invalid port"),
+            ("https://github.com:/acme/api", "has an invalid port"),
+            ("https://github.com:+8443/acme/api", "is not a valid URL"),
+            ("https://github.com:65536/acme/api", "is not a valid URL"),
+            ("https://github.com:0/acme/api", "has an invalid port"),
+            (
+                "https://[::1]:8443/acme/api",
+                "host must be a name or an IPv4 address",
+            ),
+            ("https://127.1/acme/api", "is not in canonical form"),
+            (
+                "https://git%68ub.com/acme/api",
+                "host must not be percent-encoded",
+            ),
+            ("https://github.com/acme/api\"", "must not contain quotes"),
+            ("https://github.com/ac'me/api", "must not contain quotes"),
+            ("https://github.com/ac`id`/api", "must not contain quotes"),
+            ("https://github.com/acme/my api", "must not contain spaces"),
+            (
+                "https://github.com/acme/api\u{a0}",
+                "must not contain spaces",
+            ),
+            (
+                "https://github.com/acme/api\tx",
+                "must not contain control characters",
+            ),
+            (
+                "https://github.com/acme/api\n",
+                "must not contain control characters",
+            ),
+            (
+                "https://github.com/acme/\r\nHost: evil",
+                "must not contain control characters",
+            ),
+            (
+                "https://github.com/acme/../evil/api",
+                "must not have a \".\" or \"..\" path segment",
+            ),
+            (
+                "https://github.com/acme/./api",
+                "must not have a \".\" or \"..\"",
+            ),
+            (
+                "https://github.com/acme/%2E%2E/api",
+                "must not have a \".\" or \"..\"",
+            ),
+            (
+                "https://github.com/acme/.%2e/api",
+                "must not have a \".\" or \"..\"",
+            ),
+            (
+                "https://github.com/acme//api",
+                "must not have an empty path segment",
+            ),
+            (
+                "https://github.com/acme/api/",
+                "must not have an empty path segment",
+            ),
+            (
+                "https://github.com/acme/a<b>",
+                "must not contain '<' in its path",
+            ),
+            (
+                "https://github.com/acme/a|b",
+                "must not contain '|' in its path",
+            ),
+            (
+                "https://github.com/a/b?x=1",
+                "must not have a query or fragment",
+            ),
+            (
+                "https://github.com/a/b?",
+                "must not have a query or fragment",
+            ),
+            (
+                "https://github.com/a/b#readme",
+                "must not have a query or fragment",
+            ),
+            (
+                "https://github.com?a/b",
+                "must not have a query or fragment",
+            ),
+            (
+                "HTTPS://github.com/acme/api",
+                "must start with \"https://\" in lowercase",
+            ),
+            ("https:github.com/acme/api", "must start with \"https://\""),
+            ("https:/github.com/acme/api", "must start with \"https://\""),
+            ("https:///github.com/acme/api", "has no host"),
+            (
+                "http://github.com/acme/api",
+                "scheme \"http\" is not supported",
+            ),
+            (
+                "ftp://github.com/acme/api",
+                "scheme \"ftp\" is not supported",
+            ),
+            ("git@github.com:acme/api.git", "is not a valid URL"),
+            ("github.com/acme/api", "is not a valid URL"),
+            ("https://github.com/", "has no repository path"),
+            ("https://github.com", "has no repository path"),
+            (
+                "https://-bad-.example/acme/api",
+                "is not a lowercase host name",
+            ),
+            ("", "must not be empty"),
+        ];
+        for (url, problem) in cases {
+            let err = repository_url("r", url).expect_err(url);
+            assert_eq!(err.field, "r");
+            assert!(
+                err.problem.contains(problem),
+                "{url:?}: {:?} does not say {problem:?}",
+                err.problem
+            );
+            let message = err.to_string();
+            for echo in ["ghp_SeCrEt1", "evil", "gthub", "acme"] {
+                assert!(
+                    !message.contains(echo),
+                    "{url:?}: {message:?} echoes the URL"
+                );
+            }
         }
         let long = format!("https://github.com/{}", "a".repeat(3000));
         assert!(
