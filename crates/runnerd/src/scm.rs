@@ -724,6 +724,13 @@ impl Scm {
             })?;
         let parsed: ContextUrl = scm::parse_context_url(url, kind)
             .map_err(|e| CallError::invalid(format!("url: {e}")))?;
+        // Only a clone URL the runner will accept in a spec is answered.
+        validate::repository_url("url", &parsed.clone_url).map_err(|e| {
+            CallError::invalid(format!(
+                "url: the repository's clone URL is not in canonical form: {}",
+                e.problem
+            ))
+        })?;
         let usable = match &integration {
             None => None,
             Some(_) => Some(
