@@ -497,10 +497,15 @@ async fn aws_faults_throttling_5xx_latency_and_a_zone_out_of_capacity() {
             })
             .max()
             .unwrap_or(0);
-        // The SDK retries a throttled call; retries count against the bucket too.
+        // The SDK retries a throttled call; retries count against the bucket
+        // too. The proxy sees a call when it arrives, not when its token was
+        // taken: on these shared cores a call can spend up to a quarter of a
+        // second between the two, so a one-second window at the proxy may
+        // hold tokens of 1.25 s.
+        let bound = burst + rate * 5 / 4;
         assert!(
-            worst <= rate + burst,
-            "{ops:?}: {worst} calls within one second"
+            worst <= bound,
+            "{ops:?}: {worst} calls within one second (bound {bound})"
         );
     }
 }
