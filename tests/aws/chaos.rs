@@ -581,3 +581,109 @@ async fn control_plane_faults_cut_streams_restarts_and_partial_lists() {
     assert_eq!(counts.stale, 0, "statuses refused as stale");
     assert_eq!(process.stop().await, Some(0));
 }
+
+/// The lease item's expiry (0 once released), in the store's units.
+async fn lease_expiry(world: &World) -> Option<u64> {
+    let item = aws_sdk_dynamodb::Client::new(&world.sdk)
+        .get_item()
+        .table_name(&world.infra.table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(format!("RUNNER#{}", world.infra.runner_id)),
+        )
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S("LEASE#0".into()),
+        )
+        .consistent_read(true)
+        .send()
+        .await
+        .ok()?
+        .item?;
+    item.get("expires_at")?.as_n().ok()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_burst_drains_releases_the_lease_and_a_restart_converges() {
+    let n = setting("CHAOS_ENVS", 100);
+    let moto = Moto::start().await;
+    let world = Arc::new(World::on(&moto.url).await);
+    let grace = Duration::from_secs(5);
+    let settings = |port: u16| {
+        let mut extra = fast_lease();
+        extra.push(("RUNNER_SHUTDOWN_GRACE", "5s".to_owned()));
+        // A long TTL: the standby can only lead at once if the lease was
+        // released, not because it expired.
+        extra.retain(|(k, _)| *k != "RUNNER_LEASE_TTL");
+        extra.push(("RUNNER_LEASE_TTL", "60s".to_owned()));
+        extra.push(("RUNNER_HEALTH_LISTEN", format!("127.0.0.1:{port}")));
+        extra
+    };
+    let [port_a, port_b] = free_ports();
+    let mut a = Process::start_with(&world, "term-a", &moto.url, &settings(port_a));
+    ready(port_a, "the first replica").await;
+    let b = Process::start_with(&world, "term-b", &moto.url, &settings(port_b));
+    ready(port_b, "the standby").await;
+    assert_eq!(leader_pid(&world).await, Some(a.pid()), "the first leads");
+
+    let creating = tokio::spawn({
+        let world = world.clone();
+        async move { world.create_envs(n).await }
+    });
+    // In the middle of the burst: some instances launched, not all.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while world.instances().await.len() < n / 10 {
+        assert!(Instant::now() < deadline, "no launches within 2 min");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.signal("-TERM");
+    let code = a
+        .exited(grace + Duration::from_secs(10))
+        .await
+        .expect("exited within the grace period and the last delivery");
+    assert_eq!(code, Some(0), "a clean stop");
+    let logs = a.logs();
+    let flushed = logs
+        .find("last status delivery before stopping")
+        .expect("the outbox made its last delivery");
+    let released = logs
+        .find("released the leader lease")
+        .expect("the lease was released");
+    assert!(
+        flushed < released,
+        "delivered while still leading, then released"
+    );
+    assert_eq!(
+        lease_expiry(&world).await,
+        Some(0),
+        "released, not left to expire"
+    );
+    // The standby takes over (it could not before the 60 s TTL otherwise).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while leader_pid(&world).await != Some(b.pid()) {
+        assert!(Instant::now() < deadline, "the standby never led");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let ids = creating.await.expect("created");
+    verify(
+        &world,
+        &ids,
+        &vec![Phase::Running; ids.len()],
+        Duration::from_secs(300),
+    )
+    .await;
+
+    // A second signal exits at once, whatever is in flight.
+    let [port_c, _] = free_ports();
+    let mut c = Process::start_with(&world, "term-c", &moto.url, &settings(port_c));
+    ready(port_c, "a third replica").await;
+    c.signal("-TERM");
+    c.signal("-TERM");
+    assert_eq!(
+        c.exited(Duration::from_secs(5)).await,
+        Some(Some(130)),
+        "the second signal exits at once"
+    );
+    drop(b);
+}

@@ -489,6 +489,21 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits at most `within` for the process to exit; its exit code, or
+    /// `None` if it is still running.
+    pub(crate) async fn exited(&mut self, within: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status.code());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub(crate) async fn stop(mut self) -> Option<i32> {
         self.signal("-TERM");
         for _ in 0..300 {

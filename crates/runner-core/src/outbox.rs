@@ -274,7 +274,13 @@ impl Outbox {
         }
         if leading() {
             let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
-            on_round(round, self.pending());
+            let pending = self.pending();
+            tracing::info!(
+                delivered = round.delivered,
+                pending,
+                "last status delivery before stopping"
+            );
+            on_round(round, pending);
         }
     }
 

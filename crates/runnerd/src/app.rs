@@ -1,6 +1,6 @@
 //! Wiring and lifetime: builds the parts from a [`Config`] and the adapters,
-//! runs every long-lived task under one cancellation token and task tracker,
-//! and shuts down in order.
+//! runs every long-lived task under one cancellation token and the
+//! [`Supervisor`], and shuts down in order.
 //!
 //! Shutdown: the root token stops the session, the informer and new work;
 //! in-flight reconciles get the grace period; then the status outbox makes a
@@ -35,6 +35,7 @@ use crate::health::{self, Health, chain};
 use crate::informer::Informer;
 use crate::scm::Scm;
 use crate::session::{ScmEvent, Session, SessionError};
+use crate::supervisor::{Fatal, Supervisor};
 use crate::telemetry::{InstrumentedCompute, Metrics};
 
 /// The adapters the daemon runs on.
@@ -152,22 +153,10 @@ pub async fn run_with(
 ) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
-    let tracker = TaskTracker::new();
-    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel::<(&'static str, String)>();
+    let (supervisor, mut failures) = Supervisor::new(shutdown.clone(), health.clone());
     let spawn_critical =
         |name: &'static str, task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
-            let fatal_tx = fatal_tx.clone();
-            let shutdown = shutdown.clone();
-            let handle = tokio::spawn(task.instrument(tracing::info_span!("task", name)));
-            tracker.spawn(async move {
-                let reason = match handle.await {
-                    Ok(()) if shutdown.is_cancelled() => return,
-                    Ok(()) => "returned".to_owned(),
-                    Err(err) if err.is_panic() => "panicked".to_owned(),
-                    Err(err) => err.to_string(),
-                };
-                let _ = fatal_tx.send((name, reason));
-            });
+            supervisor.spawn_critical(name, task);
         };
 
     // The health port first, so ECS sees the process alive while it starts.
@@ -284,10 +273,9 @@ pub async fn run_with(
         Box::pin(session.clone().heartbeat(shutdown.clone())),
     );
     if let Some(doctor) = extras.doctor {
-        tracker.spawn(
-            doctor
-                .watch(health.clone(), shutdown.clone())
-                .instrument(tracing::info_span!("task", name = "setup-checks")),
+        supervisor.spawn(
+            "setup-checks",
+            doctor.watch(health.clone(), shutdown.clone()),
         );
     }
 
@@ -544,25 +532,25 @@ pub async fn run_with(
 
     let result = tokio::select! {
         () = shutdown.cancelled() => {
+            health.set_stopping();
             tracing::info!("shutting down: no new work, draining in-flight reconciles");
             Ok(())
         }
-        Some((task, reason)) = fatal_rx.recv() => {
+        Some(Fatal { task, reason }) = failures.recv() => {
             tracing::error!(task, reason = %reason, "critical task ended; stopping");
             shutdown.cancel();
             Err(AppError::TaskEnded { task, reason })
         }
     };
     // In-flight reconciles drain within the grace period (a panicked
-    // scheduler has already said so through `fatal_rx`).
+    // scheduler has already said so through `failures`).
     let _ = tokio::time::timeout(grace + Duration::from_secs(5), scheduler_done.cancelled()).await;
     session.calls.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), session.calls.wait()).await;
     outbox_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(3), outbox_done.cancelled()).await;
     lease_stop.cancel();
-    tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    supervisor.wait(Duration::from_secs(2)).await;
     tracing::info!("stopped");
     result
 }

@@ -24,6 +24,7 @@ pub struct Health {
     synced: AtomicBool,
     session: AtomicBool,
     store: AtomicBool,
+    stopping: AtomicBool,
     problems: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
     degraded: watch::Sender<String>,
     details: watch::Sender<std::collections::BTreeMap<String, String>>,
@@ -38,6 +39,7 @@ impl Default for Health {
             synced: AtomicBool::new(false),
             session: AtomicBool::new(false),
             store: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
             problems: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             degraded: watch::channel(String::new()).0,
             details: watch::channel(std::collections::BTreeMap::new()).0,
@@ -56,9 +58,18 @@ impl Health {
         self.session.store(up, Ordering::SeqCst);
     }
 
+    /// The process is stopping (a critical task ended, or shutdown): never
+    /// ready again.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
     /// Why the runner is not ready; empty when it is.
     pub fn not_ready(&self) -> Vec<&'static str> {
         let mut reasons = Vec::new();
+        if self.stopping.load(Ordering::SeqCst) {
+            reasons.push("stopping");
+        }
         if !self.synced.load(Ordering::SeqCst) {
             reasons.push("first full sync not finished");
         }

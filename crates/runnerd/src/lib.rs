@@ -11,6 +11,7 @@ pub mod health;
 pub mod informer;
 pub mod scm;
 pub mod session;
+pub mod supervisor;
 pub mod telemetry;
 pub mod update;
 
