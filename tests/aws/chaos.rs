@@ -462,6 +462,16 @@ async fn aws_faults_throttling_5xx_latency_and_a_zone_out_of_capacity() {
     let ids = drive(&world, &plan, Duration::from_secs(40)).await;
     verify(&world, &ids, &plan.finals, Duration::from_secs(300)).await;
     assert_eq!(process.stop().await, Some(0));
+    // The faults were there: every fifth call or so throttled, capacity
+    // refused in one zone.
+    let exhausted_launches =
+        proxy.seen("RunInstances").len() - proxy.forwarded("RunInstances").len();
+    assert!(exhausted_launches > 0, "no launch met a fault");
+    assert!(
+        proxy.faulted() >= 50,
+        "only {} faults injected",
+        proxy.faulted()
+    );
 
     // Nothing launched in the exhausted zone; calls within the buckets
     // (World::env: launches 20/s burst 10, mutations 20/s burst 20).
@@ -534,18 +544,22 @@ async fn control_plane_faults_cut_streams_restarts_and_partial_lists() {
     let started = Instant::now();
     let mut restarts = 0;
     let mut tick = 0u32;
+    let mut cut = 0;
     while started.elapsed() < Duration::from_secs(50) {
         tokio::time::sleep(Duration::from_secs(3)).await;
         tick += 1;
         {
             let _open = world.gate.read().await;
-            let _ = world
+            if let Ok(closed) = world
                 .admin
                 .clone()
                 .close_runner_streams(admin::CloseRunnerStreamsRequest {
                     runner_id: world.infra.runner_id.clone(),
                 })
-                .await;
+                .await
+            {
+                cut += closed.into_inner().closed;
+            }
         }
         world.plane.set_list_fault(match tick % 4 {
             1 => control_plane::ListFault::Partial,
@@ -567,6 +581,14 @@ async fn control_plane_faults_cut_streams_restarts_and_partial_lists() {
     }
     world.plane.set_list_fault(control_plane::ListFault::None);
     assert_eq!(restarts, 2);
+    // Streams were really cut, and the runner came back after each cut.
+    // (A cut finds no stream while the runner is reconnecting.)
+    assert!(cut >= tick / 4, "only {cut} streams cut in {tick} tries");
+    let reconnects = process.logs().matches("watch stream open").count();
+    assert!(
+        reconnects as u32 > tick / 4,
+        "{reconnects} streams opened for {cut} cut in {tick} tries"
+    );
     let ids = driver.await.expect("the workload ran");
     verify(&world, &ids, &plan.finals, Duration::from_secs(300)).await;
     // Accepted versions only ever grow, and the runner never sends a

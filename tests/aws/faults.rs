@@ -23,7 +23,8 @@ async fn throttling_and_5xx_are_retried_by_the_sdk_and_capacity_errors_name_the_
     let through = sdk(&proxy.url()).await;
     let compute = infra.adapters(&through, "a", &leading()).compute;
 
-    // Every other describe throttled or failing: the SDK's retries absorb it.
+    // About half the describes throttled or failing, never three in a row
+    // (the proxy spreads faults evenly): the SDK's retries absorb them all.
     proxy.set_rules(vec![
         rule(&["DescribeAvailabilityZones"], 0.3, Fault::Throttle),
         rule(&["DescribeAvailabilityZones"], 0.3, Fault::Status(503)),
@@ -34,8 +35,12 @@ async fn throttling_and_5xx_are_retried_by_the_sdk_and_capacity_errors_name_the_
             ok += 1;
         }
     }
-    assert!(ok >= 8, "only {ok} of 10 checks succeeded");
-    assert!(proxy.faulted() > 0, "faults were injected");
+    assert_eq!(ok, 10, "checks that succeeded");
+    assert!(
+        proxy.faulted() >= 5,
+        "faults were injected: {}",
+        proxy.faulted()
+    );
     assert!(
         proxy.seen("DescribeAvailabilityZones").len() > 10,
         "the SDK retried"

@@ -19,7 +19,6 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rand::Rng as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -48,7 +47,10 @@ pub enum Fault {
     },
 }
 
-/// A fault applied to a share of the matching requests.
+/// A fault applied to a share of the matching requests, spread evenly and
+/// without chance: at rate `r`, the k-th request a rule considers is faulted
+/// when `⌊k·r⌋` grows (rate 0.25: the 4th, 8th, 12th, ...), so a run
+/// replays given the same order of requests.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
     /// Operations it applies to (`RunInstances`, `DynamoDB_20120810.PutItem`);
@@ -63,6 +65,8 @@ pub struct Rule {
 #[derive(Debug, Default)]
 struct Shared {
     rules: Vec<Rule>,
+    /// Per rule: requests it considered.
+    considered: Vec<u64>,
     seen: Vec<(String, Instant, bool)>,
 }
 
@@ -164,7 +168,9 @@ impl FaultProxy {
 
     /// Replaces the rules.
     pub fn set_rules(&self, rules: Vec<Rule>) {
-        self.shared.lock().expect("lock").rules = rules;
+        let mut shared = self.shared.lock().expect("lock");
+        shared.rules = rules;
+        shared.considered.clear();
     }
 
     /// Requests seen for `operation` (forwarded or faulted) with their times.
@@ -217,13 +223,21 @@ async fn handle(
         .to_bytes();
     let op = operation(&parts.headers, &body);
     let fault = {
-        let mut shared = shared.lock().expect("lock");
-        let mut rng = rand::thread_rng();
-        let fault = shared
-            .rules
-            .iter()
-            .filter(|r| r.operations.is_empty() || r.operations.contains(&op))
-            .find(|r| match &r.fault {
+        let mut guard = shared.lock().expect("lock");
+        let shared = &mut *guard;
+        shared.considered.resize(shared.rules.len(), 0);
+        let mut fault = None;
+        for (r, considered) in shared.rules.iter().zip(shared.considered.iter_mut()) {
+            if !(r.operations.is_empty() || r.operations.contains(&op)) {
+                continue;
+            }
+            let mut every_nth = || {
+                *considered += 1;
+                let rate = r.rate.clamp(0.0, 1.0);
+                let k = *considered as f64;
+                (k * rate).floor() > ((k - 1.0) * rate).floor()
+            };
+            let hit = match &r.fault {
                 Fault::DelayAfter { pass, .. } => {
                     let before = shared
                         .seen
@@ -233,12 +247,15 @@ async fn handle(
                     before >= *pass
                 }
                 Fault::NoCapacityInSubnet(subnet) => {
-                    form(&body).get("SubnetId") == Some(subnet)
-                        && rng.gen_bool(r.rate.clamp(0.0, 1.0))
+                    form(&body).get("SubnetId") == Some(subnet) && every_nth()
                 }
-                _ => rng.gen_bool(r.rate.clamp(0.0, 1.0)),
-            })
-            .map(|r| r.fault.clone());
+                _ => every_nth(),
+            };
+            if hit {
+                fault = Some(r.fault.clone());
+                break;
+            }
+        }
         let faulted = !matches!(
             fault,
             None | Some(Fault::Delay(_) | Fault::DelayAfter { .. })
