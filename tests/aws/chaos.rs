@@ -709,3 +709,79 @@ async fn sigterm_mid_burst_drains_releases_the_lease_and_a_restart_converges() {
     );
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_started_at_once_on_a_fresh_exchange_token_share_one_key() {
+    // `FIRST_START_ROUNDS` repeats it (a sweep runs 10).
+    let rounds = setting("FIRST_START_ROUNDS", 2);
+    let replicas = setting("FIRST_START_REPLICAS", 5);
+    let moto = Moto::start().await;
+    for round in 0..rounds {
+        // A fresh runner: the stack's secret holds only its exchange token.
+        let world = World::on(&moto.url).await;
+        let listeners: Vec<std::net::TcpListener> = (0..replicas)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("address").port())
+            .collect();
+        drop(listeners);
+        let processes: Vec<Process> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                Process::start_with(
+                    &world,
+                    &format!("first-{round}-{i}"),
+                    &moto.url,
+                    &[("RUNNER_HEALTH_LISTEN", format!("127.0.0.1:{port}"))],
+                )
+            })
+            .collect();
+        for port in &ports {
+            ready(*port, "every replica").await;
+        }
+        let text = aws_sdk_secretsmanager::Client::new(&world.sdk)
+            .get_secret_value()
+            .secret_id(&world.infra.secret_id)
+            .send()
+            .await
+            .expect("the runner's secret")
+            .secret_string
+            .expect("text");
+        let stored = runner_aws::secrets::parse(&text).expect("credentials");
+        assert!(
+            stored.access_token.is_some(),
+            "round {round}: no access token"
+        );
+        let key = stored.private_key.expect("a key pair");
+        let public = crypto_box::SecretKey::from(key.0).public_key();
+        let signed_up = world
+            .admin
+            .clone()
+            .get_runner(admin::GetRunnerRequest {
+                runner_id: world.infra.runner_id.clone(),
+            })
+            .await
+            .expect("runner")
+            .into_inner()
+            .public_key;
+        assert_eq!(
+            signed_up,
+            public.as_bytes().to_vec(),
+            "round {round}: the control plane holds the stored key"
+        );
+        let traded = processes
+            .iter()
+            .filter(|p| {
+                p.logs()
+                    .contains("traded the exchange token for an access token")
+            })
+            .count();
+        assert_eq!(traded, 1, "round {round}: replicas that traded");
+        for process in processes {
+            assert_eq!(process.stop().await, Some(0), "round {round}: a clean stop");
+        }
+    }
+}

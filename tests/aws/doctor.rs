@@ -64,6 +64,7 @@ impl Plane {
     async fn access_token(&self) -> String {
         IdentityServiceClient::new(self.cp.channel().await.expect("connect"))
             .exchange_token(pb::ExchangeTokenRequest {
+                public_key: Vec::new(),
                 exchange_token: self.exchange_token.clone(),
             })
             .await

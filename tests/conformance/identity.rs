@@ -15,6 +15,7 @@ async fn exchange_token_works_once() {
         .identity
         .clone()
         .exchange_token(pb::ExchangeTokenRequest {
+            public_key: Vec::new(),
             exchange_token: token.clone(),
         })
         .await
@@ -28,10 +29,72 @@ async fn exchange_token_works_once() {
         .identity
         .clone()
         .exchange_token(pb::ExchangeTokenRequest {
+            public_key: Vec::new(),
             exchange_token: token,
         })
         .await;
     assert_status(second, Code::Unauthenticated, "already used");
+}
+
+#[tokio::test]
+async fn a_trade_with_a_public_key_can_be_repeated_for_that_key_only() {
+    let f = Fixture::new().await;
+    let (runner_id, token) = f.create_runner("retrade").await;
+    let key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
+    let other = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
+    let trade = |public_key: Vec<u8>| {
+        let mut identity = f.identity.clone();
+        let exchange_token = token.clone();
+        async move {
+            identity
+                .exchange_token(pb::ExchangeTokenRequest {
+                    exchange_token,
+                    public_key,
+                })
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let mine = key.public_key().as_bytes().to_vec();
+    let first = trade(mine.clone()).await.expect("first trade");
+    assert_eq!(first.runner_id, runner_id);
+    // The answer was lost: the same key trades again, and gets the same.
+    f.clock.advance(Duration::from_secs(9 * 60));
+    let again = trade(mine.clone())
+        .await
+        .expect("repeated within the window");
+    assert_eq!(again.access_token, first.access_token);
+    // Another key, no key, or after the window: used.
+    assert_status(
+        trade(other.public_key().as_bytes().to_vec()).await,
+        Code::Unauthenticated,
+        "already used",
+    );
+    assert_status(
+        trade(Vec::new()).await,
+        Code::Unauthenticated,
+        "already used",
+    );
+    assert_status(
+        trade(vec![7; 31]).await,
+        Code::InvalidArgument,
+        "public_key",
+    );
+    f.clock.advance(Duration::from_secs(2 * 60));
+    assert_status(trade(mine).await, Code::Unauthenticated, "already used");
+    // Signup takes only the key the token was traded for.
+    let mut client = testkit::runner_client(f.channel.clone(), &first.access_token);
+    assert_status(
+        client
+            .signup(crate::signup_request(other.public_key().as_bytes()))
+            .await,
+        Code::FailedPrecondition,
+        "not the key the exchange token was traded for",
+    );
+    client
+        .signup(crate::signup_request(key.public_key().as_bytes()))
+        .await
+        .expect("signup with the traded key");
 }
 
 #[tokio::test]
@@ -43,6 +106,7 @@ async fn exchange_token_expires_after_24_hours() {
         .identity
         .clone()
         .exchange_token(pb::ExchangeTokenRequest {
+            public_key: Vec::new(),
             exchange_token: token,
         })
         .await;
@@ -56,6 +120,7 @@ async fn unknown_or_empty_exchange_tokens_are_refused() {
         .identity
         .clone()
         .exchange_token(pb::ExchangeTokenRequest {
+            public_key: Vec::new(),
             exchange_token: "ret_nope".into(),
         })
         .await;

@@ -89,7 +89,10 @@ impl Fixture {
         let access_token = self
             .identity
             .clone()
-            .exchange_token(pb::ExchangeTokenRequest { exchange_token })
+            .exchange_token(pb::ExchangeTokenRequest {
+                public_key: Vec::new(),
+                exchange_token,
+            })
             .await
             .expect("exchange")
             .into_inner()

@@ -42,6 +42,7 @@ pub(crate) struct World {
     pub(crate) tokens: Arc<testkit::fakes::MemoryTokens>,
     pub(crate) environment_secrets: Arc<testkit::fakes::MemoryEnvironmentSecrets>,
     pub(crate) lease: Arc<MemoryLease>,
+    pub(crate) claim: Arc<MemoryLease>,
     /// More daemon flags (e.g. `--ca-bundle`).
     pub(crate) extra_args: Vec<String>,
 }
@@ -105,6 +106,7 @@ impl World {
             store: Arc::new(MemoryStore::default()),
             compute: Arc::new(MemoryCompute::with_zones(&ZONES)),
             lease: Arc::new(MemoryLease::default()),
+            claim: Arc::new(MemoryLease::default()),
             extra_args: Vec::new(),
         }
     }
@@ -171,6 +173,7 @@ impl World {
             compute: self.compute.clone(),
             secrets: self.secrets.clone(),
             lease: Arc::new(self.lease.handle(&uuid::Uuid::new_v4().to_string())),
+            claim: Arc::new(self.claim.handle(&uuid::Uuid::new_v4().to_string())),
             leadership: Arc::new(runner_core::leader::Leadership::default()),
             tokens: self.tokens.clone(),
             environment_secrets: self.environment_secrets.clone(),

@@ -46,10 +46,11 @@ impl IdentityService for RunnerApi {
         request: Request<pb::ExchangeTokenRequest>,
     ) -> Result<Response<pb::ExchangeTokenResponse>, Status> {
         let now = self.0.clock.now();
-        let (runner_id, access_token) = self
-            .0
-            .state()
-            .exchange(&request.get_ref().exchange_token, now)?;
+        let (runner_id, access_token) = self.0.state().exchange(
+            &request.get_ref().exchange_token,
+            &request.get_ref().public_key,
+            now,
+        )?;
         tracing::info!(runner.id = %runner_id, "exchange token traded for an access token");
         Ok(Response::new(pb::ExchangeTokenResponse {
             access_token,

@@ -52,14 +52,21 @@ pub struct RunnerRecord {
     pub last_seen: Option<SystemTime>,
     /// Whether it should update itself.
     pub auto_update: bool,
+    /// The key its exchange token was traded for, if the runner named one:
+    /// Signup accepts only that key.
+    pub traded_key: Option<[u8; 32]>,
 }
 
 #[derive(Debug)]
 struct ExchangeToken {
     runner_id: Uuid,
     expires_at: SystemTime,
-    used: bool,
+    /// When it was traded, the key it was traded for, and the access token.
+    used: Option<(SystemTime, Option<[u8; 32]>, String)>,
 }
+
+/// How long a trade can be repeated with the same public key.
+const RETRADE_WINDOW: Duration = Duration::from_secs(600);
 
 /// An environment and what its runner last said about it.
 #[derive(Debug, Clone)]
@@ -287,6 +294,7 @@ impl State {
             system_details: HashMap::new(),
             last_seen: None,
             auto_update: false,
+            traded_key: None,
         };
         let token = random_token("ret_");
         let expires_at = now + token_ttl;
@@ -295,30 +303,54 @@ impl State {
             ExchangeToken {
                 runner_id: record.id,
                 expires_at,
-                used: false,
+                used: None,
             },
         );
         self.runners.insert(record.id, record.clone());
         Ok((record, token, expires_at))
     }
 
-    /// Trades an exchange token, once, for an access token.
-    pub fn exchange(&mut self, token: &str, now: SystemTime) -> Result<(Uuid, String), Status> {
+    /// Trades an exchange token, once, for an access token; a trade with
+    /// the same public key repeated within [`RETRADE_WINDOW`] answers the
+    /// same again.
+    pub fn exchange(
+        &mut self,
+        token: &str,
+        public_key: &[u8],
+        now: SystemTime,
+    ) -> Result<(Uuid, String), Status> {
         validate::text("exchange_token", token, 512).map_err(invalid)?;
+        let key: Option<[u8; 32]> = match public_key.len() {
+            0 => None,
+            _ => Some(public_key.try_into().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "public_key: must be 32 bytes (an X25519 key), got {}",
+                    public_key.len()
+                ))
+            })?),
+        };
         let record = self
             .exchange_tokens
             .get_mut(token)
             .ok_or_else(|| Status::unauthenticated("exchange token is not valid"))?;
-        if record.used {
+        if let Some((at, traded_for, access)) = &record.used {
+            let same_key = key.is_some() && *traded_for == key;
+            let in_window = now.duration_since(*at).unwrap_or_default() < RETRADE_WINDOW;
+            if same_key && in_window {
+                return Ok((record.runner_id, access.clone()));
+            }
             return Err(Status::unauthenticated("exchange token was already used"));
         }
         if now >= record.expires_at {
             return Err(Status::unauthenticated("exchange token has expired"));
         }
-        record.used = true;
         let runner_id = record.runner_id;
         let access = random_token("rat_");
+        record.used = Some((now, key, access.clone()));
         self.access_tokens.insert(access.clone(), runner_id);
+        if let (Some(key), Some(runner)) = (key, self.runners.get_mut(&runner_id)) {
+            runner.traded_key = Some(key);
+        }
         Ok((runner_id, access))
     }
 
@@ -393,6 +425,11 @@ impl State {
                 "region: the runner was created for {}, not {}",
                 runner.region, req.region
             )));
+        }
+        if runner.traded_key.is_some_and(|traded| traded != key) {
+            return Err(Status::failed_precondition(
+                "public_key: not the key the exchange token was traded for",
+            ));
         }
         match runner.public_key {
             Some(existing) if existing != key => {

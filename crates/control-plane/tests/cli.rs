@@ -245,6 +245,7 @@ async fn token_add_seals_the_pat_to_the_runner_key() {
         .expect("connect");
     let access = pb::identity_service_client::IdentityServiceClient::new(channel.clone())
         .exchange_token(pb::ExchangeTokenRequest {
+            public_key: Vec::new(),
             exchange_token: s(&created["exchange_token"]).to_owned(),
         })
         .await

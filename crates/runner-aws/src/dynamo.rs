@@ -40,7 +40,13 @@ pub struct DynamoStore {
     partition: String,
     holder: String,
     leadership: Arc<Leadership>,
+    /// The item its `Lease` methods work on.
+    lease_sk: &'static str,
 }
+
+/// The lease item of the credential claim: the one replica holding it trades
+/// the exchange token on first start.
+pub const CLAIM_SK: &str = "CLAIM#credential";
 
 fn unavailable(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Unavailable(Box::new(err))
@@ -93,6 +99,16 @@ impl DynamoStore {
             partition: format!("RUNNER#{runner_id}"),
             holder: holder.to_owned(),
             leadership,
+            lease_sk: LEASE_SK,
+        }
+    }
+
+    /// The same store, whose `Lease` is the credential claim instead of the
+    /// leader lease.
+    pub fn credential_claim(&self) -> Self {
+        Self {
+            lease_sk: CLAIM_SK,
+            ..self.clone()
         }
     }
 
@@ -204,7 +220,7 @@ impl DynamoStore {
         let epoch = self.leadership.epoch().ok_or(StoreError::Fenced)?;
         let check = ConditionCheck::builder()
             .table_name(&self.table)
-            .set_key(Some(self.key(LEASE_SK.to_owned())))
+            .set_key(Some(self.key(self.lease_sk.to_owned())))
             .condition_expression("holder = :holder AND epoch = :epoch AND expires_at > :now")
             .expression_attribute_values(":holder", s(&self.holder))
             .expression_attribute_values(":epoch", n(epoch))
@@ -392,7 +408,7 @@ impl Lease for DynamoStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(self.key(LEASE_SK.to_owned())))
+            .set_key(Some(self.key(self.lease_sk.to_owned())))
             .update_expression(
                 "SET holder = :holder, expires_at = :expires, schema_version = :schema, epoch = if_not_exists(epoch, :zero) + :one",
             )
@@ -425,7 +441,7 @@ impl Lease for DynamoStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(self.key(LEASE_SK.to_owned())))
+            .set_key(Some(self.key(self.lease_sk.to_owned())))
             .update_expression("SET expires_at = :expires")
             .condition_expression("holder = :holder AND epoch = :epoch")
             .expression_attribute_values(":holder", s(&self.holder))
@@ -445,7 +461,7 @@ impl Lease for DynamoStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(self.key(LEASE_SK.to_owned())))
+            .set_key(Some(self.key(self.lease_sk.to_owned())))
             .update_expression("SET expires_at = :zero")
             .condition_expression("holder = :holder AND epoch = :epoch")
             .expression_attribute_values(":holder", s(&self.holder))

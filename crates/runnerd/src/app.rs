@@ -48,6 +48,9 @@ pub struct Deps {
     pub secrets: Arc<dyn SecretStore>,
     /// The leader lease.
     pub lease: Arc<dyn Lease>,
+    /// The credential claim: on first start, the replica holding it trades
+    /// the exchange token; the others wait for its credential.
+    pub claim: Arc<dyn Lease>,
     /// This replica's leadership, which the adapters consult before mutating.
     pub leadership: Arc<Leadership>,
     /// Users' host tokens.
@@ -229,6 +232,7 @@ pub async fn run_with(
         scm_events: scm_events_tx,
         self_update: extras.self_update.is_some() && config.update.enabled,
         calls: TaskTracker::new(),
+        claim: deps.claim.clone(),
     });
     let key = match session.credentials(&shutdown).await {
         Ok(key) => key,

@@ -89,6 +89,7 @@ pub fn aws_deps_with(sdk: &aws_config::SdkConfig, config: &config::Config) -> ap
         secrets: adapters.secrets,
         tokens: adapters.tokens,
         environment_secrets: adapters.environment_secrets,
+        claim: std::sync::Arc::new(adapters.store.credential_claim()),
         lease: adapters.store,
         leadership,
     }

@@ -34,6 +34,12 @@ use crate::telemetry::Metrics;
 /// The runner's release version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// How long a replica may hold the credential claim before another may
+/// take over (the exchange token's trade takes seconds).
+const CLAIM_TTL: Duration = Duration::from_secs(60);
+/// How often a waiting replica looks for the credential.
+const CLAIM_POLL: Duration = Duration::from_millis(500);
+
 /// What the stream task tells the informer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
@@ -127,6 +133,8 @@ pub struct Session {
     pub self_update: bool,
     /// The calls being answered, waited for at shutdown.
     pub calls: tokio_util::task::TaskTracker,
+    /// Decides which replica trades the exchange token on first start.
+    pub claim: Arc<dyn runner_core::leader::Lease>,
 }
 
 impl std::fmt::Debug for Session {
@@ -203,7 +211,53 @@ impl Session {
         &self,
         shutdown: &CancellationToken,
     ) -> Result<SecretKeyBytes, SessionError> {
-        let mut credentials = self.load(shutdown).await?;
+        let mut waited = false;
+        loop {
+            let credentials = self.load(shutdown).await?;
+            if let (Some(token), Some(key)) =
+                (&credentials.access_token, credentials.private_key.clone())
+            {
+                self.auth.set(token).map_err(SessionError::BadToken)?;
+                if waited {
+                    tracing::info!("using the credential another replica stored");
+                }
+                return Ok(key);
+            }
+            // First start: exactly one replica trades the exchange token,
+            // the one holding the claim; the others wait for its credential
+            // (or for its claim to run out, if it died).
+            match self.claim.acquire(CLAIM_TTL).await {
+                Ok(Some(term)) => {
+                    let traded = self.trade(credentials, shutdown).await;
+                    if let Err(err) = self.claim.release(term.epoch).await {
+                        tracing::warn!(error = %err, "cannot release the credential claim; it expires by itself");
+                    }
+                    return traded;
+                }
+                Ok(None) => {
+                    if !waited {
+                        tracing::info!(
+                            "another replica is trading the exchange token; waiting for its credential"
+                        );
+                    }
+                    waited = true;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot claim the exchange token; retrying");
+                }
+            }
+            Self::sleep(shutdown, CLAIM_POLL).await?;
+        }
+    }
+
+    /// Trades the exchange token, holding the claim. A key pair left by a
+    /// replica that died mid-trade is reused: the control plane answers a
+    /// repeated trade with the same public key, so a lost answer is not fatal.
+    async fn trade(
+        &self,
+        mut credentials: Credentials,
+        shutdown: &CancellationToken,
+    ) -> Result<SecretKeyBytes, SessionError> {
         let key = match credentials.private_key.clone() {
             Some(key) => key,
             None => {
@@ -215,10 +269,10 @@ impl Session {
                 key
             }
         };
-        if let Some(token) = &credentials.access_token {
-            self.auth.set(token).map_err(SessionError::BadToken)?;
-            return Ok(key);
-        }
+        let public_key = crypto_box::SecretKey::from(key.0)
+            .public_key()
+            .as_bytes()
+            .to_vec();
         let exchange = credentials
             .exchange_token
             .clone()
@@ -230,6 +284,7 @@ impl Session {
                 .clone()
                 .exchange_token(self.request(pb::ExchangeTokenRequest {
                     exchange_token: exchange.expose_secret().to_owned(),
+                    public_key: public_key.clone(),
                 }))
                 .await;
             match result {
@@ -240,11 +295,11 @@ impl Session {
                         Code::Unauthenticated | Code::InvalidArgument | Code::PermissionDenied
                     ) =>
                 {
-                    // Another replica may have traded it a moment ago.
+                    // A replica whose claim ran out may have finished.
                     let now = self.load(shutdown).await?;
                     if let (Some(token), Some(key)) = (&now.access_token, now.private_key.clone()) {
                         tracing::info!(
-                            "another replica traded the exchange token; using its credentials"
+                            "another replica traded the exchange token; using its credential"
                         );
                         self.auth.set(token).map_err(SessionError::BadToken)?;
                         return Ok(key);
