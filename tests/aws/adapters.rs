@@ -173,7 +173,8 @@ async fn the_lease_fences_a_replica_whose_epoch_is_stale() {
     let a = infra.adapters(&sdk, "replica-a", &a_leads).store;
     let b = infra.adapters(&sdk, "replica-b", &b_leads).store;
 
-    let ttl = Duration::from_millis(800);
+    // Long enough that no pause of this machine lets it lapse by itself.
+    let ttl = Duration::from_secs(30);
     let term_a = a
         .acquire(ttl)
         .await
@@ -188,19 +189,26 @@ async fn the_lease_fences_a_replica_whose_epoch_is_stale() {
         None,
         "B waits while A holds it"
     );
-    a.renew(term_a.epoch, ttl).await.expect("A renews");
     let record = a
         .put(&Record::new(env()))
         .await
         .expect("A writes while leading");
-
-    // A stops renewing (frozen); after expiry B takes over with a new epoch.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let term_b = b
-        .acquire(ttl)
+    // A's last renewal, short; then it stops renewing (frozen). B takes over
+    // with a new epoch once that expires, and not before.
+    a.renew(term_a.epoch, Duration::from_millis(500))
         .await
-        .expect("acquire")
-        .expect("B takes the expired lease");
+        .expect("A renews");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let term_b = loop {
+        if let Some(term) = b.acquire(ttl).await.expect("acquire") {
+            break term;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never took the expired lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(term_b.epoch, term_a.epoch + 1);
     b_leads.set(
         term_b.epoch,

@@ -1119,16 +1119,21 @@ async fn malformed_input_gets_a_clear_error_and_the_runner_keeps_serving() {
         .await
         .expect("integration");
     // The runner learns of integrations on its own; wait until it has.
-    for _ in 0..200 {
+    let mut synced = false;
+    for _ in 0..400 {
         match call(&world, store(host, Vec::new())).await {
             admin::call_runner_response::Outcome::Error(e)
                 if e.message.contains("no SCM integration") =>
             {
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
-            _ => break,
+            _ => {
+                synced = true;
+                break;
+            }
         }
     }
+    assert!(synced, "the runner never listed the integrations");
     let sealed = seal(b"glpat-Truncated1");
     let mut flipped = seal(b"glpat-Flipped22");
     flipped[50] ^= 0x10;

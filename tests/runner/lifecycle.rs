@@ -147,7 +147,13 @@ async fn stop_start_and_delete_reach_their_phases() {
         i.state,
         InstanceState::ShuttingDown | InstanceState::Terminated
     )));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Records go once termination is confirmed, a moment after the status.
+    for _ in 0..200 {
+        if world.store.records().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     assert!(
         world.store.records().is_empty(),
         "records removed after termination: {:?}",
