@@ -387,6 +387,35 @@ fn window_not_now() -> UpdateWindow {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_update_service_is_failed_and_changes_nothing() {
+    let ecs = ecs().await;
+    let offer = Arc::new(Offer::default());
+    offer.publish("0.2.0");
+    let updater = updater(&ecs, &offer, UpdateWindow::ANY);
+    ecs.proxy.set_rules(vec![testkit::proxy::Rule {
+        operations: vec![ecs_op("UpdateService")],
+        rate: 1.0,
+        fault: testkit::proxy::Fault::Refuse("AccessDeniedException".into()),
+    }]);
+    let outcome = updater.check().await.expect("check");
+    assert_eq!(outcome.state, State::Failed, "{outcome:?}");
+    assert!(
+        outcome.message.contains("AccessDeniedException"),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        ecs.proxy.seen(&ecs_op("UpdateService")).len(),
+        1,
+        "tried once"
+    );
+    assert_eq!(
+        ecs.service_task_definition().await,
+        ecs.first_revision,
+        "the service still runs the first revision"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_inside_the_window_registers_one_revision_and_updates_the_service_once() {
     let ecs = ecs().await;
     let offer = Arc::new(Offer::default());

@@ -36,6 +36,9 @@ pub enum Fault {
     Delay(Duration),
     /// Close the connection without an answer.
     Reset,
+    /// A client error the service refuses the call with (HTTP 400), e.g.
+    /// `AccessDeniedException`: a definite refusal, not to be retried.
+    Refuse(String),
     /// Forward the first `pass` matching requests (counted over the proxy's
     /// life), then delay each later one by `delay`: a call that hangs at a
     /// chosen point, for crashing the caller there.
@@ -278,6 +281,22 @@ async fn handle(
                     "InternalError",
                     "An internal error has occurred (injected).",
                 )
+            });
+        }
+        Some(Fault::Refuse(code)) => {
+            return Ok(if op.contains('.') {
+                let body = serde_json::json!({
+                    "__type": code,
+                    "message": "refused (injected)",
+                })
+                .to_string();
+                Response::builder()
+                    .status(StatusCode::BAD_REQUEST)
+                    .header("content-type", "application/x-amz-json-1.1")
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("a valid response")
+            } else {
+                ec2_error(StatusCode::BAD_REQUEST, &code, "refused (injected)")
             });
         }
         Some(Fault::NoCapacityInSubnet(_)) => {
