@@ -785,3 +785,85 @@ async fn replicas_started_at_once_on_a_fresh_exchange_token_share_one_key() {
         }
     }
 }
+
+/// `/readyz`'s status code, or `None` when nothing answers.
+async fn readyz(port: u16) -> Option<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.ok()?;
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_task_that_dies_stops_the_process_and_is_never_ready_again() {
+    // Every critical task of a daemon outside ECS (self-update needs ECS).
+    let tasks = [
+        "health-port",
+        "health-monitor",
+        "heartbeat",
+        "lease",
+        "watch",
+        "informer",
+        "scm-sync",
+        "scheduler",
+        "status-outbox",
+    ];
+    let moto = Moto::start().await;
+    let world = World::on(&moto.url).await;
+    for (i, task) in tasks.iter().enumerate() {
+        let how = if i % 2 == 0 { "panic" } else { "return" };
+        let trigger =
+            std::env::temp_dir().join(format!("runnerd-death-{}-{task}", uuid::Uuid::new_v4()));
+        let [port, _] = free_ports();
+        let mut process = Process::start_with(
+            &world,
+            &format!("death-{task}"),
+            &moto.url,
+            &[
+                ("RUNNER_HEALTH_LISTEN", format!("127.0.0.1:{port}")),
+                (
+                    "RUNNERD_TEST_TASK_DEATH",
+                    format!("{task}:{how}:{}", trigger.display()),
+                ),
+            ],
+        );
+        ready(port, task).await;
+        std::fs::write(&trigger, b"").expect("trigger");
+        let died = Instant::now();
+        let mut red = false;
+        let code = loop {
+            if let Some(code) = process.exited(Duration::ZERO).await {
+                break code;
+            }
+            match readyz(port).await {
+                Some(200) => assert!(!red, "{task}: ready again after it died"),
+                _ => red = true,
+            }
+            assert!(
+                died.elapsed() < Duration::from_secs(5),
+                "{task} ({how}): still running 5 s after it died"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let took = died.elapsed();
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "{task} ({how}): exit code {code:?}"
+        );
+        let logs = process.logs();
+        assert!(
+            logs.contains("critical task ended; stopping")
+                && logs.contains(&format!("\"task\":\"{task}\"")),
+            "{task}: the log names the task"
+        );
+        eprintln!("{task} ({how}): exited {code:?} {took:?} after it died");
+        let _ = std::fs::remove_file(&trigger);
+    }
+}

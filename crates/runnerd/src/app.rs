@@ -546,8 +546,15 @@ pub async fn run_with(
             Err(AppError::TaskEnded { task, reason })
         }
     };
-    // In-flight reconciles drain within the grace period (a panicked
-    // scheduler has already said so through `failures`).
+    if result.is_err() {
+        // A critical task died: stop now. What was in flight is safe to cut
+        // (intent before side effect); the lease expires by itself.
+        lease_stop.cancel();
+        supervisor.wait(Duration::from_millis(200)).await;
+        tracing::info!("stopped");
+        return result;
+    }
+    // In-flight reconciles drain within the grace period.
     let _ = tokio::time::timeout(grace + Duration::from_secs(5), scheduler_done.cancelled()).await;
     session.calls.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), session.calls.wait()).await;

@@ -56,6 +56,8 @@ impl Supervisor {
         name: &'static str,
         task: impl Future<Output = ()> + Send + 'static,
     ) {
+        #[cfg(debug_assertions)]
+        let task = injected_death(name, task);
         let handle = tokio::spawn(task.instrument(tracing::info_span!("task", name)));
         let (shutdown, health, fatal) = (
             self.shutdown.clone(),
@@ -86,6 +88,39 @@ impl Supervisor {
         self.tracker.close();
         let _ = tokio::time::timeout(within, self.tracker.wait()).await;
     }
+}
+
+/// Test builds only: `RUNNERD_TEST_TASK_DEATH=<task>:<panic|return>:<file>`
+/// makes that critical task panic or return once `<file>` exists, so the
+/// tests can watch the daemon stop. Release builds have no such hook.
+#[cfg(debug_assertions)]
+fn injected_death(
+    name: &'static str,
+    task: impl Future<Output = ()> + Send + 'static,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    let spec = std::env::var("RUNNERD_TEST_TASK_DEATH").unwrap_or_default();
+    let mut parts = spec.splitn(3, ':');
+    let (Some(task_name), Some(how), Some(trigger)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Box::pin(task);
+    };
+    if task_name != name {
+        return Box::pin(task);
+    }
+    let panics = how == "panic";
+    let trigger = std::path::PathBuf::from(trigger);
+    Box::pin(async move {
+        tokio::select! {
+            () = task => {}
+            () = async {
+                while !trigger.exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            } => {
+                assert!(!panics, "task death injected by a test");
+            }
+        }
+    })
 }
 
 #[cfg(test)]
