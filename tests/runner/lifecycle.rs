@@ -387,3 +387,73 @@ impl World {
         self.create(self.create_request(class_id)).await
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_created_or_terminated_before_the_first_full_sync() {
+    use runner_core::traits::Compute as _;
+    let world = World::new().await;
+    let plane = world.cp.as_ref().expect("control plane").plane.clone();
+    plane.set_list_fault(control_plane::ListFault::Unavailable);
+    // An instance wearing the runner's tags, for an environment the control
+    // plane does not know: an orphan, but only a complete list can say so.
+    let stranger = runner_core::model::EnvironmentId(uuid::Uuid::new_v4());
+    let zone = world
+        .compute
+        .instances()
+        .first()
+        .map_or_else(|| "eu-west-1a".to_owned(), |i| i.availability_zone.clone());
+    world
+        .compute
+        .launch(&runner_core::traits::LaunchRequest {
+            environment: stranger,
+            attempt: 1,
+            client_token: runner_core::model::client_token(stranger, 1),
+            subnet: runner_core::model::Subnet {
+                id: world.config().placement.subnet_ids[0].clone(),
+                availability_zone: zone,
+            },
+            instance_type: "m5.large".into(),
+            disk_gib: 20,
+            repository_url: "https://github.com/acme/api.git".into(),
+            revision: runner_core::model::Revision::Default,
+            checkout_secret: None,
+        })
+        .await
+        .expect("a stray instance");
+    let launched_before = world.compute.launch_requests().len();
+
+    let runner = world.start_runner().await;
+    let env = world.create_env().await;
+    // The event for `env` arrives at once; lists keep failing meanwhile.
+    for _ in 0..400 {
+        if plane.lists_refused() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(plane.lists_refused() >= 3, "the runner kept listing");
+    assert_eq!(
+        world.compute.launch_requests().len(),
+        launched_before,
+        "launched before the first full sync"
+    );
+    assert_eq!(world.compute.calls("terminate"), 0, "terminated before it");
+    assert_eq!(
+        world.compute.calls("quarantine"),
+        0,
+        "marked an orphan before it"
+    );
+    let (code, body) = http_get(runner.health, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("first full sync not finished"), "{body}");
+
+    // Lists work again: the environment runs, the stray is handled as an orphan.
+    plane.set_list_fault(control_plane::ListFault::None);
+    world
+        .wait_for("RUNNING", Duration::from_secs(30), |envs| {
+            envs.iter()
+                .any(|e| id(e) == env && settled(e, Phase::Running))
+        })
+        .await;
+    runner.stop().await.expect("clean stop");
+}

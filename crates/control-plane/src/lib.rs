@@ -32,6 +32,8 @@ pub enum ListFault {
     Empty,
     /// Every other environment of each page is left out.
     Partial,
+    /// Every list fails with UNAVAILABLE (counted).
+    Unavailable,
 }
 
 /// Status updates the control plane answered, by outcome.
@@ -50,6 +52,7 @@ pub struct ControlPlane {
     clock: Arc<dyn Clock>,
     settings: Settings,
     list_fault: Mutex<ListFault>,
+    lists_refused: AtomicU64,
     statuses_accepted: AtomicU64,
     statuses_stale: AtomicU64,
 }
@@ -71,6 +74,7 @@ impl ControlPlane {
             clock,
             settings,
             list_fault: Mutex::default(),
+            lists_refused: AtomicU64::new(0),
             statuses_accepted: AtomicU64::new(0),
             statuses_stale: AtomicU64::new(0),
         })
@@ -83,6 +87,11 @@ impl ControlPlane {
 
     fn list_fault(&self) -> ListFault {
         *self.list_fault.lock().expect("lock")
+    }
+
+    /// How many environment lists [`ListFault::Unavailable`] refused.
+    pub fn lists_refused(&self) -> u64 {
+        self.lists_refused.load(Ordering::SeqCst)
     }
 
     /// How many status updates were stored and refused as stale.

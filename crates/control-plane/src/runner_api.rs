@@ -98,12 +98,20 @@ impl RunnerService for RunnerApi {
         request: Request<pb::ListEnvironmentsRequest>,
     ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
         let runner_id = self.authenticate(&request)?;
+        if self.0.list_fault() == crate::ListFault::Unavailable {
+            self.0
+                .lists_refused
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Status::unavailable(
+                "environment lists are failing (injected)",
+            ));
+        }
         let (mut environments, mut page) = self
             .0
             .state()
             .list_runner_environments(runner_id, request.get_ref().page.as_ref())?;
         match self.0.list_fault() {
-            crate::ListFault::None => {}
+            crate::ListFault::None | crate::ListFault::Unavailable => {}
             crate::ListFault::Empty => {
                 environments.clear();
                 page = pb::PageResponse::default();
