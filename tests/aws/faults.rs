@@ -93,3 +93,54 @@ async fn throttling_and_5xx_are_retried_by_the_sdk_and_capacity_errors_name_the_
         .await
         .expect("another zone has capacity");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutations_retry_only_transient_failures_and_only_while_leading() {
+    let proxy = FaultProxy::start(&moto_url()).await.expect("proxy");
+    let direct = sdk(&moto_url()).await;
+    let infra = Infra::create(&direct).await;
+    let through = sdk(&proxy.url()).await;
+    let leadership = leading();
+    let compute = infra.adapters(&through, "a", &leadership).compute;
+    let stop = || async { compute.stop("i-0123456789abcdef0").await };
+
+    // A definite refusal: sent once, never retried.
+    proxy.set_rules(vec![rule(
+        &["StopInstances"],
+        1.0,
+        Fault::Refuse("InvalidParameterValue".into()),
+    )]);
+    assert!(matches!(stop().await, Err(ComputeError::Rejected(_))));
+    assert_eq!(
+        proxy.seen("StopInstances").len(),
+        1,
+        "a refusal is not retried"
+    );
+
+    // Throttling, 5xx and a cut connection: retried, a bounded number of times.
+    for (fault, seen_before) in [
+        (Fault::Throttle, 1),
+        (Fault::Status(503), 5),
+        (Fault::Reset, 9),
+    ] {
+        proxy.set_rules(vec![rule(&["StopInstances"], 1.0, fault.clone())]);
+        assert!(
+            matches!(stop().await, Err(ComputeError::Unavailable(_))),
+            "{fault:?}"
+        );
+        assert_eq!(
+            proxy.seen("StopInstances").len(),
+            seen_before + 4,
+            "{fault:?}: four attempts in all"
+        );
+    }
+
+    // Not leading: nothing is sent at all.
+    leadership.clear();
+    assert!(matches!(stop().await, Err(ComputeError::Fenced)));
+    assert_eq!(
+        proxy.seen("StopInstances").len(),
+        13,
+        "nothing sent while not leading"
+    );
+}
