@@ -208,3 +208,68 @@ async fn an_interrupted_launch_is_found_by_its_tags_before_any_new_launch() {
     assert_eq!(world.compute.instances().len(), 1);
     runner.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zones_exhausted_before_a_restart_are_not_tried_again_after_it() {
+    let world = World::new().await;
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            ids.push(world.create_env().await);
+        }
+        ids
+    };
+    // What a runner that died right after two zones said "no capacity" left:
+    // a failed second attempt and both zones recorded.
+    let subnets = world
+        .compute
+        .subnets(&world.config().placement.subnet_ids)
+        .await
+        .expect("subnets");
+    let in_b = subnets
+        .iter()
+        .find(|s| s.availability_zone == "eu-west-1b")
+        .expect("a subnet in eu-west-1b")
+        .clone();
+    for id in &ids {
+        let environment = EnvironmentId(uuid::Uuid::parse_str(id).expect("uuid"));
+        let record = Record {
+            launch: Some(LaunchIntent {
+                attempt: 2,
+                subnet: in_b.clone(),
+                client_token: client_token(environment, 2),
+                state: LaunchState::Failed,
+            }),
+            exhausted_zones: vec!["eu-west-1a".into(), "eu-west-1b".into()],
+            ..Record::new(environment)
+        };
+        world.store.put(&record).await.expect("seed the record");
+    }
+    // Every zone has capacity now, but the restarted runner remembers.
+    let runner = world.start_runner().await;
+    world
+        .wait_for("6 RUNNING", Duration::from_secs(30), |envs| {
+            envs.iter().all(|e| settled(e, Phase::Running))
+        })
+        .await;
+    let zones: Vec<String> = world
+        .compute
+        .launch_requests()
+        .iter()
+        .map(|r| r.subnet.availability_zone.clone())
+        .collect();
+    assert_eq!(zones.len(), 6, "one launch each: {zones:?}");
+    assert!(
+        zones.iter().all(|z| z == "eu-west-1c"),
+        "a zone exhausted before the restart was tried again: {zones:?}"
+    );
+    assert!(
+        world
+            .compute
+            .launch_requests()
+            .iter()
+            .all(|r| r.attempt == 3),
+        "the attempt count survives too"
+    );
+    runner.stop().await.expect("clean stop");
+}
