@@ -202,6 +202,9 @@ impl World {
             .restart()
             .await
             .expect("restart");
+        // The old connection died with the old server: a fresh one, so the
+        // next admin call does not race its discovery.
+        self.admin = AdminServiceClient::new(cp.channel().await.expect("connect"));
         self.cp = Some(cp);
     }
 
