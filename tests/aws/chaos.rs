@@ -280,9 +280,11 @@ async fn crash_consistency_under_repeated_sigkill() {
     assert_eq!(process.stop().await, Some(0));
 }
 
-/// The pid in a lease holder's name (`pid-<pid>-<suffix>` outside ECS).
-async fn leader_pid(world: &World) -> Option<u32> {
-    let item = aws_sdk_dynamodb::Client::new(&world.sdk)
+/// The leader lease's item, read consistently.
+async fn lease_item(
+    world: &World,
+) -> Option<HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> {
+    aws_sdk_dynamodb::Client::new(&world.sdk)
         .get_item()
         .table_name(&world.infra.table)
         .key(
@@ -297,7 +299,12 @@ async fn leader_pid(world: &World) -> Option<u32> {
         .send()
         .await
         .ok()?
-        .item?;
+        .item
+}
+
+/// The pid in a lease holder's name (`pid-<pid>-<suffix>` outside ECS).
+async fn leader_pid(world: &World) -> Option<u32> {
+    let item = lease_item(world).await?;
     let holder = item.get("holder")?.as_s().ok()?;
     holder.strip_prefix("pid-")?.split('-').next()?.parse().ok()
 }
@@ -606,23 +613,13 @@ async fn control_plane_faults_cut_streams_restarts_and_partial_lists() {
 
 /// The lease item's expiry (0 once released), in the store's units.
 async fn lease_expiry(world: &World) -> Option<u64> {
-    let item = aws_sdk_dynamodb::Client::new(&world.sdk)
-        .get_item()
-        .table_name(&world.infra.table)
-        .key(
-            "pk",
-            aws_sdk_dynamodb::types::AttributeValue::S(format!("RUNNER#{}", world.infra.runner_id)),
-        )
-        .key(
-            "sk",
-            aws_sdk_dynamodb::types::AttributeValue::S("LEASE#0".into()),
-        )
-        .consistent_read(true)
-        .send()
-        .await
+    lease_item(world)
+        .await?
+        .get("expires_at")?
+        .as_n()
         .ok()?
-        .item?;
-    item.get("expires_at")?.as_n().ok()?.parse().ok()
+        .parse()
+        .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

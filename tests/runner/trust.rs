@@ -162,6 +162,56 @@ async fn an_override_to_another_host_is_refused_and_no_token_goes_there() {
     runner.stop().await.expect("clean stop");
 }
 
+/// A GitLab integration on the fake's host with an OAuth app whose client
+/// secret is sealed to `key`.
+fn gitlab_oauth(
+    fake: &FakeScm,
+    key: &crypto_box::SecretKey,
+    client: (&str, &[u8]),
+    pat_enabled: bool,
+) -> Integration {
+    let host = fake.host();
+    Integration {
+        id: uuid::Uuid::new_v4(),
+        kind: ScmKind::GitLab,
+        oauth: Some(OAuthApp {
+            client_id: client.0.into(),
+            sealed_client_secret: control_plane::cli::seal(
+                key.public_key().as_bytes(),
+                control_plane::cli::client_secret_binding(&host),
+                client.1,
+            )
+            .expect("seal"),
+        }),
+        host,
+        pat_enabled,
+        api_base_url: None,
+        oauth_base_url: None,
+    }
+}
+
+/// Repository access over `tokens`, talking to the fake, holding `key`.
+fn direct_scm(
+    fake: &FakeScm,
+    tokens: Arc<dyn TokenStore>,
+    key: &crypto_box::SecretKey,
+) -> runnerd::scm::Scm {
+    let client = runner_scm::ScmClient::new(
+        Some(fake.ca_pem().as_bytes()),
+        Duration::from_secs(5),
+        "aws-runner-tests",
+        &[],
+    )
+    .expect("client");
+    let scm = runnerd::scm::Scm::new(
+        tokens,
+        Arc::new(MemoryEnvironmentSecrets::default()),
+        client,
+    );
+    scm.set_key(&SecretKeyBytes(key.to_bytes()));
+    scm
+}
+
 /// A token store whose first `stale` reads return an old snapshot: a
 /// replica that read the token just before another one refreshed it.
 struct Stale {
@@ -212,39 +262,9 @@ async fn a_refresh_lost_to_another_replica_keeps_the_token_it_rotated() {
         Some(Duration::from_secs(60)),
     );
     let secret_key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
-    let integration = Integration {
-        id: uuid::Uuid::new_v4(),
-        kind: ScmKind::GitLab,
-        host: host.clone(),
-        oauth: Some(OAuthApp {
-            client_id: "app-race".into(),
-            sealed_client_secret: control_plane::cli::seal(
-                secret_key.public_key().as_bytes(),
-                control_plane::cli::client_secret_binding(&host),
-                b"s3cr3t-race",
-            )
-            .expect("seal"),
-        }),
-        pat_enabled: false,
-        api_base_url: None,
-        oauth_base_url: None,
-    };
-    let client = || {
-        runner_scm::ScmClient::new(
-            Some(fake.ca_pem().as_bytes()),
-            Duration::from_secs(5),
-            "aws-runner-tests",
-            &[],
-        )
-        .expect("client")
-    };
+    let integration = gitlab_oauth(&fake, &secret_key, ("app-race", b"s3cr3t-race"), false);
     let tokens = Arc::new(MemoryTokens::default());
-    let secrets = Arc::new(MemoryEnvironmentSecrets::default());
-    let replica = |store: Arc<dyn TokenStore>| {
-        let scm = runnerd::scm::Scm::new(store, secrets.clone(), client());
-        scm.set_key(&SecretKeyBytes(secret_key.to_bytes()));
-        scm
-    };
+    let replica = |store: Arc<dyn TokenStore>| direct_scm(&fake, store, &secret_key);
     let a = replica(tokens.clone());
     let now = std::time::SystemTime::now();
     a.sync(vec![integration.clone()], None, now)
@@ -316,36 +336,9 @@ async fn a_token_of_another_provider_account_is_refused() {
     fake.add_code(ScmKind::GitLab, "code-alice", "Alice-GL", None);
     let secret_key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
     let public_key = secret_key.public_key();
-    let integration = Integration {
-        id: uuid::Uuid::new_v4(),
-        kind: ScmKind::GitLab,
-        host: host.clone(),
-        oauth: Some(OAuthApp {
-            client_id: "app-who".into(),
-            sealed_client_secret: control_plane::cli::seal(
-                public_key.as_bytes(),
-                control_plane::cli::client_secret_binding(&host),
-                b"s3cr3t-who",
-            )
-            .expect("seal"),
-        }),
-        pat_enabled: true,
-        api_base_url: None,
-        oauth_base_url: None,
-    };
+    let integration = gitlab_oauth(&fake, &secret_key, ("app-who", b"s3cr3t-who"), true);
     let tokens = Arc::new(MemoryTokens::default());
-    let scm = runnerd::scm::Scm::new(
-        tokens.clone(),
-        Arc::new(MemoryEnvironmentSecrets::default()),
-        runner_scm::ScmClient::new(
-            Some(fake.ca_pem().as_bytes()),
-            Duration::from_secs(5),
-            "aws-runner-tests",
-            &[],
-        )
-        .expect("client"),
-    );
-    scm.set_key(&SecretKeyBytes(secret_key.to_bytes()));
+    let scm = direct_scm(&fake, tokens.clone(), &secret_key);
     scm.sync(vec![integration], None, std::time::SystemTime::now())
         .await
         .expect("sync");
