@@ -88,6 +88,40 @@ async fn throttling_and_5xx_are_retried_by_the_sdk_and_capacity_errors_name_the_
         }
         other => panic!("expected no capacity, got {other:?}"),
     }
+    // An instance type the zone does not offer: as definite as no capacity.
+    proxy.set_rules(vec![rule(
+        &["RunInstances"],
+        1.0,
+        Fault::RefuseInSubnet {
+            subnet: subnet.clone(),
+            code: "Unsupported".into(),
+        },
+    )]);
+    match compute.launch(&launch(&infra.subnets[0])).await {
+        Err(ComputeError::NoCapacity { zone: z, message }) => {
+            assert_eq!(z, zone);
+            assert!(message.starts_with("Unsupported"), "{message}");
+        }
+        other => panic!("expected unsupported as no capacity, got {other:?}"),
+    }
+    // Any other refusal is a rejection (a new attempt), not retried here.
+    proxy.set_rules(vec![rule(
+        &["RunInstances"],
+        1.0,
+        Fault::RefuseInSubnet {
+            subnet: subnet.clone(),
+            code: "InvalidParameterValue".into(),
+        },
+    )]);
+    let before = proxy.launches().len();
+    assert!(
+        matches!(
+            compute.launch(&launch(&infra.subnets[0])).await,
+            Err(ComputeError::Rejected(_))
+        ),
+        "a refused launch is rejected"
+    );
+    assert_eq!(proxy.launches().len(), before + 1, "sent once");
     compute
         .launch(&launch(&infra.subnets[1]))
         .await

@@ -32,6 +32,14 @@ pub enum Fault {
     Status(u16),
     /// `InsufficientInstanceCapacity` for RunInstances into this subnet.
     NoCapacityInSubnet(String),
+    /// RunInstances into `subnet` refused with EC2 error `code` (HTTP 400),
+    /// e.g. `Unsupported` for an instance type the zone does not offer.
+    RefuseInSubnet {
+        /// The subnet.
+        subnet: String,
+        /// The EC2 error code.
+        code: String,
+    },
     /// Forward after this delay.
     Delay(Duration),
     /// Close the connection without an answer.
@@ -65,12 +73,24 @@ pub struct Rule {
     pub fault: Fault,
 }
 
+/// A RunInstances request as the proxy saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// Its `SubnetId`.
+    pub subnet: String,
+    /// Its `ClientToken`.
+    pub client_token: String,
+    /// Whether the proxy answered it with a fault.
+    pub faulted: bool,
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     rules: Vec<Rule>,
     /// Per rule: requests it considered.
     considered: Vec<u64>,
     seen: Vec<(String, Instant, bool)>,
+    launches: Vec<Launch>,
 }
 
 /// A running proxy; stops when dropped.
@@ -200,6 +220,11 @@ impl FaultProxy {
             .collect()
     }
 
+    /// Every RunInstances request, in order of arrival.
+    pub fn launches(&self) -> Vec<Launch> {
+        self.shared.lock().expect("lock").launches.clone()
+    }
+
     /// How many requests were answered with a fault.
     pub fn faulted(&self) -> usize {
         self.shared
@@ -249,7 +274,7 @@ async fn handle(
                         .count();
                     before >= *pass
                 }
-                Fault::NoCapacityInSubnet(subnet) => {
+                Fault::NoCapacityInSubnet(subnet) | Fault::RefuseInSubnet { subnet, .. } => {
                     form(&body).get("SubnetId") == Some(subnet) && every_nth()
                 }
                 _ => every_nth(),
@@ -264,6 +289,14 @@ async fn handle(
             None | Some(Fault::Delay(_) | Fault::DelayAfter { .. })
         );
         shared.seen.push((op.clone(), Instant::now(), faulted));
+        if op == "RunInstances" {
+            let mut params = form(&body);
+            shared.launches.push(Launch {
+                subnet: params.remove("SubnetId").unwrap_or_default(),
+                client_token: params.remove("ClientToken").unwrap_or_default(),
+                faulted,
+            });
+        }
         fault
     };
     match fault {
@@ -304,6 +337,13 @@ async fn handle(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "InsufficientInstanceCapacity",
                 "We currently do not have sufficient capacity in the Availability Zone you requested (injected).",
+            ));
+        }
+        Some(Fault::RefuseInSubnet { code, .. }) => {
+            return Ok(ec2_error(
+                StatusCode::BAD_REQUEST,
+                &code,
+                "refused in this subnet (injected)",
             ));
         }
         Some(Fault::Reset) => {
