@@ -165,6 +165,48 @@ impl World {
             .expect("set phase");
     }
 
+    /// The runner as the control plane sees it.
+    pub(crate) async fn runner(&self) -> admin::Runner {
+        self.admin
+            .clone()
+            .get_runner(admin::GetRunnerRequest {
+                runner_id: self.infra.runner_id.clone(),
+            })
+            .await
+            .expect("runner")
+            .into_inner()
+    }
+
+    /// Waits at most `within` for the runner to satisfy `done`; fails naming `what`.
+    pub(crate) async fn runner_when(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&admin::Runner) -> bool,
+    ) -> admin::Runner {
+        let deadline = Instant::now() + within;
+        loop {
+            let runner = self.runner().await;
+            if done(&runner) {
+                return runner;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {runner:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The runner's public key, once it has signed up.
+    pub(crate) async fn public_key(&self) -> Vec<u8> {
+        self.runner_when("the runner to sign up", Duration::from_secs(60), |r| {
+            !r.public_key.is_empty()
+        })
+        .await
+        .public_key
+    }
+
     pub(crate) async fn wait_for(
         &self,
         what: &str,
@@ -308,23 +350,11 @@ async fn a_broken_setup_reports_degraded_naming_the_resource_and_launches_nothin
     let deps = runnerd::aws_deps_with(&world.sdk, &config);
     let daemon = tokio::spawn(runnerd::app::run(config, deps, shutdown.clone(), None));
     world.create_envs(1).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let runner = loop {
-        let runner = world
-            .admin
-            .clone()
-            .get_runner(admin::GetRunnerRequest {
-                runner_id: world.infra.runner_id.clone(),
-            })
-            .await
-            .expect("runner")
-            .into_inner();
-        if runner.phase == admin::RunnerPhase::Degraded as i32 {
-            break runner;
-        }
-        assert!(Instant::now() < deadline, "never DEGRADED: {runner:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let runner = world
+        .runner_when("DEGRADED", Duration::from_secs(60), |r| {
+            r.phase == admin::RunnerPhase::Degraded as i32
+        })
+        .await;
     assert!(
         runner.degraded_message.contains(&wrong_group),
         "{}",
@@ -573,27 +603,11 @@ async fn two_processes_on_one_table_with_the_leader_frozen_past_its_lease() {
     let a = Process::start(&world, "a");
     // The second replica starts once the first holds the credentials, as in
     // an ECS rolling deployment.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let runner = world
-            .admin
-            .clone()
-            .get_runner(admin::GetRunnerRequest {
-                runner_id: world.infra.runner_id.clone(),
-            })
-            .await
-            .expect("runner")
-            .into_inner();
-        if runner.phase == admin::RunnerPhase::Active as i32 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "runner A never became active:\n{}",
-            a.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    world
+        .runner_when("runner A active", Duration::from_secs(60), |r| {
+            r.phase == admin::RunnerPhase::Active as i32
+        })
+        .await;
     let b = Process::start(&world, "b");
     let first = world.create_envs(20).await;
     world

@@ -37,22 +37,8 @@ async fn token_items(world: &World) -> usize {
 }
 
 pub(crate) async fn add_pat(world: &World, principal: &str, host: &str, pat: &str) -> String {
+    let key = world.public_key().await;
     for _ in 0..150 {
-        let key = world
-            .admin
-            .clone()
-            .get_runner(admin::GetRunnerRequest {
-                runner_id: world.infra.runner_id.clone(),
-            })
-            .await
-            .expect("runner")
-            .into_inner()
-            .public_key;
-        if key.is_empty() {
-            // Not signed up yet.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        }
         let sealed = control_plane::cli::seal(
             &key,
             control_plane::cli::pat_binding(principal, host),

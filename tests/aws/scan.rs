@@ -332,27 +332,6 @@ async fn aws(world: &World) -> Aws {
     }
 }
 
-async fn public_key(world: &World) -> Vec<u8> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let key = world
-            .admin
-            .clone()
-            .get_runner(admin::GetRunnerRequest {
-                runner_id: world.infra.runner_id.clone(),
-            })
-            .await
-            .expect("runner")
-            .into_inner()
-            .public_key;
-        if !key.is_empty() {
-            return key;
-        }
-        assert!(Instant::now() < deadline, "the runner never signed up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Exchanges `code` for `principal`'s OAuth token through the runner.
 async fn exchange(world: &World, principal: &str, host: &str, code: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -464,7 +443,7 @@ async fn no_secret_the_runner_holds_is_in_its_logs_table_user_data_tags_or_proce
     let mut runnerd = Traced::start(&world, &[("RUNNER_CA_BUNDLE", ca.display().to_string())]);
 
     let sealed_client_secret = control_plane::cli::seal(
-        &public_key(&world).await,
+        &world.public_key().await,
         control_plane::cli::client_secret_binding(&host),
         client_secret.as_bytes(),
     )
