@@ -291,6 +291,35 @@ impl World {
         out
     }
 
+    /// Every instance tagged with this runner: its id and client token.
+    pub(crate) async fn client_tokens(&self) -> HashMap<String, String> {
+        let ec2 = aws_sdk_ec2::Client::new(&self.sdk);
+        let pages: Vec<_> = ec2
+            .describe_instances()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name(format!("tag:{TAG_RUNNER}"))
+                    .values(&self.infra.runner_id)
+                    .build(),
+            )
+            .max_results(100)
+            .into_paginator()
+            .send()
+            .collect::<Vec<_>>()
+            .await;
+        pages
+            .into_iter()
+            .flat_map(|page| page.expect("describe").reservations.unwrap_or_default())
+            .flat_map(|r| r.instances.unwrap_or_default())
+            .map(|i| {
+                (
+                    i.instance_id.unwrap_or_default(),
+                    i.client_token.unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
     async fn one_instance_each(&self, expected: usize) -> Vec<(String, String, String, String)> {
         let instances = self.instances().await;
         let mut per_env: HashMap<&str, usize> = HashMap::new();
