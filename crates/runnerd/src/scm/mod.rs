@@ -34,6 +34,7 @@ use crate::health::chain;
 
 pub use proto::{integration_from_proto, kind_from_proto, providers};
 pub use sync::SyncError;
+pub(crate) use sync::scm_sync;
 
 /// An OAuth token is refreshed when it expires within this margin.
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(300);
