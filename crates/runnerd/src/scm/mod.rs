@@ -32,7 +32,7 @@ use tonic::Code;
 
 use crate::health::chain;
 
-pub use proto::{integration_from_proto, kind_from_proto, providers};
+pub use proto::{IntegrationError, integration_from_proto, kind_from_proto, providers};
 pub use sync::SyncError;
 pub(crate) use sync::scm_sync;
 
