@@ -89,8 +89,8 @@ pub enum AppError {
     #[error("control-plane session")]
     Session(#[source] SessionError),
     /// The SCM HTTP client could not be configured.
-    #[error("SCM client: {0}")]
-    Scm(String),
+    #[error("SCM client")]
+    Scm(#[source] runner_scm::ScmError),
     /// A task that must run for the daemon's life ended.
     #[error("critical task {task} ended: {reason}")]
     TaskEnded {
@@ -207,7 +207,7 @@ pub async fn run_with(
         &format!("aws-runner/{}", crate::session::VERSION),
         &config.scm_resolve,
     )
-    .map_err(|e| AppError::Scm(e.to_string()))?;
+    .map_err(AppError::Scm)?;
     let scm = Arc::new(Scm::new(
         deps.tokens.clone(),
         deps.environment_secrets.clone(),

@@ -26,7 +26,7 @@ use runner_core::scm::{self, AuthSource, Endpoints, Integration};
 use runner_core::sealed::{self, Binding};
 use runner_core::traits::{EnvironmentSecrets, HostToken, TokenStore, TokenStoreError};
 use runner_core::validate;
-use runner_scm::{ScmClient, ScmError};
+use runner_scm::{ScmClient, ScmError, ScmErrorKind};
 use secrecy::SecretString;
 use tonic::Code;
 
@@ -181,15 +181,17 @@ impl Scm {
 }
 
 fn provider_error(err: &ScmError, host: &str, doing: &str) -> CallError {
-    match err {
-        ScmError::Unauthorized(message) | ScmError::Rejected(message) => {
+    // The message with its sources: a client error keeps its cause there.
+    let message = chain(err);
+    match err.kind() {
+        ScmErrorKind::Unauthorized | ScmErrorKind::Rejected => {
             CallError::invalid(format!("{host} refused to {doing}: {message}"))
         }
-        ScmError::NotFound(message) => CallError::new(Code::NotFound, format!("{host}: {message}")),
-        ScmError::Config(message) => {
+        ScmErrorKind::NotFound => CallError::new(Code::NotFound, format!("{host}: {message}")),
+        ScmErrorKind::Config => {
             CallError::precondition(format!("could not {doing} at {host}: {message}"))
         }
-        ScmError::Unavailable(message) => CallError::unavailable(format!(
+        ScmErrorKind::Unavailable => CallError::unavailable(format!(
             "could not {doing} at {host} ({message}); try again"
         )),
     }

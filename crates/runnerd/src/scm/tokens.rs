@@ -9,11 +9,12 @@ use runner_core::sealed::{self, Binding};
 use runner_core::traits::{HostToken, TokenStoreError};
 use runner_core::validate;
 use runner_proto::pb;
-use runner_scm::ScmError;
+use runner_scm::ScmErrorKind;
 use secrecy::{ExposeSecret as _, SecretString};
 
 use super::sync::SyncError;
 use super::{CallError, REFRESH_MARGIN, Scm, Usable, provider_error, store_unavailable};
+use crate::health::chain;
 
 impl Scm {
     /// Deletes the environment secrets holding `key`'s token, then the
@@ -328,7 +329,12 @@ impl Scm {
                     Err(err) => Err(err),
                 }
             }
-            Err(ScmError::Rejected(_) | ScmError::Unauthorized(_)) => {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    ScmErrorKind::Rejected | ScmErrorKind::Unauthorized
+                ) =>
+            {
                 // Only the version whose refresh failed: another replica may
                 // have rotated the refresh token first (the provider then
                 // refuses the old one), and its token is good.
@@ -342,7 +348,7 @@ impl Scm {
                 }
             }
             Err(err) => {
-                tracing::warn!(host = %key.host, error = %err, "cannot refresh an OAuth token now");
+                tracing::warn!(host = %key.host, error = %chain(&err), "cannot refresh an OAuth token now");
                 Ok(keep_if_valid(stored.token))
             }
         }
