@@ -70,12 +70,73 @@ impl Drop for Plain {
     }
 }
 
+/// Why a secret could not be sealed. Never holds the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// The plaintext could not be written as JSON.
+    #[error(transparent)]
+    Encode(#[from] serde_json::Error),
+    /// The sealed box could not be made.
+    #[error("cannot seal the secret")]
+    Seal,
+}
+
+/// Why a sealed secret was refused: the field it came in and the problem.
+/// Never holds the secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct OpenError {
+    /// `sealed_token` or `oauth.sealed_client_secret`.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: OpenProblem,
+}
+
+/// What is wrong with a sealed secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenProblem {
+    /// The box does not open with the runner's key.
+    #[error("does not open with this runner's key (sealed to another key, or corrupted)")]
+    Unopenable,
+    /// The plaintext is not the JSON form.
+    #[error(
+        "is not a sealed secret of format version {VERSION} (a JSON object with v, purpose, principal, host and secret)"
+    )]
+    NotJson,
+    /// Another format version.
+    #[error("format version {0} is not supported (expected {VERSION})")]
+    Version(u32),
+    /// Sealed for another purpose.
+    #[error("was sealed as {sealed_as:?}, not as {expected:?}")]
+    Purpose {
+        /// The purpose in the box, made printable and short.
+        sealed_as: String,
+        /// The purpose expected.
+        expected: &'static str,
+    },
+    /// Sealed for another principal.
+    #[error("was sealed for another principal, not {0:?}")]
+    Principal(String),
+    /// Sealed for another host.
+    #[error("was sealed for another host, not {0}")]
+    Host(String),
+    /// The secret is blank.
+    #[error("the secret is empty")]
+    Empty,
+    /// The secret is longer than [`MAX_SECRET_LEN`].
+    #[error("the secret is longer than {MAX_SECRET_LEN} bytes")]
+    TooLong,
+    /// The secret holds whitespace or control characters.
+    #[error("the secret contains whitespace or control characters")]
+    Whitespace,
+}
+
 /// Seals `secret` to the runner's X25519 public key, bound to `binding`.
 pub fn seal(
     public_key: &crypto_box::PublicKey,
     binding: Binding<'_>,
     secret: &str,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, SealError> {
     let plain = Plain {
         v: VERSION,
         purpose: binding.purpose.as_str().to_owned(),
@@ -83,10 +144,10 @@ pub fn seal(
         host: binding.host.to_owned(),
         secret: secret.to_owned(),
     };
-    let bytes = Zeroizing::new(serde_json::to_vec(&plain).map_err(|e| e.to_string())?);
+    let bytes = Zeroizing::new(serde_json::to_vec(&plain)?);
     public_key
         .seal(&mut crypto_box::aead::OsRng, &bytes)
-        .map_err(|_| "cannot seal the secret".to_owned())
+        .map_err(|_| SealError::Seal)
 }
 
 /// Opens a sealed secret. It must open with `key`, be the JSON form above,
@@ -98,56 +159,40 @@ pub fn open(
     key: &crypto_box::SecretKey,
     sealed: &[u8],
     binding: Binding<'_>,
-) -> Result<SecretString, String> {
-    let field = binding.purpose.field();
-    let opened = Zeroizing::new(key.unseal(sealed).map_err(|_| {
-        format!(
-            "{field}: does not open with this runner's key (sealed to another key, or corrupted)"
-        )
-    })?);
-    let plain: Plain = serde_json::from_slice(&opened).map_err(|_| {
-        format!(
-            "{field}: is not a sealed secret of format version {VERSION} (a JSON object with v, purpose, principal, host and secret)"
-        )
-    })?;
+) -> Result<SecretString, OpenError> {
+    let refuse = |problem| OpenError {
+        field: binding.purpose.field(),
+        problem,
+    };
+    let opened = Zeroizing::new(
+        key.unseal(sealed)
+            .map_err(|_| refuse(OpenProblem::Unopenable))?,
+    );
+    let plain: Plain = serde_json::from_slice(&opened).map_err(|_| refuse(OpenProblem::NotJson))?;
     if plain.v != VERSION {
-        return Err(format!(
-            "{field}: format version {} is not supported (expected {VERSION})",
-            plain.v
-        ));
+        return Err(refuse(OpenProblem::Version(plain.v)));
     }
     if plain.purpose != binding.purpose.as_str() {
-        return Err(format!(
-            "{field}: was sealed as {:?}, not as {:?}",
-            printable(&plain.purpose),
-            binding.purpose.as_str()
-        ));
+        return Err(refuse(OpenProblem::Purpose {
+            sealed_as: printable(&plain.purpose),
+            expected: binding.purpose.as_str(),
+        }));
     }
     if plain.principal != binding.principal {
-        return Err(format!(
-            "{field}: was sealed for another principal, not {:?}",
-            binding.principal
-        ));
+        return Err(refuse(OpenProblem::Principal(binding.principal.to_owned())));
     }
     if plain.host != binding.host {
-        return Err(format!(
-            "{field}: was sealed for another host, not {}",
-            binding.host
-        ));
+        return Err(refuse(OpenProblem::Host(binding.host.to_owned())));
     }
     let text = plain.secret.trim();
     if text.is_empty() {
-        return Err(format!("{field}: the secret is empty"));
+        return Err(refuse(OpenProblem::Empty));
     }
     if text.len() > MAX_SECRET_LEN {
-        return Err(format!(
-            "{field}: the secret is longer than {MAX_SECRET_LEN} bytes"
-        ));
+        return Err(refuse(OpenProblem::TooLong));
     }
     if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "{field}: the secret contains whitespace or control characters"
-        ));
+        return Err(refuse(OpenProblem::Whitespace));
     }
     Ok(SecretString::from(text.to_owned()))
 }
@@ -224,7 +269,7 @@ mod tests {
             ),
         ];
         for (binding, needle) in replays {
-            let err = open(&key, &good, binding).expect_err(needle);
+            let err = open(&key, &good, binding).expect_err(needle).to_string();
             assert!(err.contains(needle), "{err}");
             assert!(!err.contains("ghp_"), "{err}");
         }
@@ -256,14 +301,22 @@ mod tests {
             ("inner space", raw(&key, json("ghp_a b").as_bytes()), "whitespace or control"),
         ];
         for (name, sealed, needle) in cases {
-            let err = open(&key, &sealed, PAT).expect_err(name);
+            let err = open(&key, &sealed, PAT).expect_err(name).to_string();
             assert!(err.starts_with("sealed_token: "), "{name}: {err}");
             assert!(err.contains(needle), "{name}: {err}");
             assert!(!err.contains("ghp_"), "{name}: {err}");
         }
         let long = seal(&key.public_key(), PAT, &"x".repeat(MAX_SECRET_LEN + 1)).expect("seal");
+        let err = open(&key, &long, PAT).expect_err("too long");
         assert_eq!(
-            open(&key, &long, PAT).expect_err("too long"),
+            err,
+            OpenError {
+                field: "sealed_token",
+                problem: OpenProblem::TooLong
+            }
+        );
+        assert_eq!(
+            err.to_string(),
             "sealed_token: the secret is longer than 4096 bytes"
         );
     }
@@ -289,7 +342,8 @@ mod tests {
                 ..binding
             },
         )
-        .expect_err("host");
+        .expect_err("host")
+        .to_string();
         assert!(
             err.starts_with("oauth.sealed_client_secret: was sealed for another host"),
             "{err}"

@@ -33,45 +33,229 @@ const AZURE_API_VERSION: &str = "7.1";
 /// within the origin, so no token or form body goes to another host.
 const MAX_REDIRECTS: usize = 5;
 
-/// Why a call to a provider failed. Messages never carry a secret or a
-/// response body.
+/// Why a call to a provider failed, or the client could not be built.
+/// Messages never carry a secret or a response body; an error names at
+/// most the host, the status code, a sanitised OAuth error code and what
+/// was looked up.
 #[derive(Debug, thiserror::Error)]
 pub enum ScmError {
-    /// The provider refused the token, or the OAuth client credentials
-    /// (401/403, or an `invalid_client` OAuth error).
-    #[error("{0}")]
-    Unauthorized(String),
-    /// The provider refused a code or refresh token with an OAuth error;
-    /// the message names only the error code.
-    #[error("{0}")]
-    Rejected(String),
+    /// The token holds characters an HTTP header cannot carry.
+    #[error("the token holds characters a header cannot carry")]
+    TokenNotHeaderSafe,
+    /// The provider refused the token (401/403, or Azure DevOps' 203).
+    #[error("the token was refused by {host} ({})", status.as_u16())]
+    TokenRefused {
+        /// Host and port.
+        host: String,
+        /// The answer's status.
+        status: StatusCode,
+    },
+    /// The token endpoint refused the client credentials with an OAuth
+    /// error (`invalid_client` and the like).
+    #[error("{host} refused the client credentials: {error}")]
+    ClientRefused {
+        /// Host and port.
+        host: String,
+        /// The sanitised OAuth error code.
+        error: String,
+    },
+    /// The token endpoint refused the client credentials with a status
+    /// (401/403) and no OAuth error.
+    #[error("the client credentials were refused by {host} ({})", status.as_u16())]
+    ClientStatus {
+        /// Host and port.
+        host: String,
+        /// The answer's status.
+        status: StatusCode,
+    },
+    /// The token endpoint refused the code or refresh token with an OAuth
+    /// error.
+    #[error("{host} refused the {grant}: {error}")]
+    GrantRefused {
+        /// Host and port.
+        host: String,
+        /// What was traded.
+        grant: Grant,
+        /// The sanitised OAuth error code.
+        error: String,
+    },
+    /// What was looked up does not exist, or the token may not see it (404).
+    #[error("{what} was not found on {host}")]
+    NotFound {
+        /// Host and port.
+        host: String,
+        /// The user, or the pull request of a repository.
+        what: String,
+    },
+    /// The token endpoint answered 404.
+    #[error("{host} has no OAuth token endpoint there")]
+    NoTokenEndpoint {
+        /// Host and port.
+        host: String,
+    },
+    /// An Azure DevOps owner that is not `organization/project`.
+    #[error("{owner} is not an Azure DevOps organization/project")]
+    NotAzureProject {
+        /// The owner given.
+        owner: String,
+    },
+    /// The request timed out.
+    #[error("the request to {host} timed out")]
+    Timeout {
+        /// Host and port.
+        host: String,
+    },
+    /// No connection could be made.
+    #[error("could not connect to {host}: {cause}")]
+    Connect {
+        /// Host and port.
+        host: String,
+        /// The innermost cause's message (a refused connection, a
+        /// certificate problem): it precedes sending anything, so it holds
+        /// no secret, and unlike the outer errors it does not name the URL.
+        cause: String,
+    },
+    /// The request failed after the connection was made.
+    #[error("the request to {host} failed")]
+    Request {
+        /// Host and port.
+        host: String,
+    },
+    /// The answer is larger than the client reads.
+    #[error("the answer from {host} is too large ({status})")]
+    TooLarge {
+        /// Host and port.
+        host: String,
+        /// The answer's status.
+        status: StatusCode,
+    },
+    /// The provider is rate limiting the client (403 with a rate-limit
+    /// header, or 429).
+    #[error("{host} is rate limiting ({})", status.as_u16())]
+    RateLimited {
+        /// Host and port.
+        host: String,
+        /// The answer's status.
+        status: StatusCode,
+    },
+    /// An unexpected status (5xx and the like).
+    #[error("{host} answered {}", status.as_u16())]
+    Status {
+        /// Host and port.
+        host: String,
+        /// The answer's status.
+        status: StatusCode,
+    },
+    /// A body that is not the JSON expected.
+    #[error("{host} answered {} with an unreadable body", status.as_u16())]
+    Unreadable {
+        /// Host and port.
+        host: String,
+        /// The answer's status.
+        status: StatusCode,
+    },
+    /// A user answer without a user name.
+    #[error("{host} answered without a user name")]
+    NoUserName {
+        /// Host and port.
+        host: String,
+    },
+    /// A pull request answer without a source branch.
+    #[error("{host} answered without a source branch")]
+    NoSourceBranch {
+        /// Host and port.
+        host: String,
+    },
+    /// A token answer without an access token.
+    #[error("{host} answered without an access token")]
+    NoAccessToken {
+        /// Host and port.
+        host: String,
+    },
+    /// A token that is not a bearer token.
+    #[error("{host} issued a token that is not a bearer token")]
+    NotBearer {
+        /// Host and port.
+        host: String,
+    },
+    /// The extra CA certificates are not PEM.
+    #[error("the extra CA certificates are not valid PEM")]
+    CaNotPem(#[source] rustls::pki_types::pem::Error),
+    /// An extra CA certificate was refused as a trust anchor.
+    #[error("an extra CA certificate was refused")]
+    CaRefused(#[source] rustls::Error),
+    /// The extra CA certificates hold no certificate.
+    #[error("the extra CA certificates hold no certificate")]
+    NoCa,
+    /// TLS could not be set up.
+    #[error("TLS setup failed")]
+    Tls(#[source] rustls::Error),
+    /// The HTTP client could not be built.
+    #[error("the HTTP client could not be built")]
+    Client(#[source] reqwest::Error),
+}
+
+/// What a failed call means for its caller, whichever the problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScmErrorKind {
+    /// The provider refused the token or the OAuth client credentials.
+    Unauthorized,
+    /// The provider refused a code or refresh token with an OAuth error.
+    Rejected,
     /// The user, repository or pull request does not exist, or the token
-    /// may not see it (404).
-    #[error("{0}")]
-    NotFound(String),
-    /// The provider could not be reached or answered unexpectedly: network
-    /// error, timeout, rate limit, 5xx, unreadable answer. Worth retrying.
-    #[error("{0}")]
-    Unavailable(String),
+    /// may not see it.
+    NotFound,
+    /// The provider could not be reached or answered unexpectedly (network
+    /// error, timeout, rate limit, 5xx, unreadable answer): worth retrying.
+    Unavailable,
     /// The client could not be built (bad extra CA certificates).
-    #[error("{0}")]
-    Config(String),
+    Config,
 }
 
 impl ScmError {
+    /// What the failure means for the caller.
+    pub fn kind(&self) -> ScmErrorKind {
+        match self {
+            Self::TokenNotHeaderSafe
+            | Self::TokenRefused { .. }
+            | Self::ClientRefused { .. }
+            | Self::ClientStatus { .. } => ScmErrorKind::Unauthorized,
+            Self::GrantRefused { .. } => ScmErrorKind::Rejected,
+            Self::NotFound { .. } | Self::NoTokenEndpoint { .. } | Self::NotAzureProject { .. } => {
+                ScmErrorKind::NotFound
+            }
+            Self::Timeout { .. }
+            | Self::Connect { .. }
+            | Self::Request { .. }
+            | Self::TooLarge { .. }
+            | Self::RateLimited { .. }
+            | Self::Status { .. }
+            | Self::Unreadable { .. }
+            | Self::NoUserName { .. }
+            | Self::NoSourceBranch { .. }
+            | Self::NoAccessToken { .. }
+            | Self::NotBearer { .. } => ScmErrorKind::Unavailable,
+            Self::CaNotPem(_)
+            | Self::CaRefused(_)
+            | Self::NoCa
+            | Self::Tls(_)
+            | Self::Client(_) => ScmErrorKind::Config,
+        }
+    }
+
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        self.kind() == ScmErrorKind::Unavailable
     }
 
     /// A low-cardinality label for metrics.
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Unauthorized(_) => "unauthorized",
-            Self::Rejected(_) => "rejected",
-            Self::NotFound(_) => "not_found",
-            Self::Unavailable(_) => "unavailable",
-            Self::Config(_) => "config",
+        match self.kind() {
+            ScmErrorKind::Unauthorized => "unauthorized",
+            ScmErrorKind::Rejected => "rejected",
+            ScmErrorKind::NotFound => "not_found",
+            ScmErrorKind::Unavailable => "unavailable",
+            ScmErrorKind::Config => "config",
         }
     }
 }
@@ -112,19 +296,21 @@ struct Reply {
     body: Vec<u8>,
 }
 
-/// Which OAuth grant a token request carries, for messages.
-#[derive(Clone, Copy)]
-enum Grant {
+/// Which OAuth grant a token request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// An authorization code.
     Code,
+    /// A refresh token.
     Refresh,
 }
 
-impl Grant {
-    fn noun(self) -> &'static str {
-        match self {
+impl std::fmt::Display for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
             Self::Code => "code",
             Self::Refresh => "refresh token",
-        }
+        })
     }
 }
 
@@ -145,26 +331,18 @@ impl ScmClient {
         if let Some(pem) = extra_ca_pem {
             let mut added = 0_usize;
             for cert in CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|err| {
-                    ScmError::Config(format!(
-                        "the extra CA certificates are not valid PEM: {err}"
-                    ))
-                })?;
-                roots.add(cert).map_err(|err| {
-                    ScmError::Config(format!("an extra CA certificate was refused: {err}"))
-                })?;
+                let cert = cert.map_err(ScmError::CaNotPem)?;
+                roots.add(cert).map_err(ScmError::CaRefused)?;
                 added += 1;
             }
             if added == 0 {
-                return Err(ScmError::Config(
-                    "the extra CA certificates hold no certificate".to_owned(),
-                ));
+                return Err(ScmError::NoCa);
             }
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|err| ScmError::Config(format!("TLS setup failed: {err}")))?
+            .map_err(ScmError::Tls)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let mut http = reqwest::Client::builder();
@@ -188,9 +366,7 @@ impl ScmClient {
                 }
             }))
             .build()
-            .map_err(|err| {
-                ScmError::Config(format!("the HTTP client could not be built: {err}"))
-            })?;
+            .map_err(ScmError::Client)?;
         Ok(Self { http })
     }
 
@@ -208,8 +384,7 @@ impl ScmClient {
         let reply = self.send(request, &host).await?;
         check_api_status(&reply, &host, "the user")?;
         let body = json(&reply, &host)?;
-        username(kind, &body)
-            .ok_or_else(|| ScmError::Unavailable(format!("{host} answered without a user name")))
+        username(kind, &body).ok_or(ScmError::NoUserName { host })
     }
 
     /// Exchanges an authorization code for tokens at `endpoints.token`.
@@ -292,9 +467,7 @@ impl ScmClient {
             &format!("pull request {number} of {owner}/{repository}"),
         )?;
         let body = json(&reply, &host)?;
-        pull_request_source(kind, &body).ok_or_else(|| {
-            ScmError::Unavailable(format!("{host} answered without a source branch"))
-        })
+        pull_request_source(kind, &body).ok_or(ScmError::NoSourceBranch { host })
     }
 
     /// A GET presenting `token` for API use.
@@ -311,9 +484,7 @@ impl ScmClient {
             token.expose_secret(),
             Purpose::Api,
         ))
-        .map_err(|_| {
-            ScmError::Unauthorized("the token holds characters a header cannot carry".to_owned())
-        })?;
+        .map_err(|_| ScmError::TokenNotHeaderSafe)?;
         credentials.set_sensitive(true);
         let request = self.http.get(url).header(AUTHORIZATION, credentials);
         Ok(match kind {
@@ -366,9 +537,10 @@ impl ScmClient {
             .map_err(|err| transport(host, &err))?
         {
             if body.len() + chunk.len() > MAX_BODY {
-                return Err(ScmError::Unavailable(format!(
-                    "the answer from {host} is too large ({status})"
-                )));
+                return Err(ScmError::TooLarge {
+                    host: host.to_owned(),
+                    status,
+                });
             }
             body.extend_from_slice(&chunk);
         }
@@ -392,17 +564,21 @@ fn display_host(url: &Url) -> String {
 /// An Unavailable error for a failed exchange. Only a connection error's
 /// cause is named: it precedes sending anything, so it holds no secret.
 fn transport(host: &str, err: &reqwest::Error) -> ScmError {
+    let host = host.to_owned();
     if err.is_timeout() {
-        return ScmError::Unavailable(format!("the request to {host} timed out"));
+        return ScmError::Timeout { host };
     }
     if err.is_connect() {
         let mut cause: &dyn std::error::Error = err;
         while let Some(source) = cause.source() {
             cause = source;
         }
-        return ScmError::Unavailable(format!("could not connect to {host}: {cause}"));
+        return ScmError::Connect {
+            host,
+            cause: cause.to_string(),
+        };
     }
-    ScmError::Unavailable(format!("the request to {host} failed"))
+    ScmError::Request { host }
 }
 
 /// Whether the answer says the client is being rate limited (GitHub answers
@@ -417,45 +593,44 @@ fn rate_limited(headers: &HeaderMap) -> bool {
 /// Classifies an API answer's status; `what` names the thing looked up.
 fn check_api_status(reply: &Reply, host: &str, what: &str) -> Result<(), ScmError> {
     let status = reply.status;
-    let code = status.as_u16();
+    let host = host.to_owned();
     // Azure DevOps answers a refused token with 203 and a sign-in page.
     if status == StatusCode::NON_AUTHORITATIVE_INFORMATION {
-        return Err(ScmError::Unauthorized(format!(
-            "the token was refused by {host} ({code})"
-        )));
+        return Err(ScmError::TokenRefused { host, status });
     }
     if status.is_success() {
         return Ok(());
     }
     Err(match status {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if !reply.rate_limited => {
-            ScmError::Unauthorized(format!("the token was refused by {host} ({code})"))
+            ScmError::TokenRefused { host, status }
         }
-        StatusCode::NOT_FOUND => ScmError::NotFound(format!("{what} was not found on {host}")),
+        StatusCode::NOT_FOUND => ScmError::NotFound {
+            host,
+            what: what.to_owned(),
+        },
         StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS => {
-            ScmError::Unavailable(format!("{host} is rate limiting ({code})"))
+            ScmError::RateLimited { host, status }
         }
-        _ => ScmError::Unavailable(format!("{host} answered {code}")),
+        _ => ScmError::Status { host, status },
     })
 }
 
 /// The answer's body as JSON.
 fn json(reply: &Reply, host: &str) -> Result<Value, ScmError> {
     // serde's message may quote the body, so it is dropped.
-    serde_json::from_slice(&reply.body).map_err(|_| {
-        ScmError::Unavailable(format!(
-            "{host} answered {} with an unreadable body",
-            reply.status.as_u16()
-        ))
+    serde_json::from_slice(&reply.body).map_err(|_| ScmError::Unreadable {
+        host: host.to_owned(),
+        status: reply.status,
     })
 }
 
 /// The tokens in a token endpoint's answer, or the error it names.
 fn token_set(reply: &Reply, host: &str, grant: Grant) -> Result<TokenSet, ScmError> {
     let status = reply.status;
-    let code = status.as_u16();
+    let host = host.to_owned();
     if status.is_server_error() {
-        return Err(ScmError::Unavailable(format!("{host} answered {code}")));
+        return Err(ScmError::Status { host, status });
     }
     let body = serde_json::from_slice::<Value>(&reply.body).ok();
     // GitHub reports OAuth errors with 200; the others with 400 or 401.
@@ -463,26 +638,22 @@ fn token_set(reply: &Reply, host: &str, grant: Grant) -> Result<TokenSet, ScmErr
         let error = oauth_error_code(error);
         return Err(match error.as_str() {
             "invalid_client" | "incorrect_client_credentials" | "unauthorized_client" => {
-                ScmError::Unauthorized(format!("{host} refused the client credentials: {error}"))
+                ScmError::ClientRefused { host, error }
             }
-            _ => ScmError::Rejected(format!("{host} refused the {}: {error}", grant.noun())),
+            _ => ScmError::GrantRefused { host, grant, error },
         });
     }
     if !status.is_success() {
         return Err(match status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ScmError::Unauthorized(format!(
-                "the client credentials were refused by {host} ({code})"
-            )),
-            StatusCode::NOT_FOUND => {
-                ScmError::NotFound(format!("{host} has no OAuth token endpoint there"))
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                ScmError::ClientStatus { host, status }
             }
-            _ => ScmError::Unavailable(format!("{host} answered {code}")),
+            StatusCode::NOT_FOUND => ScmError::NoTokenEndpoint { host },
+            _ => ScmError::Status { host, status },
         });
     }
     let Some(body) = body else {
-        return Err(ScmError::Unavailable(format!(
-            "{host} answered {code} with an unreadable body"
-        )));
+        return Err(ScmError::Unreadable { host, status });
     };
     let secret = |field: &str| {
         body.get(field)
@@ -490,14 +661,13 @@ fn token_set(reply: &Reply, host: &str, grant: Grant) -> Result<TokenSet, ScmErr
             .filter(|value| !value.is_empty())
             .map(|value| SecretString::from(value.to_owned()))
     };
-    let access_token = secret("access_token")
-        .ok_or_else(|| ScmError::Unavailable(format!("{host} answered without an access token")))?;
+    let Some(access_token) = secret("access_token") else {
+        return Err(ScmError::NoAccessToken { host });
+    };
     if let Some(token_type) = body.get("token_type").and_then(Value::as_str)
         && !token_type.eq_ignore_ascii_case("bearer")
     {
-        return Err(ScmError::Unavailable(format!(
-            "{host} issued a token that is not a bearer token"
-        )));
+        return Err(ScmError::NotBearer { host });
     }
     let expires_in = match body.get("expires_in") {
         Some(Value::Number(seconds)) => seconds.as_u64(),
@@ -591,9 +761,9 @@ fn pull_request_url(
                 .split_once('/')
                 .filter(|(organization, project)| !organization.is_empty() && !project.is_empty())
             else {
-                return Err(ScmError::NotFound(format!(
-                    "{owner} is not an Azure DevOps organization/project"
-                )));
+                return Err(ScmError::NotAzureProject {
+                    owner: owner.to_owned(),
+                });
             };
             let mut url = join(
                 api,

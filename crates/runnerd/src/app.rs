@@ -34,7 +34,7 @@ use crate::grpc::{self, Auth, GrpcControlPlane};
 use crate::health::{self, Health, chain};
 use crate::informer::Informer;
 use crate::scm::Scm;
-use crate::session::{ScmEvent, Session, SessionError};
+use crate::session::{Session, SessionError};
 use crate::supervisor::{Fatal, Supervisor};
 use crate::telemetry::{InstrumentedCompute, Metrics};
 
@@ -89,8 +89,8 @@ pub enum AppError {
     #[error("control-plane session")]
     Session(#[source] SessionError),
     /// The SCM HTTP client could not be configured.
-    #[error("SCM client: {0}")]
-    Scm(String),
+    #[error("SCM client")]
+    Scm(#[source] runner_scm::ScmError),
     /// A task that must run for the daemon's life ended.
     #[error("critical task {task} ended: {reason}")]
     TaskEnded {
@@ -207,7 +207,7 @@ pub async fn run_with(
         &format!("aws-runner/{}", crate::session::VERSION),
         &config.scm_resolve,
     )
-    .map_err(|e| AppError::Scm(e.to_string()))?;
+    .map_err(AppError::Scm)?;
     let scm = Arc::new(Scm::new(
         deps.tokens.clone(),
         deps.environment_secrets.clone(),
@@ -339,7 +339,7 @@ pub async fn run_with(
 
     spawn_critical(
         "scm-sync",
-        Box::pin(scm_sync(
+        Box::pin(crate::scm::scm_sync(
             scm.clone(),
             grpc_control_plane.clone(),
             scm_events_rx,
@@ -574,79 +574,4 @@ fn zones(subnets: &[Subnet]) -> Vec<String> {
     zones.sort();
     zones.dedup();
     zones
-}
-
-/// Keeps the SCM integrations in sync (on every event, reconnect and
-/// resync) and applies their revocations; deletes tokens on request. A
-/// failed sync or deletion is retried with backoff, without end: the next
-/// full sync deletes whatever a failed or missed deletion left.
-async fn scm_sync(
-    scm: Arc<Scm>,
-    control_plane: GrpcControlPlane,
-    mut events: mpsc::Receiver<ScmEvent>,
-    resync: Duration,
-    shutdown: CancellationToken,
-) {
-    let backoff = Backoff {
-        base: Duration::from_millis(500),
-        max: Duration::from_secs(60),
-    };
-    let mut failures = 0u32;
-    let mut next = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep_until(next) => {}
-            event = events.recv() => match event {
-                None => return,
-                Some(ScmEvent::Resync) => {}
-                Some(ScmEvent::TokenDeleted { principal, host }) => {
-                    if let Err(err) = scm.delete_tokens(&principal, &host).await {
-                        // The control plane no longer lists the pair: a
-                        // full sync deletes it.
-                        tracing::warn!(error = %chain(&err), host = %host, "cannot delete the user's tokens now; a sync will");
-                    } else {
-                        continue;
-                    }
-                }
-            },
-        }
-        let listed_at = std::time::SystemTime::now();
-        let result = match (
-            control_plane.list_integrations().await,
-            control_plane.list_host_tokens().await,
-        ) {
-            (Ok(list), Ok(authenticated)) => {
-                let listed = list.len();
-                let integrations = list
-                    .into_iter()
-                    .filter_map(|i| {
-                        crate::scm::integration_from_proto(i)
-                            .map_err(|problem| tracing::warn!(problem = %problem, "skipping a malformed SCM integration"))
-                            .ok()
-                    })
-                    .collect::<Vec<_>>();
-                let count = integrations.len();
-                // A malformed integration's tokens must not look revoked.
-                let authenticated = (count == listed).then_some(authenticated);
-                scm.sync(integrations, authenticated, listed_at)
-                    .await
-                    .map(|revoked| (count, revoked))
-                    .map_err(|e| chain(&e))
-            }
-            (Err(err), _) | (_, Err(err)) => Err(err.to_string()),
-        };
-        match result {
-            Ok((integrations, revoked)) => {
-                failures = 0;
-                tracing::debug!(integrations, revoked, "SCM integrations synced");
-                next = tokio::time::Instant::now() + resync;
-            }
-            Err(problem) => {
-                failures = failures.saturating_add(1);
-                tracing::warn!(error = %problem, "cannot sync the SCM integrations; retrying");
-                next = tokio::time::Instant::now() + backoff.full_jitter(failures);
-            }
-        }
-    }
 }

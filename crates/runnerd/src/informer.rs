@@ -19,7 +19,7 @@ use runner_core::observer::Observer;
 use runner_core::orphans::{OrphanPolicy, sweep};
 use runner_core::reconcile::Context;
 use runner_core::scheduler::Queue;
-use runner_core::traits::ControlPlane;
+use runner_core::traits::{ComputeError, ControlPlane, ControlPlaneError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -64,12 +64,12 @@ const RETRY: Backoff = Backoff {
 /// Why a full sync did not complete.
 #[derive(Debug, thiserror::Error)]
 enum SyncError {
-    #[error("list environment classes: {0}")]
-    Classes(String),
-    #[error("list environments: {0}")]
-    Environments(String),
-    #[error("observe instances: {0}")]
-    Observe(String),
+    #[error("list environment classes")]
+    Classes(#[source] ControlPlaneError),
+    #[error("list environments")]
+    Environments(#[source] ControlPlaneError),
+    #[error("observe instances")]
+    Observe(#[source] ComputeError),
 }
 
 impl Informer {
@@ -100,7 +100,7 @@ impl Informer {
                     Err(err) => {
                         failures = failures.saturating_add(1);
                         next_resync = tokio::time::Instant::now() + RETRY.equal_jitter(failures);
-                        tracing::warn!(error = %err, "full sync failed; retrying");
+                        tracing::warn!(error = %chain(&err), "full sync failed; retrying");
                     }
                 }
             }
@@ -121,16 +121,13 @@ impl Informer {
             .control_plane
             .list_classes()
             .await
-            .map_err(|e| SyncError::Classes(e.to_string()))?;
+            .map_err(SyncError::Classes)?;
         let environments = self
             .control_plane
             .list_environments()
             .await
-            .map_err(|e| SyncError::Environments(e.to_string()))?;
-        self.observer
-            .refresh()
-            .await
-            .map_err(|e| SyncError::Observe(chain(&e)))?;
+            .map_err(SyncError::Environments)?;
+        self.observer.refresh().await.map_err(SyncError::Observe)?;
         self.desired.set_classes(classes);
         let listed: HashSet<EnvironmentId> = environments.iter().map(|e| e.id).collect();
         let count = environments.len();
