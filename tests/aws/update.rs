@@ -255,7 +255,7 @@ impl Ecs {
     }
 
     fn attempts(&self) -> Arc<dyn Attempts> {
-        Arc::new(runner_aws::ecs::DynamoAttempts::new(
+        Arc::new(runner_aws::dynamo::DynamoAttempts::new(
             aws_sdk_dynamodb::Client::new(&self.through),
             &self.infra.table,
             &self.infra.runner_id,

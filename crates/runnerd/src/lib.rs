@@ -128,7 +128,7 @@ pub fn aws_extras(
         ))),
         self_update: deployer.map(|deployer| update::SelfUpdate {
             deployer,
-            attempts: std::sync::Arc::new(runner_aws::ecs::DynamoAttempts::new(
+            attempts: std::sync::Arc::new(runner_aws::dynamo::DynamoAttempts::new(
                 aws_sdk_dynamodb::Client::new(sdk),
                 &config.table,
                 &config.runner_id,
