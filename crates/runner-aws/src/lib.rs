@@ -1,20 +1,27 @@
 //! AWS adapters for the runner's core traits: the DynamoDB state store,
 //! leader lease and token store, EC2 compute, the Secrets Manager credential
 //! store and per-environment secrets, KMS envelope encryption, and
-//! self-update through ECS.
+//! self-update through ECS; and the setup checks of the account
+//! (`probes`), which `runnerd doctor` and the daemon's start run.
 //!
 //! Adapters translate and classify errors once; they never decide policy.
-//! Every client is pinned to the configured region. `AWS_ENDPOINT_URL` (as the
-//! SDK reads it) points them at emulated AWS in tests.
+//! Every client is pinned to the configured region. `AWS_ENDPOINT_URL` (as
+//! the SDK reads it) points them at emulated AWS in tests.
 
 pub mod dynamo;
 pub mod ec2;
 pub mod ecs;
 pub mod envelope;
+pub mod error;
+pub mod probes;
 pub mod secrets;
 pub mod tokens;
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
+use std::sync::Arc;
+
+pub use aws_config::SdkConfig;
+use aws_config::{BehaviorVersion, Region};
+use runner_core::leader::Leadership;
 
 /// The shared SDK configuration, pinned to `region`.
 pub async fn sdk_config(region: &str) -> SdkConfig {
@@ -23,10 +30,6 @@ pub async fn sdk_config(region: &str) -> SdkConfig {
         .load()
         .await
 }
-
-use std::sync::Arc;
-
-use runner_core::leader::Leadership;
 
 /// Where the runner's AWS resources are.
 #[derive(Debug, Clone)]
