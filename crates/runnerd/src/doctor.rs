@@ -485,7 +485,7 @@ impl Doctor {
 /// JSON) and returns 0 when no check failed, 1 otherwise.
 pub async fn command(config: Config, json: bool) -> std::process::ExitCode {
     let sdk = runner_aws::sdk_config(&config.region).await;
-    let deployer = crate::ecs_metadata_uri().map(|uri| crate::ecs_deployer(&sdk, &uri));
+    let deployer = crate::ecs_metadata_uri().map(|uri| runner_aws::ecs_deployer(&sdk, &uri));
     let report = Doctor::new(&sdk, &config, deployer).run().await;
     if json {
         match serde_json::to_string_pretty(&report) {
