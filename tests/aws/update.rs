@@ -255,16 +255,12 @@ impl Ecs {
     }
 
     fn attempts(&self) -> Arc<dyn Attempts> {
-        Arc::new(runner_aws::ecs::DynamoAttempts::new(
-            aws_sdk_dynamodb::Client::new(&self.through),
-            &self.infra.table,
-            &self.infra.runner_id,
-        ))
+        runner_aws::update_attempts(&self.through, &self.infra.table, &self.infra.runner_id)
     }
 
     fn parts(&self) -> SelfUpdate {
         SelfUpdate {
-            deployer: runnerd::ecs_deployer(&self.through, &self.metadata_url),
+            deployer: runner_aws::ecs_deployer(&self.through, &self.metadata_url),
             attempts: self.attempts(),
             running: "0.1.0".into(),
         }

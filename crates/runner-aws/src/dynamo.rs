@@ -1,8 +1,11 @@
-//! The DynamoDB state store and leader lease, in one table.
+//! The DynamoDB state store, leader lease and self-update attempt record,
+//! in one table.
 //!
 //! Keys (single-table design, documented in ARCHITECTURE.md):
 //! - `pk = RUNNER#<runner id>`, `sk = ENV#<environment id>`: an environment record;
-//! - `pk = RUNNER#<runner id>`, `sk = LEASE#0`: the leader lease.
+//! - `pk = RUNNER#<runner id>`, `sk = LEASE#0`: the leader lease;
+//! - `pk = RUNNER#<runner id>`, `sk = UPDATE#0`: the self-update attempt
+//!   ([`DynamoAttempts`], in `attempts`).
 //!
 //! Every item carries `schema_version` and `version`. Every record write is a
 //! transaction of two parts: a condition check that the lease is still held
@@ -25,6 +28,9 @@ use aws_sdk_dynamodb::types::{
 use runner_core::leader::{Leadership, Lease, Term};
 use runner_core::model::{EnvironmentId, LaunchIntent, LaunchState, Record, Subnet};
 use runner_core::traits::{StateStore, StoreError};
+
+mod attempts;
+pub use attempts::DynamoAttempts;
 
 /// The schema version written on every item.
 pub const SCHEMA_VERSION: u64 = 1;

@@ -29,6 +29,9 @@ use runner_core::model::{EnvironmentId, Instance, InstanceState, Revision, Subne
 use runner_core::traits::{Compute, ComputeError, LaunchRequest};
 use runner_core::validate;
 
+use crate::error::{AwsError, transient_code};
+use crate::probes::placement::Placement;
+
 /// Tag: the runner that owns the instance.
 pub const TAG_RUNNER: &str = "aws-runner:runner-id";
 /// Tag: the environment the instance belongs to.
@@ -107,28 +110,7 @@ const DEFAULT_ROOT_DEVICE: &str = "/dev/xvda";
 fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
     err: aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
 ) -> ComputeError {
-    let code = err
-        .as_service_error()
-        .and_then(|e| e.code())
-        .map(str::to_owned);
-    let message = err
-        .as_service_error()
-        .and_then(|e| e.message())
-        .unwrap_or_default()
-        .to_owned();
-    match code.as_deref() {
-        None => ComputeError::Unavailable(Box::new(err)),
-        Some(c)
-            if c.starts_with("RequestLimitExceeded")
-                || c.contains("Throttl")
-                || c.starts_with("Unavailable")
-                || c == "InternalError"
-                || c == "ServiceUnavailable" =>
-        {
-            ComputeError::Unavailable(Box::new(err))
-        }
-        Some(c) => ComputeError::Rejected(format!("{c}: {message}")),
-    }
+    AwsError::new(err).into()
 }
 
 /// Whether another attempt of the same request may succeed: throttling,
@@ -136,16 +118,9 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>
 fn transient<E: ProvideErrorMetadata>(
     err: &aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
 ) -> bool {
-    match err.as_service_error().and_then(|e| e.code()) {
-        None => true,
-        Some(c) => {
-            c.starts_with("RequestLimitExceeded")
-                || c.contains("Throttl")
-                || c.starts_with("Unavailable")
-                || c == "InternalError"
-                || c == "ServiceUnavailable"
-        }
-    }
+    err.as_service_error()
+        .and_then(|e| e.code())
+        .is_none_or(transient_code)
 }
 
 /// The instance profile by ARN or by name.
@@ -665,110 +640,16 @@ impl Compute for Ec2Compute {
     }
 
     async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError> {
-        self.describes.until_ready().await;
-        let vpcs = self
-            .client
-            .describe_vpcs()
-            .vpc_ids(&self.settings.vpc_id)
-            .send()
-            .await;
-        match vpcs {
-            Ok(output) if !output.vpcs().is_empty() => {}
-            Ok(_) => {
-                return Err(ComputeError::Rejected(format!(
-                    "VPC {} does not exist in {}",
-                    self.settings.vpc_id, self.settings.region
-                )));
-            }
-            Err(err)
-                if err
-                    .as_service_error()
-                    .and_then(|e| e.code())
-                    .is_some_and(|c| c.starts_with("InvalidVpcID")) =>
-            {
-                return Err(ComputeError::Rejected(format!(
-                    "VPC {} does not exist in {}",
-                    self.settings.vpc_id, self.settings.region
-                )));
-            }
-            Err(err) => return Err(classify(err)),
+        Placement {
+            client: &self.client,
+            region: &self.settings.region,
+            vpc_id: &self.settings.vpc_id,
+            security_group_id: &self.settings.security_group_id,
+            bucket: Some(&self.describes),
         }
-        self.describes.until_ready().await;
-        let groups = self
-            .client
-            .describe_security_groups()
-            .group_ids(&self.settings.security_group_id)
-            .send()
-            .await;
-        match groups {
-            Ok(output) => {
-                let vpc = output
-                    .security_groups()
-                    .first()
-                    .and_then(|g| g.vpc_id())
-                    .map(str::to_owned);
-                if vpc.as_deref() != Some(self.settings.vpc_id.as_str()) {
-                    return Err(ComputeError::Rejected(format!(
-                        "security group {} is not in VPC {}",
-                        self.settings.security_group_id, self.settings.vpc_id
-                    )));
-                }
-            }
-            Err(err)
-                if err
-                    .as_service_error()
-                    .and_then(|e| e.code())
-                    .is_some_and(|c| c.starts_with("InvalidGroup")) =>
-            {
-                return Err(ComputeError::Rejected(format!(
-                    "security group {} does not exist",
-                    self.settings.security_group_id
-                )));
-            }
-            Err(err) => return Err(classify(err)),
-        }
-        let mut out = Vec::new();
-        for id in ids {
-            self.describes.until_ready().await;
-            let described = self.client.describe_subnets().subnet_ids(id).send().await;
-            let subnet = match described {
-                Ok(output) => output.subnets().first().cloned(),
-                Err(err)
-                    if err
-                        .as_service_error()
-                        .and_then(|e| e.code())
-                        .is_some_and(|c| c.starts_with("InvalidSubnetID")) =>
-                {
-                    None
-                }
-                Err(err) => return Err(classify(err)),
-            };
-            let subnet = subnet.ok_or_else(|| {
-                ComputeError::Rejected(format!(
-                    "subnet {id} does not exist in {}",
-                    self.settings.region
-                ))
-            })?;
-            if subnet.vpc_id() != Some(self.settings.vpc_id.as_str()) {
-                return Err(ComputeError::Rejected(format!(
-                    "subnet {id} is in VPC {}, not in the configured {}",
-                    subnet.vpc_id().unwrap_or("?"),
-                    self.settings.vpc_id
-                )));
-            }
-            let zone = subnet.availability_zone().unwrap_or_default().to_owned();
-            if !zone.starts_with(&self.settings.region) {
-                return Err(ComputeError::Rejected(format!(
-                    "subnet {id} is in {zone}, outside {}",
-                    self.settings.region
-                )));
-            }
-            out.push(Subnet {
-                id: id.clone(),
-                availability_zone: zone,
-            });
-        }
-        Ok(out)
+        .subnets(ids)
+        .await
+        .map_err(ComputeError::from)
     }
 
     async fn offered_zones(&self, instance_type: &str) -> Result<Vec<String>, ComputeError> {

@@ -1,20 +1,29 @@
 //! AWS adapters for the runner's core traits: the DynamoDB state store,
 //! leader lease and token store, EC2 compute, the Secrets Manager credential
 //! store and per-environment secrets, KMS envelope encryption, and
-//! self-update through ECS.
+//! self-update through ECS; and the setup checks of the account
+//! (`probes`), which `runnerd doctor` and the daemon's start run.
 //!
 //! Adapters translate and classify errors once; they never decide policy.
-//! Every client is pinned to the configured region. `AWS_ENDPOINT_URL` (as the
-//! SDK reads it) points them at emulated AWS in tests.
+//! Every client is pinned to the configured region, and built here: the
+//! daemon links no AWS service crate. `AWS_ENDPOINT_URL` (as the SDK reads
+//! it) points them at emulated AWS in tests.
 
 pub mod dynamo;
 pub mod ec2;
 pub mod ecs;
 pub mod envelope;
+pub mod error;
+pub mod probes;
 pub mod secrets;
 pub mod tokens;
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
+use std::sync::Arc;
+
+pub use aws_config::SdkConfig;
+use aws_config::{BehaviorVersion, Region};
+use runner_core::leader::Leadership;
+use runner_core::update::{Attempts, Deployer};
 
 /// The shared SDK configuration, pinned to `region`.
 pub async fn sdk_config(region: &str) -> SdkConfig {
@@ -23,10 +32,6 @@ pub async fn sdk_config(region: &str) -> SdkConfig {
         .load()
         .await
 }
-
-use std::sync::Arc;
-
-use runner_core::leader::Leadership;
 
 /// Where the runner's AWS resources are.
 #[derive(Debug, Clone)]
@@ -102,4 +107,22 @@ pub fn adapters(
             &settings.ec2.region,
         )),
     }
+}
+
+/// The runner's own ECS service, found from the task metadata at
+/// `metadata_uri` (self-update).
+pub fn ecs_deployer(sdk: &SdkConfig, metadata_uri: &str) -> Arc<dyn Deployer> {
+    Arc::new(ecs::EcsDeployer::new(
+        aws_sdk_ecs::Client::new(sdk),
+        metadata_uri,
+    ))
+}
+
+/// The self-update attempt record of `runner_id` in `table`.
+pub fn update_attempts(sdk: &SdkConfig, table: &str, runner_id: &str) -> Arc<dyn Attempts> {
+    Arc::new(dynamo::DynamoAttempts::new(
+        aws_sdk_dynamodb::Client::new(sdk),
+        table,
+        runner_id,
+    ))
 }

@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod desired;
+pub mod error;
 pub mod leader;
 pub mod model;
 pub mod observer;

@@ -4,21 +4,19 @@
 //! until they pass; failures show as DEGRADED with the failing check's
 //! message.
 //!
-//! Checks are read-only: the launch check is a `DryRun` RunInstances, the key
-//! check makes a data key it throws away, the secret is read but never shown,
-//! and the control-plane check uses the stored access token (never the
-//! single-use exchange token). A check that needs a failed one is skipped.
+//! The AWS checks are `runner_aws::probes`; this module adds the
+//! control-plane checks (with the stored access token, never the single-use
+//! exchange token) and self-update's, and renders the report. A check that
+//! needs a failed one is skipped.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_ec2::types::{ImageState, Tag};
-use runner_aws::ec2::{TAG_ATTEMPT, TAG_ENVIRONMENT, TAG_MANAGED_BY, TAG_RUNNER};
+use runner_aws::SdkConfig;
+use runner_aws::probes::{Finding, Findings, Outcome, ProbeSettings, Probes, fail};
 use runner_core::backoff::Backoff;
-use runner_core::traits::{Credentials, SecretError, SecretStore as _};
+use runner_core::traits::Credentials;
 use runner_core::update::{Deployer, UpdateError};
 use runner_proto::pb::{self, runner_service_client::RunnerServiceClient};
 use serde::Serialize;
@@ -28,17 +26,6 @@ use crate::config::Config;
 use crate::grpc::{self, Auth};
 use crate::health::{Health, chain, one_line};
 use crate::session::VERSION;
-
-/// Longest one check may take.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
-/// The instance type of the dry-run launch (offered in every region), unless
-/// the runner allows only some types: then the first of those.
-const DRY_RUN_TYPE: &str = "t3.micro";
-/// The dry-run root disk when the AMI does not say.
-const DRY_RUN_DISK_GIB: i32 = 30;
-
-/// The AMI's root device and its size (GiB), for the dry-run launch.
-type RootDevice = Option<(String, Option<i32>)>;
 
 /// A check's result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -130,86 +117,26 @@ impl Report {
     }
 }
 
-/// What one check found.
-enum Outcome {
-    Pass(String),
-    Fail(String, String),
-    Skip(String),
-}
-
-fn fail(message: impl Into<String>, hint: impl Into<String>) -> Outcome {
-    Outcome::Fail(message.into(), hint.into())
-}
-
-#[derive(Default)]
-struct Checks(Vec<Check>);
-
-impl Checks {
-    fn record(&mut self, name: &str, outcome: Outcome) -> bool {
-        let (status, message, hint) = match outcome {
-            Outcome::Pass(m) => (Status::Pass, m, None),
-            Outcome::Fail(m, h) => (Status::Fail, m, Some(h)),
-            Outcome::Skip(m) => (Status::Skip, m, None),
+impl From<Finding> for Check {
+    fn from(finding: Finding) -> Self {
+        let (status, message, hint) = match finding.outcome {
+            Outcome::Pass(message) => (Status::Pass, message, None),
+            Outcome::Fail { message, hint } => (Status::Fail, message, Some(hint)),
+            Outcome::Skip(message) => (Status::Skip, message, None),
         };
-        self.0.push(Check {
-            name: name.to_owned(),
+        Self {
+            name: finding.name,
             status,
             message,
             hint,
-        });
-        status == Status::Pass
-    }
-
-    async fn run(&mut self, name: &str, check: impl Future<Output = Outcome>) -> bool {
-        let outcome = tokio::time::timeout(CHECK_TIMEOUT, check)
-            .await
-            .unwrap_or_else(|_| {
-                fail(
-                    format!("no answer within {} s", CHECK_TIMEOUT.as_secs()),
-                    "the runner cannot reach the service: its subnets need a route to the internet (NAT) or VPC endpoints",
-                )
-            });
-        self.record(name, outcome)
-    }
-
-    fn status(&self, name: &str) -> Option<Status> {
-        self.0.iter().find(|c| c.name == name).map(|c| c.status)
-    }
-}
-
-/// An AWS error as `(code, "Code: message")`; the code is empty when the
-/// service never answered (no credentials, network).
-fn aws_error<E, R>(err: &SdkError<E, R>) -> (String, String)
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    match err.as_service_error() {
-        Some(e) => {
-            let code = e.code().unwrap_or("error").to_owned();
-            let text = match e.message() {
-                Some(message) if !message.is_empty() => format!("{code}: {message}"),
-                _ => code.clone(),
-            };
-            (code, text)
         }
-        None => (String::new(), chain(err)),
     }
-}
-
-fn denied(code: &str) -> bool {
-    code.contains("AccessDenied") || code.contains("UnauthorizedOperation")
 }
 
 /// The checks, built on one SDK configuration.
 pub struct Doctor {
     config: Config,
-    sts: aws_sdk_sts::Client,
-    ec2: aws_sdk_ec2::Client,
-    dynamodb: aws_sdk_dynamodb::Client,
-    iam: aws_sdk_iam::Client,
-    kms: aws_sdk_kms::Client,
-    secrets: runner_aws::secrets::SecretsManagerStore,
+    probes: Probes,
     deployer: Option<Arc<dyn Deployer>>,
 }
 
@@ -221,26 +148,32 @@ impl std::fmt::Debug for Doctor {
     }
 }
 
+/// What the AWS checks look at, from `config`.
+fn probe_settings(config: &Config) -> ProbeSettings {
+    let placement = &config.placement;
+    ProbeSettings {
+        runner_id: config.runner_id.clone(),
+        region: config.region.clone(),
+        table: config.table.clone(),
+        vpc_id: placement.vpc_id.clone(),
+        subnet_ids: placement.subnet_ids.clone(),
+        security_group_id: placement.security_group_id.clone(),
+        instance_profile: placement.instance_profile.clone(),
+        ami: placement.ami.clone(),
+        instance_type: placement.allowed_instance_types.types().first().cloned(),
+        kms_key_id: config.kms_key_id.clone(),
+        secret_id: config.secret_id.clone(),
+        exchange_token_secret_id: config.exchange_token_secret_id.clone(),
+    }
+}
+
 impl Doctor {
     /// The checks of `config`; `deployer` is the runner's ECS service when it
     /// runs in an ECS task.
-    pub fn new(
-        sdk: &aws_config::SdkConfig,
-        config: &Config,
-        deployer: Option<Arc<dyn Deployer>>,
-    ) -> Self {
+    pub fn new(sdk: &SdkConfig, config: &Config, deployer: Option<Arc<dyn Deployer>>) -> Self {
         Self {
             config: config.clone(),
-            sts: aws_sdk_sts::Client::new(sdk),
-            ec2: aws_sdk_ec2::Client::new(sdk),
-            dynamodb: aws_sdk_dynamodb::Client::new(sdk),
-            iam: aws_sdk_iam::Client::new(sdk),
-            kms: aws_sdk_kms::Client::new(sdk),
-            secrets: runner_aws::secrets::SecretsManagerStore::new(
-                aws_sdk_secretsmanager::Client::new(sdk),
-                &config.secret_id,
-            )
-            .with_exchange_token_secret(config.exchange_token_secret_id.as_deref()),
+            probes: Probes::new(sdk, probe_settings(config)),
             deployer,
         }
     }
@@ -252,66 +185,11 @@ impl Doctor {
     }
 
     async fn run_checks(&self) -> Report {
-        let mut checks = Checks::default();
-        let placement = &self.config.placement;
-        let subnet_names: Vec<String> = placement
-            .subnet_ids
-            .iter()
-            .map(|s| format!("subnet:{s}"))
-            .collect();
-        let mut credentials = None;
-        if checks.run("credentials", self.credentials()).await {
-            checks.run("region", self.region()).await;
-            checks.run("table", self.table()).await;
-            checks.run("vpc", self.vpc()).await;
-            for (subnet, name) in placement.subnet_ids.iter().zip(&subnet_names) {
-                checks.run(name, self.subnet(subnet)).await;
-            }
-            checks.run("security-group", self.security_group()).await;
-            checks
-                .run("instance-profile", self.instance_profile())
-                .await;
-            let mut root_device: RootDevice = None;
-            checks.run("ami", self.ami(&mut root_device)).await;
-            let launchable = ["vpc", "security-group", "instance-profile", "ami"]
-                .into_iter()
-                .chain(subnet_names.iter().map(String::as_str))
-                .all(|name| checks.status(name) != Some(Status::Fail));
-            if launchable {
-                checks
-                    .run("dry-run", Box::pin(self.dry_run(root_device)))
-                    .await;
-            } else {
-                checks.record(
-                    "dry-run",
-                    Outcome::Skip("waits for the network, profile and AMI checks above".into()),
-                );
-            }
-            checks.run("kms-key", self.kms_key()).await;
-            checks.run("secret", self.secret(&mut credentials)).await;
-        } else {
-            let skipped = ["region", "table", "vpc"]
-                .into_iter()
-                .map(str::to_owned)
-                .chain(subnet_names.iter().cloned())
-                .chain(
-                    [
-                        "security-group",
-                        "instance-profile",
-                        "ami",
-                        "dry-run",
-                        "kms-key",
-                        "secret",
-                    ]
-                    .map(str::to_owned),
-                );
-            for name in skipped {
-                checks.record(&name, Outcome::Skip("needs working AWS credentials".into()));
-            }
-        }
+        let mut checks = Findings::default();
+        let credentials = self.probes.run(&mut checks).await;
         self.control_plane(&mut checks, credentials.as_ref()).await;
         checks.run("self-update", self.self_update()).await;
-        let checks = checks.0;
+        let checks: Vec<Check> = checks.into_iter().map(Check::from).collect();
         Report {
             ok: checks.iter().all(|c| c.status != Status::Fail),
             runner_id: self.config.runner_id.clone(),
@@ -321,523 +199,9 @@ impl Doctor {
         }
     }
 
-    async fn credentials(&self) -> Outcome {
-        match self.sts.get_caller_identity().send().await {
-            Ok(identity) => Outcome::Pass(format!(
-                "{} (account {})",
-                identity.arn().unwrap_or("?"),
-                identity.account().unwrap_or("?")
-            )),
-            Err(err) => fail(
-                aws_error(&err).1,
-                "runnerd finds credentials the AWS SDK's usual way: the task role on ECS; elsewhere AWS_PROFILE, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an instance profile",
-            ),
-        }
-    }
-
-    async fn region(&self) -> Outcome {
-        let region = &self.config.region;
-        let hint = "set RUNNER_REGION to the region the stack is deployed in (enable it for the account if it is opt-in)";
-        match self.ec2.describe_availability_zones().send().await {
-            Ok(output) => {
-                let zones: Vec<&str> = output
-                    .availability_zones()
-                    .iter()
-                    .filter(|z| z.region_name() == Some(region.as_str()))
-                    .filter_map(|z| z.zone_name())
-                    .collect();
-                if zones.is_empty() {
-                    fail(format!("{region} has no availability zones here"), hint)
-                } else {
-                    Outcome::Pass(format!("{region}: {}", zones.join(", ")))
-                }
-            }
-            Err(err) => fail(aws_error(&err).1, hint),
-        }
-    }
-
-    async fn table(&self) -> Outcome {
-        use aws_sdk_dynamodb::types::{KeyType, ScalarAttributeType, TableStatus};
-        let table = &self.config.table;
-        let region = &self.config.region;
-        let hint = "set RUNNER_TABLE to the stack's TableName output";
-        let described = match self
-            .dynamodb
-            .describe_table()
-            .table_name(table)
-            .send()
-            .await
-        {
-            Ok(output) => output.table,
-            Err(err) => {
-                let (code, text) = aws_error(&err);
-                return match code.as_str() {
-                    "ResourceNotFoundException" => {
-                        fail(format!("table {table} does not exist in {region}"), hint)
-                    }
-                    c if denied(c) => fail(
-                        text,
-                        "the task role needs dynamodb:DescribeTable on the table (the stack grants it)",
-                    ),
-                    _ => fail(text, hint),
-                };
-            }
-        };
-        let Some(described) = described else {
-            return fail(format!("table {table} was not described"), hint);
-        };
-        let types: HashMap<&str, &ScalarAttributeType> = described
-            .attribute_definitions()
-            .iter()
-            .map(|a| (a.attribute_name(), a.attribute_type()))
-            .collect();
-        let keys: Vec<(&str, &KeyType)> = described
-            .key_schema()
-            .iter()
-            .map(|k| (k.attribute_name(), k.key_type()))
-            .collect();
-        let expected = [("pk", &KeyType::Hash), ("sk", &KeyType::Range)];
-        let strings = ["pk", "sk"]
-            .iter()
-            .all(|k| types.get(k) == Some(&&ScalarAttributeType::S));
-        if keys != expected || !strings {
-            let found: Vec<String> = keys
-                .iter()
-                .map(|(name, kind)| format!("{name} {}", kind.as_str()))
-                .collect();
-            return fail(
-                format!(
-                    "table {table} has the key ({}), not (pk HASH, sk RANGE) of strings",
-                    found.join(", ")
-                ),
-                "use the table the stack creates: set RUNNER_TABLE to its TableName output",
-            );
-        }
-        let status = described.table_status();
-        if status != Some(&TableStatus::Active) && status != Some(&TableStatus::Updating) {
-            return fail(
-                format!(
-                    "table {table} is {}",
-                    status.map_or("in an unknown state", |s| s.as_str())
-                ),
-                "wait until the table is ACTIVE",
-            );
-        }
-        // Reading an item proves the runner may use the table.
-        let read = self
-            .dynamodb
-            .get_item()
-            .table_name(table)
-            .key(
-                "pk",
-                aws_sdk_dynamodb::types::AttributeValue::S(format!(
-                    "RUNNER#{}",
-                    self.config.runner_id
-                )),
-            )
-            .key(
-                "sk",
-                aws_sdk_dynamodb::types::AttributeValue::S("LEASE#0".into()),
-            )
-            .consistent_read(true)
-            .send()
-            .await;
-        match read {
-            Ok(_) => Outcome::Pass(format!("{table}: ACTIVE, key (pk, sk), readable")),
-            Err(err) => fail(
-                aws_error(&err).1,
-                "the task role needs dynamodb:GetItem, PutItem, UpdateItem, DeleteItem, Query and ConditionCheckItem on the table (the stack grants them)",
-            ),
-        }
-    }
-
-    async fn vpc(&self) -> Outcome {
-        let vpc = &self.config.placement.vpc_id;
-        let region = &self.config.region;
-        let hint = format!(
-            "set RUNNER_VPC_ID (stack parameter VpcId) to a VPC in {region}, the one the subnets belong to"
-        );
-        match self.ec2.describe_vpcs().vpc_ids(vpc).send().await {
-            Ok(output) => match output.vpcs().first() {
-                Some(found) => Outcome::Pass(format!(
-                    "{vpc}: {}, {}",
-                    found.cidr_block().unwrap_or("?"),
-                    found.state().map_or("?", |s| s.as_str())
-                )),
-                None => fail(format!("{vpc} does not exist in {region}"), hint),
-            },
-            Err(err) => {
-                let (code, text) = aws_error(&err);
-                if code.starts_with("InvalidVpcID") {
-                    fail(format!("{vpc} does not exist in {region}"), hint)
-                } else {
-                    fail(text, hint)
-                }
-            }
-        }
-    }
-
-    async fn subnet(&self, id: &str) -> Outcome {
-        let vpc = &self.config.placement.vpc_id;
-        let region = &self.config.region;
-        let hint = format!(
-            "set RUNNER_SUBNET_IDS (stack parameter SubnetIds) to subnets of {vpc} in {region}"
-        );
-        let subnet = match self.ec2.describe_subnets().subnet_ids(id).send().await {
-            Ok(output) => output.subnets().first().cloned(),
-            Err(err) => {
-                let (code, text) = aws_error(&err);
-                if !code.starts_with("InvalidSubnetID") {
-                    return fail(text, hint);
-                }
-                None
-            }
-        };
-        let Some(subnet) = subnet else {
-            return fail(format!("{id} does not exist in {region}"), hint);
-        };
-        let zone = subnet.availability_zone().unwrap_or_default();
-        if subnet.vpc_id() != Some(vpc.as_str()) {
-            return fail(
-                format!(
-                    "{id} is in VPC {}, not in {vpc} (RUNNER_VPC_ID)",
-                    subnet.vpc_id().unwrap_or("?")
-                ),
-                format!("choose subnets of {vpc}, or set RUNNER_VPC_ID to the subnets' VPC"),
-            );
-        }
-        if !zone.starts_with(region.as_str()) {
-            return fail(format!("{id} is in {zone}, outside {region}"), hint);
-        }
-        match subnet.available_ip_address_count() {
-            Some(0) => fail(
-                format!("{id} ({zone}) has no free IP addresses: launches into it fail"),
-                "free addresses in the subnet (terminate unused instances or interfaces) or add a larger subnet",
-            ),
-            free => Outcome::Pass(format!(
-                "{id}: {zone}, {} free IP addresses",
-                free.map_or_else(|| "?".to_owned(), |n| n.to_string())
-            )),
-        }
-    }
-
-    async fn security_group(&self) -> Outcome {
-        let group = &self.config.placement.security_group_id;
-        let vpc = &self.config.placement.vpc_id;
-        let hint = "set RUNNER_SECURITY_GROUP_ID to the stack's EnvironmentSecurityGroupId output";
-        let found = match self
-            .ec2
-            .describe_security_groups()
-            .group_ids(group)
-            .send()
-            .await
-        {
-            Ok(output) => output.security_groups().first().cloned(),
-            Err(err) => {
-                let (code, text) = aws_error(&err);
-                if !code.starts_with("InvalidGroup") {
-                    return fail(text, hint);
-                }
-                None
-            }
-        };
-        match found {
-            None => fail(
-                format!("{group} does not exist in {}", self.config.region),
-                hint,
-            ),
-            Some(g) if g.vpc_id() != Some(vpc.as_str()) => fail(
-                format!(
-                    "{group} is in VPC {}, not in {vpc}",
-                    g.vpc_id().unwrap_or("?")
-                ),
-                hint,
-            ),
-            Some(g) => Outcome::Pass(format!(
-                "{group} ({}) in {vpc}",
-                g.group_name().unwrap_or("?")
-            )),
-        }
-    }
-
-    async fn instance_profile(&self) -> Outcome {
-        let configured = &self.config.placement.instance_profile;
-        // An ARN ends in instance-profile/<path>/<name>.
-        let name = configured.rsplit('/').next().unwrap_or(configured);
-        let hint =
-            "set RUNNER_INSTANCE_PROFILE to the stack's EnvironmentInstanceProfileArn output";
-        match self
-            .iam
-            .get_instance_profile()
-            .instance_profile_name(name)
-            .send()
-            .await
-        {
-            Ok(output) => {
-                let Some(profile) = output.instance_profile() else {
-                    return fail(format!("instance profile {name} was not described"), hint);
-                };
-                if configured.starts_with("arn:") && profile.arn() != configured {
-                    return fail(
-                        format!(
-                            "{configured} does not exist (a profile {name} does: {})",
-                            profile.arn()
-                        ),
-                        hint,
-                    );
-                }
-                match profile.roles().first() {
-                    Some(role) => Outcome::Pass(format!("{name}: role {}", role.role_name())),
-                    None => fail(
-                        format!(
-                            "instance profile {name} has no role: environments would get no credentials"
-                        ),
-                        "add the environment role to the instance profile (the stack does)",
-                    ),
-                }
-            }
-            Err(err) => {
-                let (code, text) = aws_error(&err);
-                if code == "NoSuchEntity" {
-                    fail(format!("instance profile {name} does not exist"), hint)
-                } else if denied(&code) {
-                    fail(
-                        text,
-                        "the task role needs iam:GetInstanceProfile on the profile (the stack grants it)",
-                    )
-                } else {
-                    fail(text, hint)
-                }
-            }
-        }
-    }
-
-    async fn ami(&self, root_device: &mut RootDevice) -> Outcome {
-        let ami = &self.config.placement.ami;
-        let region = &self.config.region;
-        if let Some(parameter) = ami.strip_prefix("resolve:ssm:") {
-            return Outcome::Skip(format!(
-                "EC2 resolves SSM parameter {parameter} at launch; the dry run checks it"
-            ));
-        }
-        let hint = format!(
-            "set RUNNER_AMI (stack parameter EnvironmentAmi) to an AMI available in {region} (owned by or shared with this account)"
-        );
-        let image = match self.ec2.describe_images().image_ids(ami).send().await {
-            Ok(output) => output.images().first().cloned(),
-            Err(err) => {
-                let (code, text) = aws_error(&err);
-                if !code.starts_with("InvalidAMIID") {
-                    return fail(text, hint);
-                }
-                None
-            }
-        };
-        let Some(image) = image else {
-            return fail(format!("{ami} does not exist in {region}"), hint);
-        };
-        if image.state() != Some(&ImageState::Available) {
-            return fail(
-                format!(
-                    "{ami} is {}, not available",
-                    image.state().map_or("in an unknown state", |s| s.as_str())
-                ),
-                hint,
-            );
-        }
-        *root_device = image.root_device_name().map(|device| {
-            let size = image
-                .block_device_mappings()
-                .iter()
-                .find(|m| m.device_name() == Some(device))
-                .and_then(|m| m.ebs())
-                .and_then(|ebs| ebs.volume_size());
-            (device.to_owned(), size)
-        });
-        Outcome::Pass(format!(
-            "{ami}: {} ({})",
-            image.name().unwrap_or("unnamed"),
-            image.architecture().map_or("?", |a| a.as_str())
-        ))
-    }
-
-    async fn dry_run(&self, root_device: RootDevice) -> Outcome {
-        let placement = &self.config.placement;
-        let Some(subnet) = placement.subnet_ids.first() else {
-            return Outcome::Skip("no subnet configured".into());
-        };
-        let instance_type = placement
-            .allowed_instance_types
-            .types()
-            .first()
-            .map_or(DRY_RUN_TYPE, String::as_str);
-        let tags: Vec<Tag> = [
-            (TAG_RUNNER, self.config.runner_id.as_str()),
-            (TAG_ENVIRONMENT, "doctor"),
-            (TAG_ATTEMPT, "0"),
-            (TAG_MANAGED_BY, "aws-runner"),
-        ]
-        .into_iter()
-        .map(|(k, v)| Tag::builder().key(k).value(v).build())
-        .collect();
-        let result = runner_aws::ec2::run_request(
-            &self.ec2,
-            runner_aws::ec2::RunPlacement {
-                ami: &placement.ami,
-                security_group_id: &placement.security_group_id,
-                instance_profile: &placement.instance_profile,
-            },
-            instance_type,
-            subnet,
-            // The launch's encrypted gp3 root disk, when the AMI's root is
-            // known (an SSM-resolved AMI is only known to EC2).
-            root_device.map(|(device, size)| (device, size.unwrap_or(DRY_RUN_DISK_GIB))),
-            tags,
-        )
-        .dry_run(true)
-        .send()
-        .await;
-        let pass = || {
-            Outcome::Pass(format!(
-                "RunInstances would succeed ({instance_type} in {subnet}, the environments' group, profile, tags and encrypted disk)"
-            ))
-        };
-        match result {
-            Ok(_) => pass(),
-            Err(err) => {
-                let (code, text) = aws_error(&err);
-                match code.as_str() {
-                    "DryRunOperation" => pass(),
-                    c if denied(c) => fail(
-                        text,
-                        "the task role lacks a permission RunInstances needs (see the stack's Launch* statements and iam:PassRole for the environment role); `aws sts decode-authorization-message` shows which",
-                    ),
-                    _ => fail(
-                        text,
-                        "EC2 refuses a launch with these settings: fix the one the message names",
-                    ),
-                }
-            }
-        }
-    }
-
-    async fn kms_key(&self) -> Outcome {
-        use aws_sdk_kms::types::{DataKeySpec, KeySpec, KeyState, KeyUsageType};
-        let key = &self.config.kms_key_id;
-        let hint = "set RUNNER_KMS_KEY_ID to the stack's KmsKeyArn output";
-        let use_hint = "the task role needs kms:GenerateDataKey and kms:Decrypt on the key (the stack grants them)";
-        let metadata = match self.kms.describe_key().key_id(key).send().await {
-            Ok(output) => output.key_metadata,
-            Err(err) => {
-                let (code, text) = aws_error(&err);
-                return if code == "NotFoundException" {
-                    fail(
-                        format!("key {key} does not exist in {}", self.config.region),
-                        hint,
-                    )
-                } else if denied(&code) {
-                    fail(
-                        text,
-                        "the task role needs kms:DescribeKey on the key (the stack grants it)",
-                    )
-                } else {
-                    fail(text, hint)
-                };
-            }
-        };
-        let Some(metadata) = metadata else {
-            return fail(format!("key {key} was not described"), hint);
-        };
-        if metadata.key_state() != Some(&KeyState::Enabled) {
-            return fail(
-                format!(
-                    "key {key} is {}",
-                    metadata
-                        .key_state()
-                        .map_or("in an unknown state", |s| s.as_str())
-                ),
-                "enable the key (or cancel its deletion)",
-            );
-        }
-        if metadata
-            .key_usage()
-            .is_some_and(|u| *u != KeyUsageType::EncryptDecrypt)
-            || metadata
-                .key_spec()
-                .is_some_and(|s| *s != KeySpec::SymmetricDefault)
-        {
-            return fail(format!("key {key} is not a symmetric encryption key"), hint);
-        }
-        let context = [
-            ("purpose", "aws-runner doctor"),
-            ("runner-id", self.config.runner_id.as_str()),
-        ];
-        let mut generate = self
-            .kms
-            .generate_data_key()
-            .key_id(key)
-            .key_spec(DataKeySpec::Aes256);
-        let mut decrypt = self.kms.decrypt().key_id(key);
-        for (k, v) in context {
-            generate = generate.encryption_context(k, v);
-            decrypt = decrypt.encryption_context(k, v);
-        }
-        let blob = match generate.send().await {
-            Ok(output) => output.ciphertext_blob,
-            Err(err) => return fail(aws_error(&err).1, use_hint),
-        };
-        let Some(blob) = blob else {
-            return fail("GenerateDataKey returned no ciphertext", use_hint);
-        };
-        match decrypt.ciphertext_blob(blob).send().await {
-            Ok(_) => Outcome::Pass(format!(
-                "{}: enabled, symmetric; encrypts and decrypts",
-                metadata.arn().unwrap_or(key)
-            )),
-            Err(err) => fail(aws_error(&err).1, use_hint),
-        }
-    }
-
-    async fn secret(&self, found: &mut Option<Credentials>) -> Outcome {
-        let secret = &self.config.secret_id;
-        let new_token = "create a new exchange token for this runner in the control plane and set it as the stack's ExchangeToken (or, without RUNNER_EXCHANGE_TOKEN_SECRET_ID, put it in the secret as plain text)";
-        match self.secrets.load().await {
-            Ok(credentials) => {
-                let outcome = match (
-                    &credentials.access_token,
-                    &credentials.private_key,
-                    &credentials.exchange_token,
-                ) {
-                    (Some(_), Some(_), _) => {
-                        Outcome::Pass(format!("{secret} holds the runner's access token and key"))
-                    }
-                    (_, _, Some(_)) => Outcome::Pass(format!(
-                        "{secret} holds an exchange token, which runnerd trades at its first start"
-                    )),
-                    _ => fail(
-                        format!("{secret} holds no access token and no exchange token"),
-                        new_token,
-                    ),
-                };
-                *found = Some(credentials);
-                outcome
-            }
-            Err(SecretError::Malformed(problem)) => fail(
-                problem,
-                format!(
-                    "set RUNNER_SECRET_ID to the stack's SecretArn output; if it is that secret, {new_token}"
-                ),
-            ),
-            Err(err) => fail(
-                chain(&err),
-                "set RUNNER_SECRET_ID to the stack's SecretArn output; the task role needs secretsmanager:GetSecretValue and PutSecretValue on it",
-            ),
-        }
-    }
-
-    async fn control_plane(&self, checks: &mut Checks, credentials: Option<&Credentials>) {
+    async fn control_plane(&self, checks: &mut Findings, credentials: Option<&Credentials>) {
         let url = &self.config.control_plane.url;
-        let skip = |checks: &mut Checks, names: &[&str], why: &str| {
+        let skip = |checks: &mut Findings, names: &[&str], why: &str| {
             for name in names {
                 checks.record(name, Outcome::Skip(why.to_owned()));
             }
@@ -1121,7 +485,7 @@ impl Doctor {
 /// JSON) and returns 0 when no check failed, 1 otherwise.
 pub async fn command(config: Config, json: bool) -> std::process::ExitCode {
     let sdk = runner_aws::sdk_config(&config.region).await;
-    let deployer = crate::ecs_metadata_uri().map(|uri| crate::ecs_deployer(&sdk, &uri));
+    let deployer = crate::ecs_metadata_uri().map(|uri| runner_aws::ecs_deployer(&sdk, &uri));
     let report = Doctor::new(&sdk, &config, deployer).run().await;
     if json {
         match serde_json::to_string_pretty(&report) {

@@ -181,17 +181,8 @@ pub fn one_line(text: &str) -> String {
         .collect()
 }
 
-/// An error and its sources, one line.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+/// An error and its sources, one line (shared with the adapters).
+pub use runner_core::error::chain;
 
 #[derive(Clone)]
 struct HttpState {

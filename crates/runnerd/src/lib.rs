@@ -47,14 +47,8 @@ pub fn holder_name() -> String {
     format!("{task}-{suffix:08x}")
 }
 
-/// The AWS adapters for `config`.
-pub async fn aws_deps(config: &config::Config) -> app::Deps {
-    let sdk = runner_aws::sdk_config(&config.region).await;
-    aws_deps_with(&sdk, config)
-}
-
 /// The AWS adapters for `config` on a given SDK configuration.
-pub fn aws_deps_with(sdk: &aws_config::SdkConfig, config: &config::Config) -> app::Deps {
+pub fn aws_deps_with(sdk: &runner_aws::SdkConfig, config: &config::Config) -> app::Deps {
     let leadership = std::sync::Arc::new(runner_core::leader::Leadership::default());
     let settings = runner_aws::AdapterSettings {
         table: config.table.clone(),
@@ -102,24 +96,13 @@ pub fn ecs_metadata_uri() -> Option<String> {
         .filter(|uri| !uri.is_empty())
 }
 
-/// The runner's own ECS service, found from the task metadata at `metadata_uri`.
-pub fn ecs_deployer(
-    sdk: &aws_config::SdkConfig,
-    metadata_uri: &str,
-) -> std::sync::Arc<dyn runner_core::update::Deployer> {
-    std::sync::Arc::new(runner_aws::ecs::EcsDeployer::new(
-        aws_sdk_ecs::Client::new(sdk),
-        metadata_uri,
-    ))
-}
-
 /// The start checks and, in an ECS task (`ecs_metadata_uri`), self-update.
 pub fn aws_extras(
-    sdk: &aws_config::SdkConfig,
+    sdk: &runner_aws::SdkConfig,
     config: &config::Config,
     ecs_metadata_uri: Option<&str>,
 ) -> app::Extras {
-    let deployer = ecs_metadata_uri.map(|uri| ecs_deployer(sdk, uri));
+    let deployer = ecs_metadata_uri.map(|uri| runner_aws::ecs_deployer(sdk, uri));
     app::Extras {
         doctor: Some(std::sync::Arc::new(doctor::Doctor::new(
             sdk,
@@ -128,11 +111,7 @@ pub fn aws_extras(
         ))),
         self_update: deployer.map(|deployer| update::SelfUpdate {
             deployer,
-            attempts: std::sync::Arc::new(runner_aws::ecs::DynamoAttempts::new(
-                aws_sdk_dynamodb::Client::new(sdk),
-                &config.table,
-                &config.runner_id,
-            )),
+            attempts: runner_aws::update_attempts(sdk, &config.table, &config.runner_id),
             running: session::VERSION.to_owned(),
         }),
     }
