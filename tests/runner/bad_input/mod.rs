@@ -25,6 +25,7 @@
 
 mod calls;
 mod decoding;
+mod integrations;
 mod specs;
 mod stream;
 
