@@ -83,18 +83,7 @@ impl CallsWorld {
         let provider = fake.host();
         fake.add_token(ScmKind::GitHub, AuthSource::Pat, PROVIDER_PAT, "alice");
         fake.add_pull_request("acme", "api", 5, "bad..branch");
-        create_integration(
-            &world,
-            Integration {
-                kind: pb::ScmKind::Github,
-                host: &provider,
-                pat: true,
-                oauth: None,
-                api_base_url: String::new(),
-                oauth_base_url: String::new(),
-            },
-        )
-        .await;
+        create_integration(&world, Integration::pat(pb::ScmKind::Github, &provider)).await;
         // Waits until the runner lists the last integration, so all of them.
         add_pat(&world, "alice", &provider, PROVIDER_PAT)
             .await

@@ -16,7 +16,7 @@ use testkit::tamper::{LIST_SCM_INTEGRATIONS, Tamper, with_invalid_utf8};
 
 use super::{log_lines_with, logged_times, runner_request};
 use crate::calls::call;
-use crate::scm::{Integration, add_pat, create_integration, wait_until, world_with};
+use crate::scm::{Integration, add_pat, create_integration, repository_on, wait_until, world_with};
 use crate::{Runner, World, http_get, id, settled};
 
 const PAT: &str = "glpat-Lq7wEr4Ty1Ui8Op3As6D";
@@ -43,25 +43,10 @@ impl Setup {
         let tamper = Tamper::start(&world.url).await.expect("start the proxy");
         world.url = tamper.url().to_owned();
         let runner = world.start_runner().await;
-        let integration = create_integration(
-            &world,
-            Integration {
-                kind: pb::ScmKind::Gitlab,
-                host: &host,
-                pat: true,
-                oauth: None,
-                api_base_url: String::new(),
-                oauth_base_url: String::new(),
-            },
-        )
-        .await;
+        let integration =
+            create_integration(&world, Integration::pat(pb::ScmKind::Gitlab, &host)).await;
         add_pat(&world, "alice", &host, PAT).await.expect("stored");
-        let mut request = world.create_request(&world.class_id);
-        request.content = Some(pb::EnvironmentContent {
-            repository_url: format!("https://{host}/acme/api.git"),
-            revision: None,
-        });
-        let env = world.create(request).await;
+        let env = world.create(repository_on(&world, &host)).await;
         world
             .wait_for("RUNNING", Duration::from_secs(30), |envs| {
                 envs.iter()
@@ -103,6 +88,26 @@ impl Setup {
                 .is_some(),
             "the checkout secret is kept"
         );
+    }
+
+    /// Answers `ListScmIntegrations` with `damage` done to the integration
+    /// of the setup's host, then encoded by `encode`.
+    fn damage_integration(
+        &self,
+        damage: impl Fn(&mut pb::ScmIntegration) + Send + Sync + 'static,
+        encode: impl Fn(&pb::ListScmIntegrationsResponse) -> Vec<u8> + Send + Sync + 'static,
+    ) {
+        let host = self.host.clone();
+        self.tamper.rewrite(LIST_SCM_INTEGRATIONS, move |body| {
+            let mut page = pb::ListScmIntegrationsResponse::decode(body.as_slice())
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+            for integration in &mut page.integrations {
+                if integration.host == host {
+                    damage(integration);
+                }
+            }
+            Ok(encode(&page))
+        });
     }
 
     /// Tells the runner an integration changed: it lists them all again.
@@ -162,17 +167,10 @@ impl Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_integration_list_that_does_not_decode_revokes_nothing() {
     let s = Setup::start().await;
-    let host = s.host.clone();
-    s.tamper.rewrite(LIST_SCM_INTEGRATIONS, move |body| {
-        let mut page = pb::ListScmIntegrationsResponse::decode(body.as_slice())
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        for integration in &mut page.integrations {
-            if integration.host == host {
-                integration.host = "@@BADUTF8@@".into();
-            }
-        }
-        Ok(with_invalid_utf8(&page, "@@BADUTF8@@"))
-    });
+    s.damage_integration(
+        |integration| integration.host = "@@BADUTF8@@".into(),
+        |page| with_invalid_utf8(page, "@@BADUTF8@@"),
+    );
     let problem = [
         "cannot sync the SCM integrations; retrying",
         "ScmIntegration.host",
@@ -190,17 +188,10 @@ async fn an_integration_list_that_does_not_decode_revokes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_integration_with_a_malformed_field_revokes_nothing() {
     let s = Setup::start().await;
-    let host = s.host.clone();
-    s.tamper.rewrite(LIST_SCM_INTEGRATIONS, move |body| {
-        let mut page = pb::ListScmIntegrationsResponse::decode(body.as_slice())
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        for integration in &mut page.integrations {
-            if integration.host == host {
-                integration.kind = 99;
-            }
-        }
-        Ok(page.encode_to_vec())
-    });
+    s.damage_integration(
+        |integration| integration.kind = 99,
+        pb::ListScmIntegrationsResponse::encode_to_vec,
+    );
     let skipped = format!("integration {}: unknown kind", s.integration);
     let problem = ["skipping a malformed SCM integration", skipped.as_str()];
     s.integration_changed();

@@ -149,21 +149,9 @@ async fn a_runner_created_for_another_region_is_refused_at_signup() {
         .stop()
         .await
         .expect_err("the signup is refused");
-    let chain = error_chain(&err);
+    let chain = runnerd::health::chain(&err);
     assert!(
         chain.contains("region: the runner was created for us-east-1, not eu-west-1"),
         "{chain}"
     );
-}
-
-/// An error and its sources, joined.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
