@@ -8,19 +8,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use aws_sdk_dynamodb::types::AttributeValue;
-use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType, ResourceType, Tag,
-    TagSpecification, VolumeType,
-};
+use aws_sdk_ec2::types::Tag;
 use base64::Engine as _;
-use runner_aws::ec2::{TAG_ATTEMPT, TAG_ENVIRONMENT, TAG_MANAGED_BY, TAG_RUNNER};
+use runner_aws::ec2::{
+    RunPlacement, TAG_ATTEMPT, TAG_ENVIRONMENT, TAG_MANAGED_BY, TAG_RUNNER, run_request,
+};
 use runner_core::model::{EnvironmentId, Revision, Subnet, client_token};
 use runner_core::traits::LaunchRequest;
+use testkit::proxy::{Call, FaultProxy};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use crate::proxy::{Call, Recorder};
+use crate::recording;
 use crate::world::{self, Tools, World};
 
 /// runnerd's default `RUNNER_CONCURRENCY`, which the baseline matches.
@@ -40,13 +39,13 @@ pub(crate) fn generous_buckets() -> Vec<(&'static str, String)> {
 }
 
 /// Waits until `n` RunInstances were accepted; the last acceptance.
-async fn accepted(proxy: &Recorder, n: usize, within: Duration) -> anyhow::Result<Instant> {
+async fn accepted(proxy: &FaultProxy, n: usize, within: Duration) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + within;
-    while proxy.count_ok("RunInstances") < n {
+    while recording::count_ok(proxy, "RunInstances") < n {
         if Instant::now() > deadline {
             bail!(
                 "only {} of {n} RunInstances accepted within {within:?}",
-                proxy.count_ok("RunInstances")
+                recording::count_ok(proxy, "RunInstances")
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -54,7 +53,7 @@ async fn accepted(proxy: &Recorder, n: usize, within: Duration) -> anyhow::Resul
     proxy
         .calls()
         .iter()
-        .filter(|c| c.ok && c.op == "RunInstances")
+        .filter(|c| c.ok && c.operation == "RunInstances")
         .map(|c| c.end)
         .max()
         .context("no RunInstances")
@@ -67,14 +66,14 @@ pub(crate) struct Launched {
     pub(crate) calls: BTreeMap<String, usize>,
 }
 
-fn by_operation(proxy: &Recorder, from: Instant, to: Instant) -> BTreeMap<String, usize> {
+fn by_operation(proxy: &FaultProxy, from: Instant, to: Instant) -> BTreeMap<String, usize> {
     let mut calls = BTreeMap::new();
     for call in proxy
         .calls()
         .iter()
         .filter(|c| c.start >= from && c.start <= to)
     {
-        *calls.entry(call.op.clone()).or_insert(0) += 1;
+        *calls.entry(call.operation.clone()).or_insert(0) += 1;
     }
     calls
 }
@@ -101,7 +100,7 @@ async fn create_many(world: &Arc<World>, n: usize, parallel: usize) -> anyhow::R
 /// runnerd: from the first environment created to the last RunInstances accepted.
 pub(crate) async fn runnerd_launch(tools: &Tools, n: usize) -> anyhow::Result<Launched> {
     let world = Arc::new(World::new(tools).await?);
-    let proxy = Recorder::start(&world.moto.url).await?;
+    let proxy = recording::start(&world.moto.url).await?;
     let mut runnerd = world.runnerd(tools, "launch", &proxy.url(), &generous_buckets())?;
     runnerd.wait_ready(Duration::from_secs(60)).await?;
     runnerd
@@ -123,7 +122,7 @@ pub(crate) async fn runnerd_launch(tools: &Tools, n: usize) -> anyhow::Result<La
 /// write; `CONCURRENCY` at a time. From start to the last RunInstances accepted.
 pub(crate) async fn baseline_launch(tools: &Tools, n: usize) -> anyhow::Result<Launched> {
     let world = World::new(tools).await?;
-    let proxy = Recorder::start(&world.moto.url).await?;
+    let proxy = recording::start(&world.moto.url).await?;
     let sdk = world::sdk(&proxy.url()).await;
     let ec2 = aws_sdk_ec2::Client::new(&sdk);
     let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
@@ -161,14 +160,14 @@ pub(crate) async fn baseline_launch(tools: &Tools, n: usize) -> anyhow::Result<L
     let last = proxy
         .calls()
         .iter()
-        .filter(|c| c.ok && c.op == "RunInstances")
+        .filter(|c| c.ok && c.operation == "RunInstances")
         .map(|c| c.end)
         .max()
         .context("no RunInstances")?;
-    if proxy.count_ok("RunInstances") != n {
+    if recording::count_ok(&proxy, "RunInstances") != n {
         bail!(
             "the baseline launched {} of {n}",
-            proxy.count_ok("RunInstances")
+            recording::count_ok(&proxy, "RunInstances")
         );
     }
     Ok(Launched {
@@ -237,58 +236,26 @@ async fn launch_one(
         tag(TAG_MANAGED_BY, "aws-runner"),
         tag("Name", &format!("aws-runner-{id}")),
     ];
-    let launched = ec2
-        .run_instances()
-        .image_id(&world.infra.ami)
-        .instance_type(InstanceType::from(world::INSTANCE_TYPE))
-        .min_count(1)
-        .max_count(1)
-        .client_token(&token)
-        .subnet_id(&subnet.id)
-        .security_group_ids(&world.infra.security_group_id)
-        .iam_instance_profile(
-            IamInstanceProfileSpecification::builder()
-                .name(world::INSTANCE_PROFILE)
-                .build(),
-        )
-        .block_device_mappings(
-            BlockDeviceMapping::builder()
-                .device_name("/dev/xvda")
-                .ebs(
-                    EbsBlockDevice::builder()
-                        .volume_size(world::DISK_GIB as i32)
-                        .volume_type(VolumeType::Gp3)
-                        .encrypted(true)
-                        .delete_on_termination(true)
-                        .build(),
-                )
-                .build(),
-        )
-        .metadata_options(
-            InstanceMetadataOptionsRequest::builder()
-                .http_tokens(HttpTokensState::Required)
-                .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                .http_put_response_hop_limit(1)
-                .build(),
-        )
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Instance)
-                .set_tags(Some(tags.clone()))
-                .build(),
-        )
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Volume)
-                .set_tags(Some(tags))
-                .build(),
-        )
-        .user_data(
-            base64::engine::general_purpose::STANDARD
-                .encode(runner_aws::ec2::user_data(&request, world::REGION)?),
-        )
-        .send()
-        .await?;
+    // What runnerd asks for, built by the same function.
+    let launched = run_request(
+        ec2,
+        RunPlacement {
+            ami: &world.infra.ami,
+            security_group_id: &world.infra.security_group_id,
+            instance_profile: world::INSTANCE_PROFILE,
+        },
+        world::INSTANCE_TYPE,
+        &subnet.id,
+        Some(("/dev/xvda".to_owned(), world::DISK_GIB as i32)),
+        tags,
+    )
+    .client_token(&token)
+    .user_data(
+        base64::engine::general_purpose::STANDARD
+            .encode(runner_aws::ec2::user_data(&request, world::REGION)?),
+    )
+    .send()
+    .await?;
     let instance_id = launched
         .instances()
         .first()
@@ -333,7 +300,7 @@ pub(crate) struct Latencies {
 /// its creation to its RunInstances leaving runnerd.
 pub(crate) async fn latency(tools: &Tools, n: usize, per_second: f64) -> anyhow::Result<Latencies> {
     let world = Arc::new(World::new(tools).await?);
-    let proxy = Recorder::start(&world.moto.url).await?;
+    let proxy = recording::start(&world.moto.url).await?;
     let mut runnerd = world.runnerd(tools, "latency", &proxy.url(), &generous_buckets())?;
     runnerd.wait_ready(Duration::from_secs(60)).await?;
     runnerd
@@ -369,7 +336,7 @@ pub(crate) async fn latency(tools: &Tools, n: usize, per_second: f64) -> anyhow:
     let calls = proxy.calls();
     let mut by_env: HashMap<Uuid, Vec<&Call>> = HashMap::new();
     for call in &calls {
-        if let Some(env) = call.env {
+        if let Some(env) = recording::env(call) {
             by_env.entry(env).or_default().push(call);
         }
     }
@@ -379,11 +346,11 @@ pub(crate) async fn latency(tools: &Tools, n: usize, per_second: f64) -> anyhow:
         let calls = by_env.get(&id).context("an environment without calls")?;
         let launch = calls
             .iter()
-            .find(|c| c.op == "RunInstances")
+            .find(|c| c.operation == "RunInstances")
             .context("an environment without RunInstances")?;
         let before: Duration = calls
             .iter()
-            .filter(|c| c.op != "RunInstances" && c.start >= at && c.end <= launch.start)
+            .filter(|c| c.operation != "RunInstances" && c.start >= at && c.end <= launch.start)
             .map(|c| c.end - c.start)
             .sum();
         let total = launch.start - at;
@@ -392,7 +359,7 @@ pub(crate) async fn latency(tools: &Tools, n: usize, per_second: f64) -> anyhow:
     }
     let last = calls
         .iter()
-        .filter(|c| c.op == "RunInstances")
+        .filter(|c| c.operation == "RunInstances")
         .map(|c| c.start)
         .max()
         .context("no RunInstances")?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use runner_proto::pb::EnvironmentPhase as Phase;
 
-use crate::proxy::Recorder;
+use crate::recording;
 use crate::world::{Tools, World};
 
 /// Calls made in the background whatever the environments do: the lease
@@ -34,7 +34,7 @@ pub(crate) struct Lifecycle {
 
 pub(crate) async fn run(tools: &Tools) -> anyhow::Result<Lifecycle> {
     let world = World::new(tools).await?;
-    let proxy = Recorder::start(&world.moto.url).await?;
+    let proxy = recording::start(&world.moto.url).await?;
     let mut runnerd = world.runnerd(tools, "lifecycle", &proxy.url(), &[])?;
     runnerd.wait_ready(Duration::from_secs(60)).await?;
     runnerd
@@ -60,7 +60,7 @@ pub(crate) async fn run(tools: &Tools) -> anyhow::Result<Lifecycle> {
     runnerd.stop();
     let mut calls = BTreeMap::new();
     for call in recorded.iter().filter(|c| c.start >= started) {
-        *calls.entry(call.op.clone()).or_insert(0) += 1;
+        *calls.entry(call.operation.clone()).or_insert(0) += 1;
     }
     Ok(Lifecycle {
         calls,

@@ -6,7 +6,7 @@
 mod failover;
 mod launch;
 mod lifecycle;
-mod proxy;
+mod recording;
 mod report;
 mod steady;
 mod world;

@@ -130,10 +130,10 @@ impl Report {
             "# Benchmarks\n\nMeasured {date} by\n\n```sh\n{command}\n```\n\n\
              (the `bench` crate; `bench/run --help`). Each figure is the median of {runs} runs \
              (the individual runs follow it){}. Every run starts its own moto, reference \
-             control plane and `runnerd` on 127.0.0.1. AWS calls are counted by a recording \
-             proxy between runnerd and moto that names each request by its EC2 `Action` or \
-             `X-Amz-Target`, as `testkit::proxy::FaultProxy` does, and also keeps each \
-             request's arrival and completion time. Memory is `VmRSS` and CPU time \
+             control plane and `runnerd` on 127.0.0.1. AWS calls are counted by \
+             `testkit::proxy::FaultProxy`, without faults, between runnerd and moto: it names \
+             each request by its EC2 `Action` or `X-Amz-Target` and keeps each request's \
+             arrival and completion time. Memory is `VmRSS` and CPU time \
              `utime + stime` of the runnerd process, from `/proc`.\n\n## Machine\n\n{}",
             if quick {
                 "; **quick mode: reduced sizes, not the figures of record**"

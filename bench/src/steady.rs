@@ -16,7 +16,7 @@ use runner_aws::ec2::{TAG_ATTEMPT, TAG_ENVIRONMENT, TAG_MANAGED_BY, TAG_RUNNER};
 use runner_core::model::{EnvironmentId, client_token};
 use uuid::Uuid;
 
-use crate::proxy::Recorder;
+use crate::recording;
 use crate::world::{self, Tools, World};
 
 /// What was populated and how long it took.
@@ -171,7 +171,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<SteadyRun> {
     let world = &populated.world;
     let n = populated.environments;
-    let proxy = Recorder::start(&world.moto.url).await?;
+    let proxy = recording::start(&world.moto.url).await?;
     let settings = [(
         "RUNNER_RESYNC_INTERVAL",
         humantime::format_duration(resync).to_string(),
@@ -184,7 +184,7 @@ pub(crate) async fn run(
     let ready_describing = proxy
         .calls()
         .iter()
-        .filter(|c| c.op == "DescribeInstances" && c.end <= ready_at)
+        .filter(|c| c.operation == "DescribeInstances" && c.end <= ready_at)
         .map(|c| c.end - c.start)
         .sum();
 
@@ -205,14 +205,18 @@ pub(crate) async fn run(
     let settled = ready_at.elapsed();
 
     // Pass boundaries: the first page of each full describe.
-    let seen_before = proxy.calls().iter().filter(|c| c.full_describe).count();
+    let seen_before = proxy
+        .calls()
+        .iter()
+        .filter(|c| recording::full_describe(c))
+        .count();
     let mut marks: Vec<(Instant, Duration)> = Vec::new();
     let deadline = Instant::now() + (resync + Duration::from_secs(120)) * (passes as u32 + 1);
     while marks.len() < passes + 1 {
         let starts: Vec<Instant> = proxy
             .calls()
             .iter()
-            .filter(|c| c.full_describe)
+            .filter(|c| recording::full_describe(c))
             .map(|c| c.start)
             .skip(seen_before)
             .collect();
@@ -231,12 +235,12 @@ pub(crate) async fn run(
     let calls = proxy.calls();
     let mut calls_per_pass = BTreeMap::new();
     for call in calls.iter().filter(|c| c.start >= first && c.start < last) {
-        *calls_per_pass.entry(call.op.clone()).or_insert(0.0) += 1.0 / passes as f64;
+        *calls_per_pass.entry(call.operation.clone()).or_insert(0.0) += 1.0 / passes as f64;
     }
     // One pass's describe: from its first page to the end of its last.
     let describe = calls
         .iter()
-        .filter(|c| c.op == "DescribeInstances" && c.start >= first)
+        .filter(|c| c.operation == "DescribeInstances" && c.start >= first)
         .take_while(|c| c.start < marks[1].0)
         .map(|c| c.end)
         .max()
@@ -245,7 +249,7 @@ pub(crate) async fn run(
     let scans = proxy
         .calls()
         .iter()
-        .filter(|c| c.op == "DynamoDB_20120810.Scan")
+        .filter(|c| c.operation == "DynamoDB_20120810.Scan")
         .count();
     Ok(SteadyRun {
         ready,

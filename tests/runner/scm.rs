@@ -39,6 +39,30 @@ pub(crate) struct Integration<'a> {
     pub(crate) oauth_base_url: String,
 }
 
+impl<'a> Integration<'a> {
+    /// Personal access tokens only, at the kind's default endpoints.
+    pub(crate) fn pat(kind: pb::ScmKind, host: &'a str) -> Self {
+        Self {
+            kind,
+            host,
+            pat: true,
+            oauth: None,
+            api_base_url: String::new(),
+            oauth_base_url: String::new(),
+        }
+    }
+}
+
+/// A request for an environment of a repository on `host`.
+pub(crate) fn repository_on(world: &World, host: &str) -> admin::CreateEnvironmentRequest {
+    let mut request = world.create_request(&world.class_id);
+    request.content = Some(pb::EnvironmentContent {
+        repository_url: format!("https://{host}/acme/api.git"),
+        revision: None,
+    });
+    request
+}
+
 pub(crate) async fn public_key(world: &World) -> Vec<u8> {
     for _ in 0..200 {
         let key = world.runner().await.public_key;

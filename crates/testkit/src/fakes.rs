@@ -24,6 +24,7 @@ fn outage() -> runner_core::traits::BoxError {
 pub struct MemoryStore {
     records: Mutex<BTreeMap<EnvironmentId, Record>>,
     down: AtomicBool,
+    fenced: AtomicBool,
     writes: AtomicU64,
 }
 
@@ -31,6 +32,12 @@ impl MemoryStore {
     /// Makes every call fail (or work again).
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Makes every write fail as [`StoreError::Fenced`], as for a replica
+    /// that lost its lease (or lifts that); reads still work.
+    pub fn set_fenced(&self, fenced: bool) {
+        self.fenced.store(fenced, Ordering::SeqCst);
     }
 
     /// Every record stored now.
@@ -54,6 +61,14 @@ impl MemoryStore {
         }
         Ok(())
     }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        self.up()?;
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(StoreError::Fenced);
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -74,7 +89,7 @@ impl StateStore for MemoryStore {
     }
 
     async fn put(&self, record: &Record) -> Result<Record, StoreError> {
-        self.up()?;
+        self.writable()?;
         let mut records = self.records.lock().expect("lock");
         let stored = records.get(&record.environment).map_or(0, |r| r.version);
         if stored != record.version {
@@ -88,7 +103,7 @@ impl StateStore for MemoryStore {
     }
 
     async fn delete(&self, record: &Record) -> Result<(), StoreError> {
-        self.up()?;
+        self.writable()?;
         let mut records = self.records.lock().expect("lock");
         let stored = records.get(&record.environment).map_or(0, |r| r.version);
         if stored != record.version {
@@ -113,6 +128,12 @@ pub enum LaunchFault {
     Unavailable(u32),
     /// Launch, then fail as if the response was lost, `n` times.
     LostResponse(u32),
+    /// Refuse launches into this zone as the request stands
+    /// ([`ComputeError::Rejected`]: bad parameters, a missing permission).
+    Rejected(String),
+    /// The next `n` `find_launch` calls miss every instance, as EC2's tag
+    /// index may lag a launch.
+    LookupLag(u32),
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +148,22 @@ struct Cloud {
     requests: Vec<LaunchRequest>,
 }
 
+/// Called with every launch request as it arrives.
+type LaunchHook = Box<dyn Fn(&LaunchRequest) + Send + Sync>;
+
+#[derive(Default)]
+struct Hook(Option<LaunchHook>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Hook(..)"
+        } else {
+            "Hook(None)"
+        })
+    }
+}
+
 /// A cloud in memory. State changes complete on the next `observe`, as a
 /// real describe would eventually show them.
 #[derive(Debug, Default)]
@@ -134,6 +171,8 @@ pub struct MemoryCompute {
     cloud: Mutex<Cloud>,
     down: AtomicBool,
     zones: Mutex<Vec<String>>,
+    on_launch: Mutex<Hook>,
+    latency: Mutex<Duration>,
 }
 
 impl MemoryCompute {
@@ -157,6 +196,25 @@ impl MemoryCompute {
     /// Removes every fault.
     pub fn clear_faults(&self) {
         self.cloud.lock().expect("lock").faults.clear();
+    }
+
+    /// Makes every call take `latency` (tokio time, so virtual in a paused
+    /// test) before it is answered, as a real cloud's calls take time.
+    pub fn set_latency(&self, latency: Duration) {
+        *self.latency.lock().expect("lock") = latency;
+    }
+
+    async fn answer_after_latency(&self) {
+        let latency = *self.latency.lock().expect("lock");
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+    }
+
+    /// Calls `hook` with every launch request as it arrives, before the
+    /// launch is decided (to look at what the caller stored before it).
+    pub fn on_launch(&self, hook: impl Fn(&LaunchRequest) + Send + Sync + 'static) {
+        self.on_launch.lock().expect("lock").0 = Some(Box::new(hook));
     }
 
     /// Every launch request received, in order.
@@ -237,6 +295,10 @@ impl MemoryCompute {
 #[async_trait]
 impl Compute for MemoryCompute {
     async fn launch(&self, request: &LaunchRequest) -> Result<Instance, ComputeError> {
+        if let Some(hook) = &self.on_launch.lock().expect("lock").0 {
+            hook(request);
+        }
+        self.answer_after_latency().await;
         let mut cloud = self.enter("launch")?;
         cloud.requests.push(request.clone());
         let zone = request.subnet.availability_zone.clone();
@@ -248,6 +310,11 @@ impl Compute for MemoryCompute {
                 zone,
                 message: "InsufficientInstanceCapacity (injected)".into(),
             });
+        }
+        if cloud.faults.contains(&LaunchFault::Rejected(zone.clone())) {
+            return Err(ComputeError::Rejected(format!(
+                "InvalidParameterValue: launches into {zone} are refused (injected)"
+            )));
         }
         if let Some(pos) = cloud
             .faults
@@ -309,7 +376,21 @@ impl Compute for MemoryCompute {
         environment: EnvironmentId,
         attempt: u32,
     ) -> Result<Option<Instance>, ComputeError> {
-        let cloud = self.enter("find_launch")?;
+        self.answer_after_latency().await;
+        let mut cloud = self.enter("find_launch")?;
+        if let Some(pos) = cloud
+            .faults
+            .iter()
+            .position(|f| matches!(f, LaunchFault::LookupLag(_)))
+        {
+            if let LaunchFault::LookupLag(n) = &mut cloud.faults[pos] {
+                *n -= 1;
+                if *n == 0 {
+                    cloud.faults.remove(pos);
+                }
+            }
+            return Ok(None);
+        }
         Ok(cloud
             .instances
             .values()
@@ -322,6 +403,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn observe(&self) -> Result<Vec<Instance>, ComputeError> {
+        self.answer_after_latency().await;
         let mut cloud = self.enter("observe")?;
         // What was in transition has finished by the time it is described.
         for instance in cloud.instances.values_mut() {
@@ -336,6 +418,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {
+        self.answer_after_latency().await;
         let mut cloud = self.enter("start")?;
         Self::transition(
             &mut cloud,
@@ -346,6 +429,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn stop(&self, instance_id: &str) -> Result<(), ComputeError> {
+        self.answer_after_latency().await;
         let mut cloud = self.enter("stop")?;
         Self::transition(
             &mut cloud,
@@ -356,6 +440,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError> {
+        self.answer_after_latency().await;
         let mut cloud = self.enter("terminate")?;
         let Some(instance) = cloud.instances.get_mut(instance_id) else {
             return Err(ComputeError::Rejected(format!(
@@ -369,6 +454,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn quarantine(&self, instance_id: &str, at: SystemTime) -> Result<(), ComputeError> {
+        self.answer_after_latency().await;
         let mut cloud = self.enter("quarantine")?;
         let instance = cloud.instances.get_mut(instance_id).ok_or_else(|| {
             ComputeError::Rejected(format!("instance {instance_id} does not exist"))
@@ -378,6 +464,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError> {
+        self.answer_after_latency().await;
         let _cloud = self.enter("subnets")?;
         let zones = self.zones.lock().expect("lock").clone();
         if zones.is_empty() {
@@ -394,6 +481,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn offered_zones(&self, instance_type: &str) -> Result<Vec<String>, ComputeError> {
+        self.answer_after_latency().await;
         let _cloud = self.enter("offered_zones")?;
         if instance_type.starts_with("unoffered") {
             return Ok(Vec::new());
@@ -402,6 +490,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn check(&self) -> Result<(), ComputeError> {
+        self.answer_after_latency().await;
         self.enter("check").map(drop)
     }
 }

@@ -4,11 +4,13 @@
 //! loopback port, over real gRPC, and stops it when dropped. [`fakes`] holds
 //! in-memory implementations of the core traits; [`proxy`] is a
 //! fault-injecting HTTP proxy in front of emulated AWS; [`scm`] fakes the
-//! source-control providers over HTTPS.
+//! source-control providers over HTTPS; [`tamper`] is a gRPC proxy that
+//! damages what a runner receives from the control plane.
 
 pub mod fakes;
 pub mod proxy;
 pub mod scm;
+pub mod tamper;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

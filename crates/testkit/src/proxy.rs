@@ -3,9 +3,11 @@
 //! It forwards every request to the upstream and, by rules, answers some
 //! instead: throttling errors, 500/503, `InsufficientInstanceCapacity` for
 //! launches into chosen subnets, a delay, or a dropped connection. It counts
-//! every request by operation with its time, so tests can check call rates.
-//! The operation is the EC2 query `Action` or the JSON protocols'
-//! `X-Amz-Target`.
+//! every request by operation with its time, so tests can check call rates,
+//! and records every exchange when it is complete ([`Call`]: arrival, end,
+//! outcome, and a label a caller-given function derives from the request),
+//! which the benchmarks time. The operation is the EC2 query `Action` or the
+//! JSON protocols' `X-Amz-Target`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -84,6 +86,42 @@ pub struct Launch {
     pub faulted: bool,
 }
 
+/// One exchange through the proxy, recorded once its answer is complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// `RunInstances`, `DynamoDB_20120810.TransactWriteItems`, ...
+    pub operation: String,
+    /// What the proxy's labeller said of the request (see
+    /// [`FaultProxy::start_labelled`]).
+    pub label: Option<String>,
+    /// Whether the request asks for a later page (it carries a `NextToken`
+    /// query parameter).
+    pub next_page: bool,
+    /// The request arrived.
+    pub start: Instant,
+    /// The answer was complete (or the exchange failed).
+    pub end: Instant,
+    /// The proxy answered with a fault instead of the upstream's answer.
+    pub faulted: bool,
+    /// The answer was a 2xx.
+    pub ok: bool,
+}
+
+/// What a labeller sees of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestSummary<'a> {
+    /// The operation, as [`Call::operation`].
+    pub operation: &'a str,
+    /// The query parameters of a query-protocol request (EC2); empty for the
+    /// JSON protocols.
+    pub params: &'a HashMap<String, String>,
+    /// The request body.
+    pub body: &'a [u8],
+}
+
+/// Derives a label for a request, e.g. the environment it is about.
+type Labeller = Arc<dyn Fn(&RequestSummary<'_>) -> Option<String> + Send + Sync>;
+
 #[derive(Debug, Default)]
 struct Shared {
     rules: Vec<Rule>,
@@ -91,6 +129,7 @@ struct Shared {
     considered: Vec<u64>,
     seen: Vec<(String, Instant, bool)>,
     launches: Vec<Launch>,
+    calls: Vec<Call>,
 }
 
 /// A running proxy; stops when dropped.
@@ -152,6 +191,19 @@ fn ec2_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Byt
 impl FaultProxy {
     /// Starts a proxy on 127.0.0.1 in front of `upstream` (an http:// URL).
     pub async fn start(upstream: &str) -> std::io::Result<Self> {
+        Self::start_with(upstream, None).await
+    }
+
+    /// Like [`FaultProxy::start`], and labels each recorded [`Call`] with
+    /// what `label` says of its request.
+    pub async fn start_labelled(
+        upstream: &str,
+        label: impl Fn(&RequestSummary<'_>) -> Option<String> + Send + Sync + 'static,
+    ) -> std::io::Result<Self> {
+        Self::start_with(upstream, Some(Arc::new(label))).await
+    }
+
+    async fn start_with(upstream: &str, labeller: Option<Labeller>) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Mutex::new(Shared::default()));
@@ -165,14 +217,28 @@ impl FaultProxy {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let (shared, client, upstream) =
-                        (shared.clone(), client.clone(), upstream.clone());
+                    // Small requests and answers go out at once: the
+                    // recorded times are the exchange's, not Nagle's.
+                    let _ = stream.set_nodelay(true);
+                    let (shared, client, upstream, labeller) = (
+                        shared.clone(),
+                        client.clone(),
+                        upstream.clone(),
+                        labeller.clone(),
+                    );
                     tokio::spawn(async move {
                         let service =
                             hyper::service::service_fn(move |request: Request<Incoming>| {
-                                let (shared, client, upstream) =
-                                    (shared.clone(), client.clone(), upstream.clone());
-                                async move { handle(request, &shared, &client, &upstream).await }
+                                let (shared, client, upstream, labeller) = (
+                                    shared.clone(),
+                                    client.clone(),
+                                    upstream.clone(),
+                                    labeller.clone(),
+                                );
+                                async move {
+                                    handle(request, &shared, &client, &upstream, labeller.as_ref())
+                                        .await
+                                }
                             });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service)
@@ -225,6 +291,13 @@ impl FaultProxy {
         self.shared.lock().expect("lock").launches.clone()
     }
 
+    /// Every exchange completed so far, in order of arrival.
+    pub fn calls(&self) -> Vec<Call> {
+        let mut calls = self.shared.lock().expect("lock").calls.clone();
+        calls.sort_by_key(|c| c.start);
+        calls
+    }
+
     /// How many requests were answered with a fault.
     pub fn faulted(&self) -> usize {
         self.shared
@@ -242,65 +315,108 @@ async fn handle(
     shared: &Mutex<Shared>,
     client: &Client<HttpConnector, Full<Bytes>>,
     upstream: &hyper::Uri,
+    labeller: Option<&Labeller>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
-    let (mut parts, body) = request.into_parts();
+    let start = Instant::now();
+    let (parts, body) = request.into_parts();
     let body = body
         .collect()
         .await
         .map_err(std::io::Error::other)?
         .to_bytes();
     let op = operation(&parts.headers, &body);
-    let fault = {
-        let mut guard = shared.lock().expect("lock");
-        let shared = &mut *guard;
-        shared.considered.resize(shared.rules.len(), 0);
-        let mut fault = None;
-        for (r, considered) in shared.rules.iter().zip(shared.considered.iter_mut()) {
-            if !(r.operations.is_empty() || r.operations.contains(&op)) {
-                continue;
-            }
-            let mut every_nth = || {
-                *considered += 1;
-                let rate = r.rate.clamp(0.0, 1.0);
-                let k = *considered as f64;
-                (k * rate).floor() > ((k - 1.0) * rate).floor()
-            };
-            let hit = match &r.fault {
-                Fault::DelayAfter { pass, .. } => {
-                    let before = shared
-                        .seen
-                        .iter()
-                        .filter(|(o, _, _)| r.operations.is_empty() || r.operations.contains(o))
-                        .count();
-                    before >= *pass
-                }
-                Fault::NoCapacityInSubnet(subnet) | Fault::RefuseInSubnet { subnet, .. } => {
-                    form(&body).get("SubnetId") == Some(subnet) && every_nth()
-                }
-                _ => every_nth(),
-            };
-            if hit {
-                fault = Some(r.fault.clone());
-                break;
-            }
-        }
-        let faulted = !matches!(
-            fault,
-            None | Some(Fault::Delay(_) | Fault::DelayAfter { .. })
-        );
-        shared.seen.push((op.clone(), Instant::now(), faulted));
-        if op == "RunInstances" {
-            let mut params = form(&body);
-            shared.launches.push(Launch {
-                subnet: params.remove("SubnetId").unwrap_or_default(),
-                client_token: params.remove("ClientToken").unwrap_or_default(),
-                faulted,
-            });
-        }
-        fault
+    let params = if parts.headers.contains_key("x-amz-target") {
+        HashMap::new()
+    } else {
+        form(&body)
     };
+    let label = labeller.and_then(|label| {
+        label(&RequestSummary {
+            operation: &op,
+            params: &params,
+            body: &body,
+        })
+    });
+    let fault = decide(shared, &op, &body);
+    let faulted = !matches!(
+        fault,
+        None | Some(Fault::Delay(_) | Fault::DelayAfter { .. })
+    );
+    let response = respond(fault, &op, parts, body, client, upstream).await;
+    shared.lock().expect("lock").calls.push(Call {
+        operation: op,
+        label,
+        next_page: params.contains_key("NextToken"),
+        start,
+        end: Instant::now(),
+        faulted,
+        ok: response.as_ref().is_ok_and(|r| r.status().is_success()),
+    });
+    response
+}
+
+/// Which fault, if any, answers this request; records its arrival.
+fn decide(shared: &Mutex<Shared>, op: &str, body: &[u8]) -> Option<Fault> {
+    let mut guard = shared.lock().expect("lock");
+    let shared = &mut *guard;
+    shared.considered.resize(shared.rules.len(), 0);
+    let mut fault = None;
+    for (r, considered) in shared.rules.iter().zip(shared.considered.iter_mut()) {
+        if !(r.operations.is_empty() || r.operations.iter().any(|o| o == op)) {
+            continue;
+        }
+        let mut every_nth = || {
+            *considered += 1;
+            let rate = r.rate.clamp(0.0, 1.0);
+            let k = *considered as f64;
+            (k * rate).floor() > ((k - 1.0) * rate).floor()
+        };
+        let hit = match &r.fault {
+            Fault::DelayAfter { pass, .. } => {
+                let before = shared
+                    .seen
+                    .iter()
+                    .filter(|(o, _, _)| r.operations.is_empty() || r.operations.contains(o))
+                    .count();
+                before >= *pass
+            }
+            Fault::NoCapacityInSubnet(subnet) | Fault::RefuseInSubnet { subnet, .. } => {
+                form(body).get("SubnetId") == Some(subnet) && every_nth()
+            }
+            _ => every_nth(),
+        };
+        if hit {
+            fault = Some(r.fault.clone());
+            break;
+        }
+    }
+    let faulted = !matches!(
+        fault,
+        None | Some(Fault::Delay(_) | Fault::DelayAfter { .. })
+    );
+    shared.seen.push((op.to_owned(), Instant::now(), faulted));
+    if op == "RunInstances" {
+        let mut params = form(body);
+        shared.launches.push(Launch {
+            subnet: params.remove("SubnetId").unwrap_or_default(),
+            client_token: params.remove("ClientToken").unwrap_or_default(),
+            faulted,
+        });
+    }
+    fault
+}
+
+/// The fault's answer, or the upstream's (after the fault's delay, if any).
+async fn respond(
+    fault: Option<Fault>,
+    op: &str,
+    mut parts: hyper::http::request::Parts,
+    body: Bytes,
+    client: &Client<HttpConnector, Full<Bytes>>,
+    upstream: &hyper::Uri,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     match fault {
-        Some(Fault::Throttle) => return Ok(throttle(&op)),
+        Some(Fault::Throttle) => return Ok(throttle(op)),
         Some(Fault::Status(code)) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return Ok(if op.contains('.') {
