@@ -6,7 +6,9 @@
 //! the other way round.
 
 pub mod backoff;
+pub mod controller;
 pub mod desired;
+pub mod errors;
 pub mod leader;
 pub mod model;
 pub mod observer;
