@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runner_core::backoff::Backoff;
-use runner_core::controller::{Controller, Informer};
+use runner_core::controller::Controller;
 use runner_core::desired::Desired;
 use runner_core::leader::{Leadership, Lease, run_lease};
 use runner_core::model::Subnet;
@@ -305,13 +305,12 @@ pub async fn run_with(
         compute.clone(),
         config.engine.observe_interval,
     ));
-    let outbox = Arc::new(Outbox::default());
     let context = Arc::new(
         Context::new(
             store.clone(),
             compute.clone(),
             observer,
-            outbox.clone(),
+            Arc::new(Outbox::default()),
             Arc::new(Desired::default()),
             subnets,
             ReconcileSettings {
@@ -355,43 +354,32 @@ pub async fn run_with(
 
     let grace = config.engine.shutdown_grace;
     let controller = Controller::new(
-        context.clone(),
+        context,
         deps.leadership.clone(),
         metrics.clone(),
         config.engine.concurrency,
         grace,
     );
     let synced = health.first_sync();
+    let informer = controller.informer(
+        control_plane.clone(),
+        config.engine.resync_interval,
+        config.engine.orphans,
+    );
     supervisor.spawn_critical(
         "informer",
-        Informer {
-            control_plane: control_plane.clone(),
-            context,
-            queue: controller.queue(),
-            resync: config.engine.resync_interval,
-            leadership: deps.leadership.clone(),
-            orphans: config.engine.orphans,
-        }
-        .run(events_rx, synced.clone(), shutdown.clone()),
+        informer.run(events_rx, synced.clone(), shutdown.clone()),
     );
 
     // Status delivery outlives the scheduler, for a last flush. Both are
     // critical: either ending before shutdown stops the process.
     let outbox_stop = CancellationToken::new();
-    let outbox_done = supervisor.spawn_critical_done("status-outbox", {
-        let (leadership, metrics) = (deps.leadership.clone(), metrics.clone());
-        outbox.run_while(
-            move || leadership.is_leader(),
-            control_plane,
-            Backoff {
-                base: Duration::from_millis(500),
-                max: Duration::from_secs(30),
-            },
-            16,
-            move |round, pending| metrics.status_round(round, pending),
-            outbox_stop.clone(),
-        )
-    });
+    let statuses = controller.deliver_statuses(
+        control_plane,
+        move |round, pending| metrics.status_round(round, pending),
+        outbox_stop.clone(),
+    );
+    let outbox_done = supervisor.spawn_critical_done("status-outbox", statuses);
     let scheduler_done =
         supervisor.spawn_critical_done("scheduler", controller.run(synced, shutdown.clone()));
 

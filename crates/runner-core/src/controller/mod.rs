@@ -15,10 +15,12 @@
 //! run the queue; when it lapses ([`Leadership::lapsed`]), take no new work,
 //! let in-flight reconciles finish within the grace period and drop the
 //! statuses not yet delivered (the next leader's to report). Nothing is
-//! created or terminated before the first full sync.
+//! created or terminated before the first full sync, and statuses are sent
+//! only while leading.
 
 pub mod informer;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,8 +32,11 @@ use crate::backoff::Backoff;
 use crate::errors::chain;
 use crate::leader::Leadership;
 use crate::model::EnvironmentId;
+use crate::orphans::OrphanPolicy;
+use crate::outbox::Round;
 use crate::reconcile::{Context, ReconcileError, ReconcileSettings, reconcile};
 use crate::scheduler::{Drained, Next, Queue, QueueObserver, Scheduler, SchedulerConfig};
+use crate::traits::ControlPlane;
 
 /// Per-key backoff after transient failures: from 1 s, doubling, up to
 /// 5 min, with equal jitter; reset by a success.
@@ -39,6 +44,15 @@ pub const BACKOFF: Backoff = Backoff {
     base: Duration::from_secs(1),
     max: Duration::from_secs(300),
 };
+
+/// Retries of status deliveries: from 0.5 s, doubling, up to 30 s.
+const STATUS_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(500),
+    max: Duration::from_secs(30),
+};
+
+/// Statuses sent at once.
+const STATUS_CONCURRENCY: usize = 16;
 
 /// What the controller reports, besides the queue's depth.
 pub trait ReconcileObserver: QueueObserver {
@@ -104,9 +118,42 @@ impl Controller {
         }
     }
 
-    /// The work queue, for the informer.
-    pub fn queue(&self) -> Queue<EnvironmentId> {
-        self.queue.clone()
+    /// The informer that feeds this controller's queue from `control_plane`,
+    /// with a full sync every `resync`.
+    pub fn informer(
+        &self,
+        control_plane: Arc<dyn ControlPlane>,
+        resync: Duration,
+        orphans: OrphanPolicy,
+    ) -> Informer {
+        Informer {
+            control_plane,
+            context: self.context.clone(),
+            queue: self.queue.clone(),
+            resync,
+            leadership: self.leadership.clone(),
+            orphans,
+        }
+    }
+
+    /// Delivers the statuses reconciles publish while this replica leads,
+    /// until `stop`, then once more if still leading; `on_round` hears of
+    /// each delivery round and what is left pending.
+    pub fn deliver_statuses(
+        &self,
+        control_plane: Arc<dyn ControlPlane>,
+        on_round: impl Fn(Round, usize) + Send + Sync + 'static,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let leadership = self.leadership.clone();
+        self.context.outbox.clone().run_while(
+            move || leadership.is_leader(),
+            control_plane,
+            STATUS_BACKOFF,
+            STATUS_CONCURRENCY,
+            on_round,
+            stop,
+        )
     }
 
     /// Runs terms until `shutdown`, starting once `synced` is cancelled (the
