@@ -107,6 +107,33 @@ impl Leadership {
     pub fn watch(&self) -> watch::Receiver<Option<u64>> {
         self.changed.subscribe()
     }
+
+    /// Resolves once this replica does not lead: at once if it does not,
+    /// else when the local validity runs out (a renewal moves that end) or
+    /// leadership is cleared.
+    pub async fn lapsed(&self) {
+        // Subscribed before reading, so a clear in between is not missed.
+        let mut changes = self.watch();
+        loop {
+            let held = *self.held.lock().expect("leadership lock is never poisoned");
+            let Some(valid_until) = held
+                .map(|h| h.valid_until)
+                .filter(|end| Instant::now() < *end)
+            else {
+                return;
+            };
+            // A renewal in time is not announced: look again at the old end.
+            tokio::select! {
+                () = tokio::time::sleep_until(valid_until) => {}
+                changed = changes.changed() => {
+                    // The sender lives as long as `self`.
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Lease timing.
@@ -189,6 +216,8 @@ pub async fn run_lease(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -207,5 +236,54 @@ mod tests {
         leadership.set(5, Instant::now() + Duration::from_secs(2));
         assert!(watch.has_changed().expect("open"));
         assert!(leadership.is_leader());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lapsed_resolves_when_the_local_validity_runs_out() {
+        let leadership = Leadership::default();
+        let started = Instant::now();
+        leadership.lapsed().await;
+        assert_eq!(started.elapsed(), Duration::ZERO, "not leading: at once");
+        leadership.set(1, started + Duration::from_secs(10));
+        leadership.lapsed().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert!(!leadership.is_leader());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_moves_the_end_of_lapsed() {
+        let leadership = Arc::new(Leadership::default());
+        let started = Instant::now();
+        leadership.set(1, started + Duration::from_secs(10));
+        let renewer = tokio::spawn({
+            let leadership = leadership.clone();
+            async move {
+                // Renewed in time twice, at the same epoch (not announced).
+                for at in [4, 8] {
+                    tokio::time::sleep_until(started + Duration::from_secs(at)).await;
+                    leadership.set(1, Instant::now() + Duration::from_secs(10));
+                }
+            }
+        });
+        leadership.lapsed().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(18));
+        renewer.await.expect("renewer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clear_resolves_lapsed_at_once() {
+        let leadership = Arc::new(Leadership::default());
+        let started = Instant::now();
+        leadership.set(1, started + Duration::from_secs(100));
+        let clearer = tokio::spawn({
+            let leadership = leadership.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                leadership.clear();
+            }
+        });
+        leadership.lapsed().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        clearer.await.expect("clearer");
     }
 }

@@ -79,11 +79,6 @@ impl Observer {
             .collect()
     }
 
-    /// Every environment that has instances in the current view.
-    pub fn environments(&self) -> Vec<EnvironmentId> {
-        self.snapshot().by_environment.keys().copied().collect()
-    }
-
     /// Records what a mutation returned, so the view shows it before the next
     /// describe does.
     pub fn record(&self, instance: Instance) {

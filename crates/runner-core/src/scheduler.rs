@@ -3,8 +3,9 @@
 //! Invariants: a key is queued at most once (dedup); a key never runs twice
 //! at once (a key enqueued while running runs again right after); at most
 //! `concurrency` keys run at a time; a failing key backs off exponentially
-//! with jitter, and its backoff resets on success. On shutdown no new work
-//! starts and in-flight work gets a grace period to finish.
+//! with jitter, and its backoff resets on success (a failure that retrying
+//! soon cannot help waits a fixed delay instead, see [`Next`]). On shutdown
+//! no new work starts and in-flight work gets a grace period to finish.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -56,15 +57,38 @@ impl<K: Send + 'static> Queue<K> {
     }
 }
 
-/// How one unit of work ended.
-pub trait Outcome {
-    /// The action to take next, or `None` for a failure (which backs off).
-    fn action(&self) -> Option<Action>;
+/// What the queue does with a key once its work ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// It succeeded: its backoff resets, and the action says when it runs again.
+    Done(Action),
+    /// It failed and may succeed soon: it runs again after its backoff,
+    /// which grows with every failure in a row.
+    Backoff,
+    /// It failed, and retrying soon cannot help: it runs again after this
+    /// delay; its backoff is left as it was.
+    RetryAfter(Duration),
 }
 
+/// How one unit of work ended.
+pub trait Outcome {
+    /// What the queue does with the key next.
+    fn next(&self) -> Next;
+}
+
+impl Outcome for Next {
+    fn next(&self) -> Next {
+        *self
+    }
+}
+
+/// Any error backs off.
 impl<E> Outcome for Result<Action, E> {
-    fn action(&self) -> Option<Action> {
-        self.as_ref().ok().copied()
+    fn next(&self) -> Next {
+        match self {
+            Ok(action) => Next::Done(*action),
+            Err(_) => Next::Backoff,
+        }
     }
 }
 
@@ -196,25 +220,27 @@ impl<K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static> Scheduler<K
                 biased;
                 () = shutdown.cancelled() => break,
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                    let (id, outcome) = match joined {
-                        Ok((id, outcome)) => (id, outcome.action()),
-                        Err(err) => (err.id(), None),
+                    // A panicked task backs off like a failure.
+                    let (id, next) = match joined {
+                        Ok((id, outcome)) => (id, outcome.next()),
+                        Err(err) => (err.id(), Next::Backoff),
                     };
                     let Some(key) = task_keys.remove(&id) else { continue };
                     state.running.remove(&key);
-                    match outcome {
-                        Some(action) => {
+                    match next {
+                        Next::Done(action) => {
                             state.failures.remove(&key);
                             if let Action::Requeue(delay) = action {
                                 state.push_after(key.clone(), delay);
                             }
                         }
-                        None => {
+                        Next::Backoff => {
                             let failures = state.failures.entry(key.clone()).or_insert(0);
                             *failures = failures.saturating_add(1);
                             let delay = self.config.backoff.equal_jitter(*failures);
                             state.push_after(key.clone(), delay);
                         }
+                        Next::RetryAfter(delay) => state.push_after(key.clone(), delay),
                     }
                     if state.rerun.remove(&key) {
                         state.push_now(key);

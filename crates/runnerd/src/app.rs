@@ -1,6 +1,7 @@
 //! Wiring and lifetime: builds the parts from a [`Config`] and the adapters,
-//! runs every long-lived task under one cancellation token and the
-//! [`Supervisor`], and shuts down in order.
+//! starts every long-lived task through the one [`Supervisor`] under one
+//! cancellation token, and shuts down in order. What is reconciled, and
+//! when, is the controller's ([`runner_core::controller`]).
 //!
 //! Shutdown: the root token stops the session, the informer and new work;
 //! in-flight reconciles get the grace period; then the status outbox makes a
@@ -9,16 +10,16 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use runner_core::backoff::Backoff;
+use runner_core::controller::Controller;
 use runner_core::desired::Desired;
 use runner_core::leader::{Leadership, Lease, run_lease};
-use runner_core::model::{EnvironmentId, Subnet};
+use runner_core::model::Subnet;
 use runner_core::observer::Observer;
 use runner_core::outbox::Outbox;
-use runner_core::reconcile::{Context, ReconcileSettings, reconcile};
-use runner_core::scheduler::{Scheduler, SchedulerConfig};
+use runner_core::reconcile::{Context, ReconcileSettings};
 use runner_core::traits::{
     Compute, ControlPlane, EnvironmentSecrets, SecretStore, StateStore, TokenStore,
 };
@@ -27,12 +28,10 @@ use runner_proto::pb::runner_service_client::RunnerServiceClient;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument as _;
 
 use crate::config::Config;
 use crate::grpc::{self, Auth, GrpcControlPlane};
 use crate::health::{self, Health, chain};
-use crate::informer::Informer;
 use crate::scm::Scm;
 use crate::session::{Session, SessionError};
 use crate::supervisor::{Fatal, Supervisor};
@@ -135,6 +134,15 @@ async fn retry_until<T, E: std::error::Error, Fut: Future<Output = Result<T, E>>
     }
 }
 
+/// A session step's value; `None` when shutdown cancelled it.
+fn established<T>(step: Result<T, SessionError>) -> Result<Option<T>, AppError> {
+    match step {
+        Ok(value) => Ok(Some(value)),
+        Err(SessionError::Cancelled) => Ok(None),
+        Err(err) => Err(AppError::Session(err)),
+    }
+}
+
 /// Runs the daemon until `shutdown` is cancelled (Ok) or a critical task
 /// fails (Err).
 pub async fn run(
@@ -157,10 +165,6 @@ pub async fn run_with(
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let (supervisor, mut failures) = Supervisor::new(shutdown.clone(), health.clone());
-    let spawn_critical =
-        |name: &'static str, task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
-            supervisor.spawn_critical(name, task);
-        };
 
     // The health port first, so ECS sees the process alive while it starts.
     let listener = health::bind(config.health_listen)
@@ -169,31 +173,26 @@ pub async fn run_with(
     if let Some(bound) = bound {
         let _ = bound.send(listener.local_addr().map_err(AppError::Listen)?);
     }
-    spawn_critical(
-        "health-port",
-        Box::pin({
-            let (health, metrics, shutdown) = (health.clone(), metrics.clone(), shutdown.clone());
-            async move {
-                if let Err(err) = health::serve(listener, health, metrics, shutdown).await {
-                    tracing::error!(error = %err, "health port failed");
-                }
-            }
-        }),
-    );
+    let serve = health::serve(listener, health.clone(), metrics.clone(), shutdown.clone());
+    supervisor.spawn_critical("health-port", async move {
+        if let Err(err) = serve.await {
+            tracing::error!(error = %err, "health port failed");
+        }
+    });
 
     let compute: Arc<dyn Compute> = Arc::new(InstrumentedCompute::new(
         deps.compute.clone(),
         metrics.clone(),
     ));
     let store = deps.store.clone();
-    spawn_critical(
+    supervisor.spawn_critical(
         "health-monitor",
-        Box::pin(health.clone().monitor(
+        health.clone().monitor(
             store.clone(),
             compute.clone(),
             config.engine.health_check_interval,
             shutdown.clone(),
-        )),
+        ),
     );
 
     let channel = grpc::channel(&config.control_plane)?;
@@ -234,36 +233,30 @@ pub async fn run_with(
         calls: TaskTracker::new(),
         claim: deps.claim.clone(),
     });
-    let key = match session.credentials(&shutdown).await {
-        Ok(key) => key,
-        Err(SessionError::Cancelled) => return Ok(()),
-        Err(err) => return Err(AppError::Session(err)),
+    let Some(key) = established(session.credentials(&shutdown).await)? else {
+        return Ok(());
     };
     scm.set_key(&key);
-    match session.signup(&key, &shutdown).await {
-        Ok(()) => {}
-        Err(SessionError::Cancelled) => return Ok(()),
-        Err(err) => return Err(AppError::Session(err)),
+    if established(session.signup(&key, &shutdown).await)?.is_none() {
+        return Ok(());
     }
 
     // The self-update state (or why there is none) goes with the first status.
     match extras.self_update {
-        Some(parts) => spawn_critical(
+        Some(parts) => supervisor.spawn_critical(
             "self-update",
-            Box::pin(
-                crate::update::Updater {
-                    releases: Arc::new(crate::update::GrpcReleases::new(
-                        session.client.clone(),
-                        config.control_plane.timeout,
-                    )),
-                    parts,
-                    leadership: deps.leadership.clone(),
-                    health: health.clone(),
-                    clock: Arc::new(runner_core::traits::SystemClock),
-                    config: config.update,
-                }
-                .run(shutdown.clone()),
-            ),
+            crate::update::Updater {
+                releases: Arc::new(crate::update::GrpcReleases::new(
+                    session.client.clone(),
+                    config.control_plane.timeout,
+                )),
+                parts,
+                leadership: deps.leadership.clone(),
+                health: health.clone(),
+                clock: Arc::new(runner_core::traits::SystemClock),
+                config: config.update,
+            }
+            .run(shutdown.clone()),
         ),
         None => {
             health.set_detail("update_state", "unavailable");
@@ -272,10 +265,7 @@ pub async fn run_with(
     }
     // The session runs before the setup checks, so that a broken setup
     // shows as DEGRADED in the control plane.
-    spawn_critical(
-        "heartbeat",
-        Box::pin(session.clone().heartbeat(shutdown.clone())),
-    );
+    supervisor.spawn_critical("heartbeat", session.clone().heartbeat(shutdown.clone()));
     if let Some(doctor) = extras.doctor {
         supervisor.spawn(
             "setup-checks",
@@ -315,15 +305,13 @@ pub async fn run_with(
         compute.clone(),
         config.engine.observe_interval,
     ));
-    let outbox = Arc::new(Outbox::default());
-    let desired = Arc::new(Desired::default());
     let context = Arc::new(
         Context::new(
             store.clone(),
             compute.clone(),
-            observer.clone(),
-            outbox.clone(),
-            desired.clone(),
+            observer,
+            Arc::new(Outbox::default()),
+            Arc::new(Desired::default()),
             subnets,
             ReconcileSettings {
                 poll: config.engine.poll_interval,
@@ -337,202 +325,63 @@ pub async fn run_with(
         .with_instance_types(config.placement.allowed_instance_types.clone()),
     );
 
-    spawn_critical(
+    supervisor.spawn_critical(
         "scm-sync",
-        Box::pin(crate::scm::scm_sync(
+        crate::scm::scm_sync(
             scm.clone(),
             grpc_control_plane.clone(),
             scm_events_rx,
             config.engine.resync_interval,
             shutdown.clone(),
-        )),
+        ),
     );
 
     // The lease is released last, after the outbox's last delivery: a
     // status is only ever sent while leading.
     let lease_stop = CancellationToken::new();
-    spawn_critical(
-        "lease",
-        Box::pin({
-            let (lease, leadership, stop) = (
-                deps.lease.clone(),
-                deps.leadership.clone(),
-                lease_stop.clone(),
-            );
-            let timing = config.engine.lease;
-            async move { run_lease(lease.as_ref(), &leadership, timing, stop).await }
-        }),
-    );
+    supervisor.spawn_critical("lease", {
+        let (lease, leadership, stop) = (
+            deps.lease.clone(),
+            deps.leadership.clone(),
+            lease_stop.clone(),
+        );
+        let timing = config.engine.lease;
+        async move { run_lease(lease.as_ref(), &leadership, timing, stop).await }
+    });
 
     let (events_tx, events_rx) = mpsc::channel(1024);
-    spawn_critical(
-        "watch",
-        Box::pin(session.clone().watch(events_tx, shutdown.clone())),
-    );
+    supervisor.spawn_critical("watch", session.clone().watch(events_tx, shutdown.clone()));
 
-    let (queue, scheduler) = Scheduler::<EnvironmentId>::new(SchedulerConfig {
-        concurrency: config.engine.concurrency,
-        backoff: Backoff {
-            base: Duration::from_secs(1),
-            max: Duration::from_secs(300),
-        },
-    });
-    let synced = CancellationToken::new();
-    spawn_critical(
+    let grace = config.engine.shutdown_grace;
+    let controller = Controller::new(
+        context,
+        deps.leadership.clone(),
+        metrics.clone(),
+        config.engine.concurrency,
+        grace,
+    );
+    let synced = health.first_sync();
+    let informer = controller.informer(
+        control_plane.clone(),
+        config.engine.resync_interval,
+        config.engine.orphans,
+    );
+    supervisor.spawn_critical(
         "informer",
-        Box::pin(
-            Informer {
-                control_plane: control_plane.clone(),
-                desired: desired.clone(),
-                context: context.clone(),
-                observer: observer.clone(),
-                queue: queue.clone(),
-                health: health.clone(),
-                resync: config.engine.resync_interval,
-                leadership: deps.leadership.clone(),
-                orphans: config.engine.orphans,
-            }
-            .run(events_rx, synced.clone(), shutdown.clone()),
-        ),
+        informer.run(events_rx, synced.clone(), shutdown.clone()),
     );
 
     // Status delivery outlives the scheduler, for a last flush. Both are
     // critical: either ending before shutdown stops the process.
     let outbox_stop = CancellationToken::new();
-    let outbox_done = CancellationToken::new();
-    spawn_critical(
-        "status-outbox",
-        Box::pin({
-            let (outbox, metrics, stop) = (outbox.clone(), metrics.clone(), outbox_stop.clone());
-            let done = outbox_done.clone().drop_guard();
-            let backoff = Backoff {
-                base: Duration::from_millis(500),
-                max: Duration::from_secs(30),
-            };
-            let leadership = deps.leadership.clone();
-            async move {
-                outbox
-                    .run_while(
-                        move || leadership.is_leader(),
-                        control_plane,
-                        backoff,
-                        16,
-                        move |round, pending| metrics.status_round(round, pending),
-                        stop,
-                    )
-                    .await;
-                drop(done);
-            }
-        }),
+    let statuses = controller.deliver_statuses(
+        control_plane,
+        move |round, pending| metrics.status_round(round, pending),
+        outbox_stop.clone(),
     );
-
-    let grace = config.engine.shutdown_grace;
-    let scheduler_done = CancellationToken::new();
-    spawn_critical(
-        "scheduler",
-        Box::pin({
-            let (metrics, shutdown, synced) = (metrics.clone(), shutdown.clone(), synced.clone());
-            let done = scheduler_done.clone().drop_guard();
-            let leadership = deps.leadership.clone();
-            let (term_context, term_desired, term_queue) =
-                (context.clone(), desired.clone(), queue.clone());
-            let term_outbox = outbox.clone();
-            let term_observer = observer.clone();
-            async move {
-                let _done = done;
-                // No create or terminate before the first full sync.
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = synced.cancelled() => {}
-                }
-                let work_metrics = metrics.clone();
-                let work = |id: EnvironmentId| {
-                    let context = context.clone();
-                    let metrics = work_metrics.clone();
-                    async move {
-                    let started = Instant::now();
-                    let result = reconcile(&context, id).await;
-                    let outcome = match &result {
-                        Ok(_) => "ok",
-                        Err(err) => {
-                            tracing::warn!(error = %chain(err), retryable = err.is_retryable(), "reconcile failed");
-                            err.metric_label()
-                        }
-                    };
-                    metrics.reconciled(outcome, started.elapsed());
-                    result
-                }
-                .instrument(tracing::info_span!("reconcile", env.id = %id))
-                };
-                let mut scheduler = scheduler;
-                let mut changes = leadership.watch();
-                loop {
-                    // Only the leader reconciles.
-                    while !leadership.is_leader() {
-                        tokio::select! {
-                            () = shutdown.cancelled() => return,
-                            _ = changes.changed() => {}
-                        }
-                    }
-                    let Some(epoch) = leadership.epoch() else {
-                        continue;
-                    };
-                    tracing::info!(epoch, "leading: reconciling");
-                    let term = shutdown.child_token();
-                    let watcher = tokio::spawn({
-                        let (leadership, term) = (leadership.clone(), term.clone());
-                        async move {
-                            while leadership.is_leader() && !term.is_cancelled() {
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                            }
-                            term.cancel();
-                        }
-                    });
-                    // The previous leader may have written since these were loaded.
-                    while let Err(err) = term_context.reload_all().await {
-                        tracing::warn!(error = %err, "cannot reload the records");
-                        tokio::select! {
-                            () = term.cancelled() => break,
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                    }
-                    term_outbox.start_term(epoch);
-                    // The standby's view of instances may predate the old leader's last launches.
-                    if let Err(err) = term_observer.refresh().await {
-                        tracing::warn!(error = %chain(&err), "cannot refresh the view of instances");
-                    }
-                    for id in term_desired
-                        .present()
-                        .into_iter()
-                        .chain(term_context.recorded())
-                    {
-                        term_queue.enqueue(id);
-                    }
-                    let drained = scheduler
-                        .run(&work, metrics.as_ref(), term.clone(), grace)
-                        .await;
-                    watcher.abort();
-                    if shutdown.is_cancelled() {
-                        // The outbox delivers what is pending, still leading.
-                        tracing::info!(
-                            finished = drained.finished,
-                            aborted = drained.aborted,
-                            "work queue drained"
-                        );
-                        return;
-                    }
-                    // Statuses not delivered by now are the next leader's to report.
-                    term_outbox.clear();
-                    tracing::info!(
-                        finished = drained.finished,
-                        aborted = drained.aborted,
-                        "work queue drained"
-                    );
-                    tracing::warn!(epoch, "no longer leading: reconciling stopped");
-                }
-            }
-        }),
-    );
+    let outbox_done = supervisor.spawn_critical_done("status-outbox", statuses);
+    let scheduler_done =
+        supervisor.spawn_critical_done("scheduler", controller.run(synced, shutdown.clone()));
 
     let result = tokio::select! {
         () = shutdown.cancelled() => {

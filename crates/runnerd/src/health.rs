@@ -21,7 +21,7 @@ use crate::telemetry::Metrics;
 /// The runner's readiness and degradation.
 #[derive(Debug)]
 pub struct Health {
-    synced: AtomicBool,
+    synced: CancellationToken,
     session: AtomicBool,
     store: AtomicBool,
     stopping: AtomicBool,
@@ -36,7 +36,7 @@ pub const MAX_DETAIL_BYTES: usize = 256;
 impl Default for Health {
     fn default() -> Self {
         Self {
-            synced: AtomicBool::new(false),
+            synced: CancellationToken::new(),
             session: AtomicBool::new(false),
             store: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
@@ -48,9 +48,10 @@ impl Default for Health {
 }
 
 impl Health {
-    /// The first full sync finished.
-    pub fn set_synced(&self) {
-        self.synced.store(true, Ordering::SeqCst);
+    /// Cancelled once the first full sync finished: the informer cancels
+    /// it, and readiness and the controller wait for it.
+    pub fn first_sync(&self) -> CancellationToken {
+        self.synced.clone()
     }
 
     /// The control-plane session works (or not).
@@ -70,7 +71,7 @@ impl Health {
         if self.stopping.load(Ordering::SeqCst) {
             reasons.push("stopping");
         }
-        if !self.synced.load(Ordering::SeqCst) {
+        if !self.synced.is_cancelled() {
             reasons.push("first full sync not finished");
         }
         if !self.session.load(Ordering::SeqCst) {

@@ -1,14 +1,13 @@
 //! The runner daemon: configuration, wiring, the control-plane session, the
-//! informer, the health and metrics port, self-update, `runnerd doctor`, and
-//! shutdown. Policy lives in `runner-core`; this crate connects it to gRPC
-//! and to the adapters.
+//! health and metrics port, self-update, `runnerd doctor`, and shutdown.
+//! Policy, the controller included, lives in `runner-core`; this crate
+//! connects it to gRPC and to the adapters.
 
 pub mod app;
 pub mod config;
 pub mod doctor;
 pub mod grpc;
 pub mod health;
-pub mod informer;
 pub mod scm;
 pub mod session;
 pub mod supervisor;

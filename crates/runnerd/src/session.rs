@@ -41,13 +41,7 @@ const CLAIM_TTL: Duration = Duration::from_secs(60);
 const CLAIM_POLL: Duration = Duration::from_millis(500);
 
 /// What the stream task tells the informer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SessionEvent {
-    /// A stream was (re)opened: list everything.
-    Connected,
-    /// Re-fetch this environment.
-    EnvironmentChanged(EnvironmentId),
-}
+pub use runner_core::controller::informer::Event as SessionEvent;
 
 /// What the stream task tells the SCM sync task.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -76,6 +76,22 @@ impl Supervisor {
         });
     }
 
+    /// [`Supervisor::spawn_critical`], and a token cancelled once the task
+    /// has ended (returned, panicked or aborted), for an ordered shutdown.
+    pub fn spawn_critical_done(
+        &self,
+        name: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) -> CancellationToken {
+        let done = CancellationToken::new();
+        let guard = done.clone().drop_guard();
+        self.spawn_critical(name, async move {
+            let _done = guard;
+            task.await;
+        });
+        done
+    }
+
     /// Runs `task`, tracked but not critical: it may end when its work is
     /// done (the setup checks, once they pass).
     pub fn spawn(&self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
@@ -132,7 +148,7 @@ mod tests {
         for (name, dies) in [("panics", true), ("returns", false)] {
             let shutdown = CancellationToken::new();
             let health = Arc::new(Health::default());
-            health.set_synced();
+            health.first_sync().cancel();
             health.set_session(true);
             assert!(health.not_ready().is_empty());
             let (supervisor, mut failures) = Supervisor::new(shutdown.clone(), health.clone());

@@ -13,6 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use runner_core::controller::ReconcileObserver;
 use runner_core::model::{EnvironmentId, Instance, Subnet};
 use runner_core::outbox::Round;
 use runner_core::scheduler::QueueObserver;
@@ -169,12 +170,6 @@ impl Metrics {
         out
     }
 
-    /// A reconcile ended.
-    pub fn reconciled(&self, outcome: &'static str, took: Duration) {
-        self.reconciles.get_or_create(&Outcome { outcome }).inc();
-        self.reconcile_seconds.observe(took.as_secs_f64());
-    }
-
     /// The watch stream was reopened after a failure or its maximum age.
     pub fn reconnected(&self) {
         self.reconnects.inc();
@@ -220,6 +215,13 @@ impl Metrics {
         self.compute_seconds
             .get_or_create(&Operation { operation })
             .observe(took.as_secs_f64());
+    }
+}
+
+impl ReconcileObserver for Metrics {
+    fn reconciled(&self, outcome: &'static str, took: Duration) {
+        self.reconciles.get_or_create(&Outcome { outcome }).inc();
+        self.reconcile_seconds.observe(took.as_secs_f64());
     }
 }
 

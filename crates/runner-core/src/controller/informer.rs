@@ -11,35 +11,36 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runner_core::backoff::Backoff;
-use runner_core::desired::Desired;
-use runner_core::leader::Leadership;
-use runner_core::model::EnvironmentId;
-use runner_core::observer::Observer;
-use runner_core::orphans::{OrphanPolicy, sweep};
-use runner_core::reconcile::Context;
-use runner_core::scheduler::Queue;
-use runner_core::traits::{ComputeError, ControlPlane, ControlPlaneError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{Health, chain};
-use crate::session::SessionEvent;
+use crate::backoff::Backoff;
+use crate::error::chain;
+use crate::leader::Leadership;
+use crate::model::EnvironmentId;
+use crate::orphans::{OrphanPolicy, sweep};
+use crate::reconcile::Context;
+use crate::scheduler::Queue;
+use crate::traits::{ComputeError, ControlPlane, ControlPlaneError};
+
+/// What the control-plane stream tells the informer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A stream was (re)opened: list everything.
+    Connected,
+    /// Re-fetch this environment.
+    EnvironmentChanged(EnvironmentId),
+}
 
 /// Feeds the queue from the control plane.
 pub struct Informer {
     /// The control plane.
     pub control_plane: Arc<dyn ControlPlane>,
-    /// What it wants.
-    pub desired: Arc<Desired>,
-    /// The reconcile context (for the records it holds).
+    /// The reconcile context: what the control plane wants
+    /// ([`Context::desired`]), the records and the observation.
     pub context: Arc<Context>,
-    /// The batched observation.
-    pub observer: Arc<Observer>,
     /// The work queue.
     pub queue: Queue<EnvironmentId>,
-    /// Readiness.
-    pub health: Arc<Health>,
     /// Full resync interval.
     pub resync: Duration,
     /// Whether this replica leads (only the leader reconciles).
@@ -74,10 +75,11 @@ enum SyncError {
 
 impl Informer {
     /// Runs until `shutdown`. `synced` is cancelled after the first full
-    /// sync, which is what lets the scheduler start.
+    /// sync, which is what lets the controller start (and makes the runner
+    /// ready).
     pub async fn run(
         self,
-        mut events: mpsc::Receiver<SessionEvent>,
+        mut events: mpsc::Receiver<Event>,
         synced: CancellationToken,
         shutdown: CancellationToken,
     ) {
@@ -93,7 +95,6 @@ impl Informer {
                         next_resync = tokio::time::Instant::now() + self.resync;
                         if !synced.is_cancelled() {
                             tracing::info!(environments = count, "first full sync done");
-                            self.health.set_synced();
                             synced.cancel();
                         }
                     }
@@ -109,8 +110,8 @@ impl Informer {
                 () = tokio::time::sleep_until(next_resync) => due = true,
                 event = events.recv() => match event {
                     None => return,
-                    Some(SessionEvent::Connected) => due = true,
-                    Some(SessionEvent::EnvironmentChanged(id)) => self.refetch(id).await,
+                    Some(Event::Connected) => due = true,
+                    Some(Event::EnvironmentChanged(id)) => self.refetch(id).await,
                 },
             }
         }
@@ -127,17 +128,22 @@ impl Informer {
             .list_environments()
             .await
             .map_err(SyncError::Environments)?;
-        self.observer.refresh().await.map_err(SyncError::Observe)?;
-        self.desired.set_classes(classes);
+        self.context
+            .observer
+            .refresh()
+            .await
+            .map_err(SyncError::Observe)?;
+        self.context.desired.set_classes(classes);
         let listed: HashSet<EnvironmentId> = environments.iter().map(|e| e.id).collect();
         let count = environments.len();
         for environment in environments {
             let id = environment.id;
-            self.desired.upsert(environment);
+            self.context.desired.upsert(environment);
             self.enqueue(id);
         }
         // Known before but not listed now: confirm one by one.
-        let mut unlisted: HashSet<EnvironmentId> = self.desired.present().into_iter().collect();
+        let mut unlisted: HashSet<EnvironmentId> =
+            self.context.desired.present().into_iter().collect();
         unlisted.extend(self.context.recorded());
         for id in unlisted.difference(&listed) {
             self.refetch(*id).await;
@@ -170,14 +176,15 @@ impl Informer {
         match self.control_plane.get_environment(id).await {
             Ok(Some(environment)) => {
                 let class_known = self
+                    .context
                     .desired
                     .class(&environment.spec.class_id)
                     .is_some_and(|c| c.enabled);
-                self.desired.upsert(environment);
+                self.context.desired.upsert(environment);
                 if !class_known {
                     // A new or re-enabled class: classes are not watched.
                     match self.control_plane.list_classes().await {
-                        Ok(classes) => self.desired.set_classes(classes),
+                        Ok(classes) => self.context.desired.set_classes(classes),
                         Err(err) => {
                             tracing::warn!(error = %err, "cannot refresh environment classes");
                         }
@@ -187,7 +194,7 @@ impl Informer {
             }
             Ok(None) => {
                 tracing::info!(env.id = %id, "the control plane no longer knows the environment");
-                self.desired.mark_gone(id);
+                self.context.desired.mark_gone(id);
                 self.enqueue(id);
             }
             Err(err) => {
