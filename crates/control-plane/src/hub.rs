@@ -276,3 +276,37 @@ impl Drop for WatchStream {
         self.hub.close(self.runner_id, self.id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+
+    fn changed(n: usize) -> runner_request::Kind {
+        runner_request::Kind::EnvironmentChanged(pb::EnvironmentChanged {
+            environment_id: format!("env-{n}"),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_falls_a_buffer_behind_is_closed_and_the_others_get_every_event() {
+        let hub = Hub::default();
+        let runner = Uuid::new_v4();
+        let mut slow = hub.open(runner);
+        let mut fast = hub.open(runner);
+        for n in 0..=STREAM_BUFFER {
+            hub.notify(runner, changed(n));
+            let event = fast.next().await.expect("open").expect("an event");
+            assert_eq!(event.kind, Some(changed(n)));
+        }
+        assert_eq!(hub.open_streams(runner), 1, "the slow stream was dropped");
+        // It ends after what it had buffered: the runner reconnects and relists.
+        let mut buffered = 0;
+        while let Some(event) = slow.next().await {
+            assert_eq!(event.expect("an event").kind, Some(changed(buffered)));
+            buffered += 1;
+        }
+        assert_eq!(buffered, STREAM_BUFFER);
+    }
+}
