@@ -408,6 +408,23 @@ async fn observation_pages_through_only_this_runners_instances() {
         "exactly this runner's instances, across pages of 5"
     );
     assert!(!seen.contains(&untagged));
+
+    // By id: this runner's among them only; an id EC2 does not know fails
+    // the whole call there, and is split out instead of failing the others.
+    let theirs = others.observe().await.expect("observe theirs").remove(0).id;
+    let mut asked: Vec<String> = ours[..5].to_vec();
+    asked.insert(2, "i-0123456789abcdef0".into());
+    asked.push(theirs);
+    asked.push(untagged);
+    let mut found: Vec<String> = compute
+        .observe_ids(&asked)
+        .await
+        .expect("observe by id")
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    found.sort();
+    assert_eq!(found, ours[..5].to_vec());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,11 +26,20 @@ fn one_instance_each(world: &World, expected_envs: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_environments_run_with_acks_for_their_specs() {
-    let world = World::new().await;
+    let mut world = World::new().await;
+    // No resync during the test: every full describe is the term's first.
+    world.extra_args = vec!["--resync-interval".into(), "10m".into()];
     for _ in 0..25 {
         world.create_env().await;
     }
     let runner = world.start_runner().await;
+    world
+        .wait_for("25 environments RUNNING", Duration::from_secs(60), |envs| {
+            envs.len() == 25 && envs.iter().all(|e| settled(e, Phase::Running))
+        })
+        .await;
+    let full = world.compute.calls("observe");
+    let by_id = world.compute.observed_ids();
     for _ in 0..25 {
         world.create_env().await;
     }
@@ -59,11 +68,22 @@ async fn fifty_environments_run_with_acks_for_their_specs() {
         .map(|i| i.availability_zone)
         .collect();
     assert_eq!(zones.len(), 3, "placement spreads across the zones");
-    // Observation is batched: far fewer describes than environments × polls.
+    // A burst is observed by id: no full describe, and each launch's
+    // instance looked up at least once.
+    assert_eq!(
+        world.compute.calls("observe"),
+        full,
+        "full describes during the burst"
+    );
     assert!(
-        world.compute.calls("observe") < 200,
-        "observe calls: {}",
-        world.compute.calls("observe")
+        world.compute.observed_ids() >= by_id + 25,
+        "ids looked up: {}",
+        world.compute.observed_ids() - by_id
+    );
+    assert!(
+        world.compute.calls("observe_ids") < 25,
+        "lookups share calls: {}",
+        world.compute.calls("observe_ids")
     );
     runner.stop().await.expect("clean stop");
 }

@@ -156,15 +156,24 @@ impl World {
             "--lease-renew-interval",
             "200ms",
         ];
-        Cli::try_parse_from(
-            args.into_iter()
-                .map(str::to_owned)
-                .chain(self.extra_args.iter().cloned()),
-        )
-        .expect("parse")
-        .daemon
-        .validate()
-        .expect("valid config")
+        // A flag in `extra_args` replaces the default one (and its value).
+        let mut base = Vec::new();
+        let mut skip_value = false;
+        for arg in args {
+            if skip_value && !arg.starts_with("--") {
+                skip_value = false;
+                continue;
+            }
+            skip_value = self.extra_args.iter().any(|a| a == arg);
+            if !skip_value {
+                base.push(arg.to_owned());
+            }
+        }
+        Cli::try_parse_from(base.into_iter().chain(self.extra_args.iter().cloned()))
+            .expect("parse")
+            .daemon
+            .validate()
+            .expect("valid config")
     }
 
     pub(crate) async fn start_runner(&self) -> Runner {

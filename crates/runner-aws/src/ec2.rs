@@ -480,22 +480,31 @@ impl Ec2Compute {
                 break;
             };
             let page = page.map_err(classify)?;
-            for raw in page.reservations().iter().flat_map(|r| r.instances()) {
-                let Some(found) = instance(raw) else {
-                    continue;
-                };
-                if placed_like_ours(raw, &self.settings) {
-                    out.push(found);
-                } else if self.foreign.lock().expect("lock").insert(found.id.clone()) {
-                    tracing::warn!(
-                        instance.id = %found.id,
-                        env.id = %found.environment,
-                        "an instance wears this runner's tags without the environments' instance profile and security group: left alone"
-                    );
-                }
-            }
+            out.extend(
+                page.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .filter_map(|raw| self.ours(raw)),
+            );
         }
         Ok(out)
+    }
+
+    /// The instance, if it is one of the environments' (tags, profile and
+    /// group); one that only wears the tags is left alone, and said once.
+    fn ours(&self, raw: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
+        let found = instance(raw)?;
+        if placed_like_ours(raw, &self.settings) {
+            return Some(found);
+        }
+        if self.foreign.lock().expect("lock").insert(found.id.clone()) {
+            tracing::warn!(
+                instance.id = %found.id,
+                env.id = %found.environment,
+                "an instance wears this runner's tags without the environments' instance profile and security group: left alone"
+            );
+        }
+        None
     }
 }
 
@@ -596,6 +605,50 @@ impl Compute for Ec2Compute {
 
     async fn observe(&self) -> Result<Vec<Instance>, ComputeError> {
         self.describe(vec![self.owner_filter()]).await
+    }
+
+    /// One DescribeInstances by id (with the owner filter). EC2 fails the
+    /// whole call for an id it does not know (yet): the batch is halved
+    /// until that id is alone, and left out.
+    async fn observe_ids(&self, instance_ids: &[String]) -> Result<Vec<Instance>, ComputeError> {
+        let mut out = Vec::new();
+        let mut batches = vec![instance_ids.to_vec()];
+        while let Some(batch) = batches.pop() {
+            if batch.is_empty() {
+                continue;
+            }
+            self.describes.until_ready().await;
+            let result = self
+                .client
+                .describe_instances()
+                .set_instance_ids(Some(batch.clone()))
+                .filters(self.owner_filter())
+                .send()
+                .await;
+            match result {
+                Ok(output) => out.extend(
+                    output
+                        .reservations()
+                        .iter()
+                        .flat_map(|r| r.instances())
+                        .filter_map(|raw| self.ours(raw)),
+                ),
+                Err(err)
+                    if err
+                        .as_service_error()
+                        .and_then(ProvideErrorMetadata::code)
+                        .is_some_and(|c| c.starts_with("InvalidInstanceID")) =>
+                {
+                    if batch.len() > 1 {
+                        let (a, b) = batch.split_at(batch.len() / 2);
+                        batches.push(a.to_vec());
+                        batches.push(b.to_vec());
+                    }
+                }
+                Err(err) => return Err(classify(err)),
+            }
+        }
+        Ok(out)
     }
 
     async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {

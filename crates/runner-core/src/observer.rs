@@ -1,52 +1,120 @@
 //! The batched view of the runner's instances.
 //!
-//! One `Compute::observe` call (a paged, tag-filtered describe) refreshes the
-//! view of every environment at once. Reconciles that need a view newer than
-//! their last mutation share one refresh, and refreshes are spaced by at
-//! least `min_interval`, so the describe rate is bounded however many
-//! environments are busy.
+//! A full view comes from one `Compute::observe` call (a paged, tag-filtered
+//! describe), at the start of a term and on resync; refreshes are spaced by
+//! at least `min_interval`. A reconcile that needs to see its own mutation
+//! asks for its instance ids instead: requests arriving within a short window
+//! (100 ms without a new one, 1 s at most) share one `Compute::observe_ids`
+//! call per 200 ids, so the describe cost follows what changed, not the size
+//! of the fleet.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::error::chain;
 use crate::model::{EnvironmentId, Instance};
 use crate::traits::{Compute, ComputeError};
 
+/// How lookups by id are batched.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// A batch goes out when no id joined it for this long...
+    pub idle: Duration,
+    /// ...or when its first id has waited this long.
+    pub max_wait: Duration,
+    /// Ids per call.
+    pub max_ids: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_millis(100),
+            max_wait: Duration::from_secs(1),
+            max_ids: 200,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Snapshot {
-    /// When the describe that produced it started; `None` before the first.
+    /// When the full describe that produced it started; `None` before the first.
     taken_at: Option<Instant>,
     by_environment: HashMap<EnvironmentId, Vec<Instance>>,
+    /// Instance ids looked up by id since then, with when their lookup started.
+    seen_at: HashMap<String, Instant>,
+}
+
+impl Snapshot {
+    fn fresh(&self, id: &str, since: Instant) -> bool {
+        self.taken_at.is_some_and(|t| t >= since)
+            || self.seen_at.get(id).is_some_and(|t| *t >= since)
+    }
+
+    fn remove(&mut self, id: &str) {
+        for list in self.by_environment.values_mut() {
+            list.retain(|i| i.id != id);
+        }
+    }
+
+    fn insert(&mut self, instance: Instance) {
+        let list = self.by_environment.entry(instance.environment).or_default();
+        match list.iter_mut().find(|i| i.id == instance.id) {
+            Some(existing) => *existing = instance,
+            None => list.push(instance),
+        }
+    }
+}
+
+/// Ids waiting for the next lookup, and where its outcome is announced.
+struct Pending {
+    ids: HashSet<String>,
+    opened: Instant,
+    last_added: Instant,
+    done: watch::Sender<Option<Result<(), String>>>,
 }
 
 /// The latest observation of all instances.
 pub struct Observer {
     compute: Arc<dyn Compute>,
     min_interval: Duration,
+    batching: Batching,
     snapshot: Mutex<Snapshot>,
     refresh: tokio::sync::Mutex<()>,
+    pending: Mutex<Option<Pending>>,
 }
 
 impl std::fmt::Debug for Observer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Observer")
             .field("min_interval", &self.min_interval)
+            .field("batching", &self.batching)
             .finish_non_exhaustive()
     }
 }
 
 impl Observer {
-    /// An empty view over `compute`.
+    /// An empty view over `compute`, with the default batching.
     pub fn new(compute: Arc<dyn Compute>, min_interval: Duration) -> Self {
         Self {
             compute,
             min_interval,
+            batching: Batching::default(),
             snapshot: Mutex::new(Snapshot::default()),
             refresh: tokio::sync::Mutex::new(()),
+            pending: Mutex::new(None),
         }
+    }
+
+    /// The same with other batching.
+    #[must_use]
+    pub fn with_batching(mut self, batching: Batching) -> Self {
+        self.batching = batching;
+        self
     }
 
     fn snapshot(&self) -> std::sync::MutexGuard<'_, Snapshot> {
@@ -55,7 +123,11 @@ impl Observer {
             .expect("snapshot lock is never poisoned")
     }
 
-    /// When the current view was taken.
+    fn pending(&self) -> std::sync::MutexGuard<'_, Option<Pending>> {
+        self.pending.lock().expect("pending lock is never poisoned")
+    }
+
+    /// When the current full view was taken.
     pub fn taken_at(&self) -> Option<Instant> {
         self.snapshot().taken_at
     }
@@ -82,19 +154,11 @@ impl Observer {
     /// Records what a mutation returned, so the view shows it before the next
     /// describe does.
     pub fn record(&self, instance: Instance) {
-        let mut snapshot = self.snapshot();
-        let list = snapshot
-            .by_environment
-            .entry(instance.environment)
-            .or_default();
-        match list.iter_mut().find(|i| i.id == instance.id) {
-            Some(existing) => *existing = instance,
-            None => list.push(instance),
-        }
+        self.snapshot().insert(instance);
     }
 
-    /// Makes sure the view was taken after `since`: waits for a refresh in
-    /// flight, or starts one (no sooner than `min_interval` after the last).
+    /// Makes sure the full view was taken after `since`: waits for a refresh
+    /// in flight, or starts one (no sooner than `min_interval` after the last).
     pub async fn refresh_after(&self, since: Instant) -> Result<(), ComputeError> {
         if self.taken_at().is_some_and(|t| t >= since) {
             return Ok(());
@@ -111,7 +175,7 @@ impl Observer {
         self.refresh_now_locked().await
     }
 
-    /// Refreshes the view now (one describe), for a resync pass.
+    /// Refreshes the full view now (one describe), for a resync pass.
     pub async fn refresh(&self) -> Result<(), ComputeError> {
         let _turn = self.refresh.lock().await;
         self.refresh_now_locked().await
@@ -120,16 +184,343 @@ impl Observer {
     async fn refresh_now_locked(&self) -> Result<(), ComputeError> {
         let started = Instant::now();
         let instances = self.compute.observe().await?;
-        let mut by_environment: HashMap<EnvironmentId, Vec<Instance>> = HashMap::new();
-        for instance in instances {
-            by_environment
-                .entry(instance.environment)
-                .or_default()
-                .push(instance);
-        }
         let mut snapshot = self.snapshot();
+        // Lookups by id that started after this describe know better.
+        let newer: HashMap<String, Instant> = snapshot
+            .seen_at
+            .drain()
+            .filter(|(_, at)| *at > started)
+            .collect();
+        let kept: Vec<Instance> = snapshot
+            .by_environment
+            .values()
+            .flatten()
+            .filter(|i| newer.contains_key(&i.id))
+            .cloned()
+            .collect();
+        snapshot.by_environment = HashMap::new();
+        for instance in instances
+            .into_iter()
+            .filter(|i| !newer.contains_key(&i.id))
+            .chain(kept)
+        {
+            snapshot.insert(instance);
+        }
+        snapshot.seen_at = newer;
         snapshot.taken_at = Some(started);
-        snapshot.by_environment = by_environment;
         Ok(())
+    }
+
+    /// Makes sure each of `instance_ids` was looked at after `since`: the
+    /// stale ones join the next batched lookup by id, and this waits for it.
+    /// An id the cloud does not return leaves the view.
+    pub async fn refresh_ids(
+        self: &Arc<Self>,
+        instance_ids: &[String],
+        since: Instant,
+    ) -> Result<(), ComputeError> {
+        let stale: Vec<String> = {
+            let snapshot = self.snapshot();
+            instance_ids
+                .iter()
+                .filter(|id| !snapshot.fresh(id, since))
+                .cloned()
+                .collect()
+        };
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut done = {
+            let mut pending = self.pending();
+            let now = Instant::now();
+            if let Some(batch) = pending.as_mut() {
+                batch.ids.extend(stale);
+                batch.last_added = now;
+                batch.done.subscribe()
+            } else {
+                let (tx, rx) = watch::channel(None);
+                *pending = Some(Pending {
+                    ids: stale.into_iter().collect(),
+                    opened: now,
+                    last_added: now,
+                    done: tx,
+                });
+                // Its own task: a caller that gives up does not strand the others.
+                tokio::spawn(Arc::clone(self).collect_and_look_up());
+                rx
+            }
+        };
+        let outcome = done
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| ComputeError::Unavailable("the lookup by id ended unanswered".into()))?
+            .clone();
+        match outcome {
+            Some(Err(message)) => Err(ComputeError::Unavailable(message.into())),
+            _ => Ok(()),
+        }
+    }
+
+    async fn collect_and_look_up(self: Arc<Self>) {
+        let batch = loop {
+            let due = {
+                let pending = self.pending();
+                let Some(batch) = pending.as_ref() else {
+                    return;
+                };
+                (batch.last_added + self.batching.idle).min(batch.opened + self.batching.max_wait)
+            };
+            tokio::time::sleep_until(due).await;
+            let mut pending = self.pending();
+            let now = Instant::now();
+            let ready = pending.as_ref().is_some_and(|b| {
+                now >= b.last_added + self.batching.idle
+                    || now >= b.opened + self.batching.max_wait
+                    || b.ids.len() >= self.batching.max_ids
+            });
+            if ready && let Some(batch) = pending.take() {
+                break batch;
+            }
+        };
+        let started = Instant::now();
+        let ids: Vec<String> = batch.ids.into_iter().collect();
+        let mut found = Vec::new();
+        let mut outcome = Ok(());
+        for chunk in ids.chunks(self.batching.max_ids.max(1)) {
+            match self.compute.observe_ids(chunk).await {
+                Ok(instances) => found.extend(instances),
+                Err(err) => {
+                    outcome = Err(chain(&err));
+                    break;
+                }
+            }
+        }
+        if outcome.is_ok() {
+            let mut snapshot = self.snapshot();
+            for id in &ids {
+                snapshot.remove(id);
+                snapshot.seen_at.insert(id.clone(), started);
+            }
+            for instance in found {
+                snapshot.insert(instance);
+            }
+        }
+        batch.done.send_replace(Some(outcome));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::model::{InstanceState, Subnet};
+    use crate::traits::LaunchRequest;
+
+    /// A cloud of `n` running instances that records every lookup by id and
+    /// fails the ones after `fail_from`.
+    struct Cloud {
+        instances: Vec<Instance>,
+        full: Mutex<u32>,
+        by_id: Mutex<Vec<Vec<String>>>,
+        fail: bool,
+    }
+
+    impl Cloud {
+        fn new(n: usize) -> Self {
+            let instances = (0..n)
+                .map(|k| Instance {
+                    id: format!("i-{k:04}"),
+                    environment: EnvironmentId(uuid::Uuid::from_u128(k as u128)),
+                    attempt: 1,
+                    availability_zone: "eu-west-1a".into(),
+                    subnet_id: "subnet-a".into(),
+                    private_ip: None,
+                    state: InstanceState::Running,
+                    quarantined_at: None,
+                })
+                .collect();
+            Self {
+                instances,
+                full: Mutex::new(0),
+                by_id: Mutex::new(Vec::new()),
+                fail: false,
+            }
+        }
+
+        fn calls(&self) -> Vec<Vec<String>> {
+            self.by_id.lock().expect("lock").clone()
+        }
+    }
+
+    #[async_trait]
+    impl Compute for Cloud {
+        async fn launch(&self, _: &LaunchRequest) -> Result<Instance, ComputeError> {
+            unreachable!()
+        }
+        async fn find_launch(
+            &self,
+            _: EnvironmentId,
+            _: u32,
+        ) -> Result<Option<Instance>, ComputeError> {
+            unreachable!()
+        }
+        async fn observe(&self) -> Result<Vec<Instance>, ComputeError> {
+            *self.full.lock().expect("lock") += 1;
+            Ok(self.instances.clone())
+        }
+        async fn observe_ids(&self, ids: &[String]) -> Result<Vec<Instance>, ComputeError> {
+            self.by_id.lock().expect("lock").push(ids.to_vec());
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            if self.fail {
+                return Err(ComputeError::Unavailable("throttled".into()));
+            }
+            Ok(self
+                .instances
+                .iter()
+                .filter(|i| ids.contains(&i.id))
+                .cloned()
+                .collect())
+        }
+        async fn start(&self, _: &str) -> Result<(), ComputeError> {
+            unreachable!()
+        }
+        async fn stop(&self, _: &str) -> Result<(), ComputeError> {
+            unreachable!()
+        }
+        async fn terminate(&self, _: &str) -> Result<(), ComputeError> {
+            unreachable!()
+        }
+        async fn quarantine(&self, _: &str, _: SystemTime) -> Result<(), ComputeError> {
+            unreachable!()
+        }
+        async fn subnets(&self, _: &[String]) -> Result<Vec<Subnet>, ComputeError> {
+            unreachable!()
+        }
+        async fn offered_zones(&self, _: &str) -> Result<Vec<String>, ComputeError> {
+            unreachable!()
+        }
+        async fn check(&self) -> Result<(), ComputeError> {
+            Ok(())
+        }
+    }
+
+    fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|k| format!("i-{k:04}")).collect()
+    }
+
+    /// `callers` lookups of one id each, the k-th starting `k × gap` in.
+    async fn lookups(observer: &Arc<Observer>, callers: usize, gap: Duration) -> Vec<Duration> {
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let start = Instant::now();
+        let since = start;
+        let tasks: Vec<_> = (0..callers)
+            .map(|k| {
+                let observer = Arc::clone(observer);
+                tokio::spawn(async move {
+                    tokio::time::sleep(gap * u32::try_from(k).expect("few")).await;
+                    observer
+                        .refresh_ids(&ids(k..k + 1), since)
+                        .await
+                        .expect("looked up");
+                    start.elapsed()
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for task in tasks {
+            done.push(task.await.expect("joined"));
+        }
+        done
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookups_within_the_window_share_one_call_per_two_hundred_ids() {
+        let cloud = Arc::new(Cloud::new(500));
+        let observer = Arc::new(Observer::new(cloud.clone(), Duration::ZERO));
+        observer.refresh().await.expect("full view");
+        let done = lookups(&observer, 450, Duration::ZERO).await;
+        let calls = cloud.calls();
+        assert_eq!(
+            calls.iter().map(Vec::len).collect::<Vec<_>>(),
+            [200, 200, 50],
+            "one batch, cut into calls of 200"
+        );
+        // Out 100 ms after the last id joined; three calls of 30 ms each.
+        assert!(
+            done.iter().all(|d| *d == Duration::from_millis(190)),
+            "{:?}",
+            &done[..3]
+        );
+        assert_eq!(
+            *cloud.full.lock().expect("lock"),
+            1,
+            "no second full describe"
+        );
+
+        // Looked at after `since` already (at 100 ms): not asked again.
+        let since = Instant::now() - Duration::from_millis(150);
+        observer
+            .refresh_ids(&ids(0..10), since)
+            .await
+            .expect("fresh");
+        assert_eq!(cloud.calls().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_keeps_growing_goes_out_after_a_second() {
+        let cloud = Arc::new(Cloud::new(100));
+        let observer = Arc::new(Observer::new(cloud.clone(), Duration::ZERO));
+        observer.refresh().await.expect("full view");
+        // A new id every 30 ms for 1.5 s: the window never idles.
+        let done = lookups(&observer, 50, Duration::from_millis(30)).await;
+        let calls = cloud.calls();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(calls[0].len(), 34, "ids of the first second, 0 to 990 ms");
+        assert_eq!(done[0], Duration::from_millis(1030));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_updates_and_prunes_only_its_ids_and_failures_reach_every_waiter() {
+        let mut cloud = Cloud::new(3);
+        let gone = cloud.instances.pop().expect("three");
+        let cloud = Arc::new(cloud);
+        let observer = Arc::new(Observer::new(cloud.clone(), Duration::ZERO));
+        observer.record(gone.clone());
+        observer.record(Instance {
+            state: InstanceState::Pending,
+            ..cloud.instances[0].clone()
+        });
+        observer
+            .refresh_ids(
+                &[gone.id.clone(), cloud.instances[0].id.clone()],
+                Instant::now(),
+            )
+            .await
+            .expect("looked up");
+        assert!(
+            observer.instances(gone.environment).is_empty(),
+            "an id not returned leaves the view"
+        );
+        assert_eq!(
+            observer.instances(cloud.instances[0].environment)[0].state,
+            InstanceState::Running
+        );
+
+        let failing = Arc::new(Cloud {
+            fail: true,
+            ..Cloud::new(2)
+        });
+        let observer = Arc::new(Observer::new(failing.clone(), Duration::ZERO));
+        let (first, second) = (ids(0..1), ids(1..2));
+        let (a, b) = tokio::join!(
+            observer.refresh_ids(&first, Instant::now()),
+            observer.refresh_ids(&second, Instant::now()),
+        );
+        assert!(matches!(a, Err(ComputeError::Unavailable(_))), "{a:?}");
+        assert!(matches!(b, Err(ComputeError::Unavailable(_))), "{b:?}");
+        assert_eq!(failing.calls().len(), 1);
     }
 }

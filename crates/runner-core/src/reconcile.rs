@@ -261,8 +261,19 @@ impl Context {
             .copied();
         match (since, self.observer.taken_at()) {
             (_, None) => self.observer.refresh_after(Instant::now()).await?,
+            // Its own instances, looked up by id with others' in one batch.
             (Some(since), Some(taken)) if taken < since => {
-                self.observer.refresh_after(since).await?;
+                let ids: Vec<String> = self
+                    .observer
+                    .instances(id)
+                    .into_iter()
+                    .map(|i| i.id)
+                    .collect();
+                if ids.is_empty() {
+                    self.observer.refresh_after(since).await?;
+                } else {
+                    self.observer.refresh_ids(&ids, since).await?;
+                }
             }
             _ => {}
         }
@@ -464,7 +475,9 @@ async fn converge(ctx: &Context, env: &Environment) -> Result<Action, ReconcileE
     if let Some(cid) = &current_id
         && !instances.iter().any(|i| &i.id == cid)
     {
-        ctx.observer.refresh_after(Instant::now()).await?;
+        ctx.observer
+            .refresh_ids(std::slice::from_ref(cid), Instant::now())
+            .await?;
         instances = ctx.observer.instances(id);
     }
     let current = current_id

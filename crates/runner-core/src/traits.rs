@@ -108,6 +108,9 @@ pub trait Compute: Send + Sync + 'static {
     ) -> Result<Option<Instance>, ComputeError>;
     /// Every instance tagged as this runner's, in one paged call.
     async fn observe(&self) -> Result<Vec<Instance>, ComputeError>;
+    /// This runner's instances among `instance_ids` (at most a few hundred),
+    /// looked up by id; ids the cloud does not know (yet) are left out.
+    async fn observe_ids(&self, instance_ids: &[String]) -> Result<Vec<Instance>, ComputeError>;
     /// Starts a stopped instance.
     async fn start(&self, instance_id: &str) -> Result<(), ComputeError>;
     /// Stops a running instance, keeping its disk.

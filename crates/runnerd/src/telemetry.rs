@@ -297,6 +297,11 @@ impl Compute for InstrumentedCompute {
         self.timed("observe", self.inner.observe()).await
     }
 
+    async fn observe_ids(&self, instance_ids: &[String]) -> Result<Vec<Instance>, ComputeError> {
+        self.timed("observe_ids", self.inner.observe_ids(instance_ids))
+            .await
+    }
+
     async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {
         self.timed("start", self.inner.start(instance_id)).await
     }

@@ -146,6 +146,26 @@ struct Cloud {
     tokens: HashMap<(String, String), String>,
     /// Every launch request received.
     requests: Vec<LaunchRequest>,
+    /// Instance ids asked for by `observe_ids`, in all.
+    observed_ids: u64,
+}
+
+impl Cloud {
+    /// What was in transition has finished by the time it is described
+    /// (only the instances asked for, when `ids` is given).
+    fn settle(&mut self, ids: Option<&[String]>) {
+        for instance in self.instances.values_mut() {
+            if ids.is_some_and(|ids| !ids.contains(&instance.id)) {
+                continue;
+            }
+            instance.state = match instance.state {
+                InstanceState::Pending => InstanceState::Running,
+                InstanceState::Stopping => InstanceState::Stopped,
+                InstanceState::ShuttingDown => InstanceState::Terminated,
+                other => other,
+            };
+        }
+    }
 }
 
 /// Called with every launch request as it arrives.
@@ -231,6 +251,11 @@ impl MemoryCompute {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// Instance ids asked for by `observe_ids`, in all.
+    pub fn observed_ids(&self) -> u64 {
+        self.cloud.lock().expect("lock").observed_ids
     }
 
     /// How often `operation` was called.
@@ -405,16 +430,19 @@ impl Compute for MemoryCompute {
     async fn observe(&self) -> Result<Vec<Instance>, ComputeError> {
         self.answer_after_latency().await;
         let mut cloud = self.enter("observe")?;
-        // What was in transition has finished by the time it is described.
-        for instance in cloud.instances.values_mut() {
-            instance.state = match instance.state {
-                InstanceState::Pending => InstanceState::Running,
-                InstanceState::Stopping => InstanceState::Stopped,
-                InstanceState::ShuttingDown => InstanceState::Terminated,
-                other => other,
-            };
-        }
+        cloud.settle(None);
         Ok(cloud.instances.values().cloned().collect())
+    }
+
+    async fn observe_ids(&self, instance_ids: &[String]) -> Result<Vec<Instance>, ComputeError> {
+        self.answer_after_latency().await;
+        let mut cloud = self.enter("observe_ids")?;
+        cloud.observed_ids += instance_ids.len() as u64;
+        cloud.settle(Some(instance_ids));
+        Ok(instance_ids
+            .iter()
+            .filter_map(|id| cloud.instances.get(id).cloned())
+            .collect())
     }
 
     async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {

@@ -69,6 +69,9 @@ impl Compute for NoInstances {
     async fn observe(&self) -> Result<Vec<Instance>, ComputeError> {
         Ok(Vec::new())
     }
+    async fn observe_ids(&self, _: &[String]) -> Result<Vec<Instance>, ComputeError> {
+        Ok(Vec::new())
+    }
     async fn start(&self, _: &str) -> Result<(), ComputeError> {
         unreachable!("nothing to start")
     }
