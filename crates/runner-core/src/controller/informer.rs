@@ -109,7 +109,12 @@ impl Informer {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep_until(next_resync) => due = true,
                 event = events.recv() => match event {
-                    None => return,
+                    // The stream's task ended: that one is the failure to
+                    // report, not this; wait for the shutdown it causes.
+                    None => {
+                        shutdown.cancelled().await;
+                        return;
+                    }
                     Some(Event::Connected) => due = true,
                     Some(Event::EnvironmentChanged(id)) => self.refetch(id).await,
                 },
