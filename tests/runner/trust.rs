@@ -214,6 +214,17 @@ fn direct_scm(
     scm
 }
 
+/// Alice's OAuth `code` for `host`, as the control plane forwards it.
+fn alices_code(host: &str, code: &str) -> pb::ExchangeOauthCode {
+    pb::ExchangeOauthCode {
+        principal: "alice".into(),
+        host: host.to_owned(),
+        code: code.into(),
+        redirect_uri: "https://cp.example.com/cb".into(),
+        code_verifier: String::new(),
+    }
+}
+
 /// A token store whose first `stale` reads return an old snapshot: a
 /// replica that read the token just before another one refreshed it.
 struct Stale {
@@ -272,15 +283,9 @@ async fn a_refresh_lost_to_another_replica_keeps_the_token_it_rotated() {
     a.sync(vec![integration.clone()], None, now)
         .await
         .expect("sync");
-    a.exchange_oauth(pb::ExchangeOauthCode {
-        principal: "alice".into(),
-        host: host.clone(),
-        code: "code-race".into(),
-        redirect_uri: "https://cp.example.com/cb".into(),
-        code_verifier: String::new(),
-    })
-    .await
-    .expect("exchanged");
+    a.exchange_oauth(alices_code(&host, "code-race"))
+        .await
+        .expect("exchanged");
     let oauth_key = TokenKey {
         principal: "alice".into(),
         host: host.clone(),
@@ -341,15 +346,9 @@ async fn an_oauth_token_is_refreshed_when_the_scm_clock_nears_its_expiry() {
     scm.sync(vec![integration], None, clock.now())
         .await
         .expect("sync");
-    scm.exchange_oauth(pb::ExchangeOauthCode {
-        principal: "alice".into(),
-        host: host.clone(),
-        code: "code-clock".into(),
-        redirect_uri: "https://cp.example.com/cb".into(),
-        code_verifier: String::new(),
-    })
-    .await
-    .expect("exchanged");
+    scm.exchange_oauth(alices_code(&host, "code-clock"))
+        .await
+        .expect("exchanged");
     let exchanged = fake.calls("gitlab.token");
     let authenticated = async || {
         scm.check_authentication("alice", &host)
@@ -408,13 +407,7 @@ async fn a_token_of_another_provider_account_is_refused() {
             .expect("stored"),
         "alice-gl"
     );
-    let exchange = |code: &str| pb::ExchangeOauthCode {
-        principal: "alice".into(),
-        host: host.clone(),
-        code: code.into(),
-        redirect_uri: "https://cp.example.com/cb".into(),
-        code_verifier: String::new(),
-    };
+    let exchange = |code: &str| alices_code(&host, code);
     // An OAuth code that signs in as someone else is not alice's.
     let refused = scm
         .exchange_oauth(exchange("code-mallory"))
