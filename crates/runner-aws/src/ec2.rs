@@ -447,6 +447,25 @@ impl Ec2Compute {
         }
     }
 
+    /// Sends a mutation (start, stop, terminate, tag) through the mutation
+    /// bucket, only while leading.
+    async fn mutate<T, E, Fut>(&self, send: impl FnMut() -> Fut) -> Result<(), ComputeError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        Fut: std::future::Future<
+                Output = Result<
+                    T,
+                    aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
+                >,
+            >,
+    {
+        self.lead()?;
+        gated(&self.mutations, &self.leadership, send)
+            .await
+            .map(drop)
+            .map_err(Gate::into_compute)
+    }
+
     fn owner_filter(&self) -> Filter {
         Filter::builder()
             .name(format!("tag:{TAG_RUNNER}"))
@@ -616,44 +635,28 @@ impl Compute for Ec2Compute {
     }
 
     async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {
-        self.lead()?;
         let request = self.gated.start_instances().instance_ids(instance_id);
-        gated(&self.mutations, &self.leadership, || request.clone().send())
-            .await
-            .map(drop)
-            .map_err(Gate::into_compute)
+        self.mutate(|| request.clone().send()).await
     }
 
     async fn stop(&self, instance_id: &str) -> Result<(), ComputeError> {
-        self.lead()?;
         let request = self.gated.stop_instances().instance_ids(instance_id);
-        gated(&self.mutations, &self.leadership, || request.clone().send())
-            .await
-            .map(drop)
-            .map_err(Gate::into_compute)
+        self.mutate(|| request.clone().send()).await
     }
 
     async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError> {
-        self.lead()?;
         let request = self.gated.terminate_instances().instance_ids(instance_id);
-        gated(&self.mutations, &self.leadership, || request.clone().send())
-            .await
-            .map(drop)
-            .map_err(Gate::into_compute)
+        self.mutate(|| request.clone().send()).await
     }
 
     async fn quarantine(&self, instance_id: &str, at: SystemTime) -> Result<(), ComputeError> {
-        self.lead()?;
         let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let request = self
             .gated
             .create_tags()
             .resources(instance_id)
             .tags(tag(TAG_QUARANTINED, secs.to_string()));
-        gated(&self.mutations, &self.leadership, || request.clone().send())
-            .await
-            .map(drop)
-            .map_err(Gate::into_compute)
+        self.mutate(|| request.clone().send()).await
     }
 
     async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError> {
