@@ -8,11 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use aws_sdk_dynamodb::types::AttributeValue;
-use aws_sdk_ec2::types::Tag;
 use base64::Engine as _;
-use runner_aws::ec2::{
-    RunPlacement, TAG_ATTEMPT, TAG_ENVIRONMENT, TAG_MANAGED_BY, TAG_RUNNER, run_request,
-};
+use runner_aws::ec2::{RunPlacement, launch_tags, run_request};
 use runner_core::model::{EnvironmentId, Revision, Subnet, client_token};
 use runner_core::traits::LaunchRequest;
 use testkit::proxy::{Call, FaultProxy};
@@ -229,13 +226,7 @@ async fn launch_one(
         revision: Revision::Default,
         checkout_secret: None,
     };
-    let tags = vec![
-        tag(TAG_RUNNER, &world.runner_id),
-        tag(TAG_ENVIRONMENT, &id.to_string()),
-        tag(TAG_ATTEMPT, "1"),
-        tag(TAG_MANAGED_BY, "aws-runner"),
-        tag("Name", &format!("aws-runner-{id}")),
-    ];
+    let tags = launch_tags(&world.runner_id, &id.to_string(), 1);
     // What runnerd asks for, built by the same function.
     let launched = run_request(
         ec2,
@@ -275,10 +266,6 @@ async fn launch_one(
         .send()
         .await?;
     Ok(())
-}
-
-fn tag(key: &str, value: &str) -> Tag {
-    Tag::builder().key(key).value(value).build()
 }
 
 /// Latencies of one run, in milliseconds.

@@ -1,6 +1,7 @@
 //! The trust boundary around users' tokens: revocation that does not depend
 //! on an event being delivered, endpoint overrides that stay on the
-//! integration's host, and refreshes raced between two replicas.
+//! integration's host, refreshes raced between two replicas, and expiry
+//! judged by the runner's clock.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,7 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use runner_core::scm::{AuthSource, Integration, OAuthApp, ScmKind, TokenKey};
 use runner_core::traits::{
-    HostToken, SecretKeyBytes, StoredToken, TokenEntry, TokenStore, TokenStoreError,
+    Clock as _, HostToken, ManualClock, SecretKeyBytes, StoredToken, TokenEntry, TokenStore,
+    TokenStoreError,
 };
 use runner_proto::admin::v1 as admin;
 use runner_proto::pb;
@@ -212,6 +214,17 @@ fn direct_scm(
     scm
 }
 
+/// Alice's OAuth `code` for `host`, as the control plane forwards it.
+fn alices_code(host: &str, code: &str) -> pb::ExchangeOauthCode {
+    pb::ExchangeOauthCode {
+        principal: "alice".into(),
+        host: host.to_owned(),
+        code: code.into(),
+        redirect_uri: "https://cp.example.com/cb".into(),
+        code_verifier: String::new(),
+    }
+}
+
 /// A token store whose first `stale` reads return an old snapshot: a
 /// replica that read the token just before another one refreshed it.
 struct Stale {
@@ -270,15 +283,9 @@ async fn a_refresh_lost_to_another_replica_keeps_the_token_it_rotated() {
     a.sync(vec![integration.clone()], None, now)
         .await
         .expect("sync");
-    a.exchange_oauth(pb::ExchangeOauthCode {
-        principal: "alice".into(),
-        host: host.clone(),
-        code: "code-race".into(),
-        redirect_uri: "https://cp.example.com/cb".into(),
-        code_verifier: String::new(),
-    })
-    .await
-    .expect("exchanged");
+    a.exchange_oauth(alices_code(&host, "code-race"))
+        .await
+        .expect("exchanged");
     let oauth_key = TokenKey {
         principal: "alice".into(),
         host: host.clone(),
@@ -321,6 +328,52 @@ async fn a_refresh_lost_to_another_replica_keeps_the_token_it_rotated() {
     assert_eq!(kept.version, after.version);
 }
 
+/// Expiry is judged by `Scm`'s clock: an OAuth token with an hour left is
+/// used as it is, and refreshed once that clock is within the refresh margin
+/// of its expiry (the wall clock has not moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oauth_token_is_refreshed_when_the_scm_clock_nears_its_expiry() {
+    let fake = FakeScm::start().await;
+    let host = fake.host();
+    let ttl = Duration::from_secs(3600);
+    fake.add_oauth_app(ScmKind::GitLab, "app-clock", "s3cr3t-clock");
+    fake.add_code(ScmKind::GitLab, "code-clock", "alice-gl", Some(ttl));
+    let secret_key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
+    let integration = gitlab_oauth(&fake, &secret_key, ("app-clock", b"s3cr3t-clock"), false);
+    let clock = ManualClock::new(std::time::SystemTime::now());
+    let scm = direct_scm(&fake, Arc::new(MemoryTokens::default()), &secret_key)
+        .with_clock(Arc::new(clock.clone()));
+    scm.sync(vec![integration], None, clock.now())
+        .await
+        .expect("sync");
+    scm.exchange_oauth(alices_code(&host, "code-clock"))
+        .await
+        .expect("exchanged");
+    let exchanged = fake.calls("gitlab.token");
+    let authenticated = async || {
+        scm.check_authentication("alice", &host)
+            .await
+            .expect("checked")
+            .authenticated
+    };
+
+    assert!(authenticated().await);
+    assert_eq!(
+        fake.calls("gitlab.token"),
+        exchanged,
+        "an hour left: no refresh"
+    );
+    // A minute inside the margin (the token's expiry was set a moment after
+    // the clock's start).
+    clock.advance(ttl - runnerd::scm::REFRESH_MARGIN + Duration::from_secs(60));
+    assert!(authenticated().await);
+    assert_eq!(
+        fake.calls("gitlab.token"),
+        exchanged + 1,
+        "within the margin by the Scm's clock: refreshed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_of_another_provider_account_is_refused() {
     let fake = FakeScm::start().await;
@@ -354,13 +407,7 @@ async fn a_token_of_another_provider_account_is_refused() {
             .expect("stored"),
         "alice-gl"
     );
-    let exchange = |code: &str| pb::ExchangeOauthCode {
-        principal: "alice".into(),
-        host: host.clone(),
-        code: code.into(),
-        redirect_uri: "https://cp.example.com/cb".into(),
-        code_verifier: String::new(),
-    };
+    let exchange = |code: &str| alices_code(&host, code);
     // An OAuth code that signs in as someone else is not alice's.
     let refused = scm
         .exchange_oauth(exchange("code-mallory"))

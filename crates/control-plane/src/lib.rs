@@ -8,7 +8,6 @@
 
 pub mod admin_api;
 pub mod cli;
-pub mod clock;
 pub mod hub;
 pub mod runner_api;
 pub mod server;
@@ -18,7 +17,8 @@ mod views;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use clock::{Clock, ManualClock, SystemClock};
+/// The control plane's time: `runner_core`'s injectable clock.
+pub use runner_core::traits::{Clock, ManualClock, SystemClock};
 pub use server::{ServerConfig, Settings, serve};
 
 /// A fault in the environment lists served to runners, for tests of a

@@ -2,12 +2,16 @@
 //! instances, recognised by their tags.
 //!
 //! Every call waits for a token from a client-side bucket (launch, mutate,
-//! describe) set below EC2's per-account limits; the SDK's standard retries
-//! handle throttling and 5xx; nothing here loops on its own. Mutations refuse
-//! to run unless this replica leads. Instances without this runner's tags are
-//! never described, and an instance wearing them without also carrying the
-//! environments' instance profile and security group is logged once and left
-//! out of every observation: the runner never touches it.
+//! describe) set below EC2's per-account limits. Describes keep the SDK's
+//! standard retries. Launches and mutations go through a client with the
+//! SDK's retries off and are retried by `gated`, the one loop here: at most
+//! `ATTEMPTS` tries, only on throttling, 5xx and transport errors and only
+//! while leading, each taking a bucket token first, so retries too stay
+//! under the buckets. Mutations refuse to run unless this replica leads.
+//! Instances without this runner's tags are never described, and an instance
+//! wearing them without also carrying the environments' instance profile and
+//! security group is logged once and left out of every observation: the
+//! runner never touches it.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
@@ -203,6 +207,21 @@ pub fn run_request(
                 .set_tags(Some(tags))
                 .build(),
         )
+}
+
+/// The tags of a launch, on the instance and its volumes: this runner's
+/// ownership tag (what observation filters on and IAM conditions on), the
+/// environment and attempt (how an interrupted launch is found again), and a
+/// `Name` for the console. Built here only, for the launch, `doctor`'s
+/// DryRun and the bench's baseline alike.
+pub fn launch_tags(runner_id: &str, environment: &str, attempt: u32) -> Vec<Tag> {
+    vec![
+        tag(TAG_RUNNER, runner_id),
+        tag(TAG_ENVIRONMENT, environment),
+        tag(TAG_ATTEMPT, attempt.to_string()),
+        tag(TAG_MANAGED_BY, "aws-runner"),
+        tag("Name", format!("aws-runner-{environment}")),
+    ]
 }
 
 /// Attempts of one launch or mutation.
@@ -428,6 +447,25 @@ impl Ec2Compute {
         }
     }
 
+    /// Sends a mutation (start, stop, terminate, tag) through the mutation
+    /// bucket, only while leading.
+    async fn mutate<T, E, Fut>(&self, send: impl FnMut() -> Fut) -> Result<(), ComputeError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        Fut: std::future::Future<
+                Output = Result<
+                    T,
+                    aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
+                >,
+            >,
+    {
+        self.lead()?;
+        gated(&self.mutations, &self.leadership, send)
+            .await
+            .map(drop)
+            .map_err(Gate::into_compute)
+    }
+
     fn owner_filter(&self) -> Filter {
         Filter::builder()
             .name(format!("tag:{TAG_RUNNER}"))
@@ -513,13 +551,11 @@ impl Compute for Ec2Compute {
     async fn launch(&self, request: &LaunchRequest) -> Result<Instance, ComputeError> {
         self.lead()?;
         let root = self.root_device().await;
-        let tags = vec![
-            tag(TAG_RUNNER, &self.settings.runner_id),
-            tag(TAG_ENVIRONMENT, request.environment.to_string()),
-            tag(TAG_ATTEMPT, request.attempt.to_string()),
-            tag(TAG_MANAGED_BY, "aws-runner"),
-            tag("Name", format!("aws-runner-{}", request.environment)),
-        ];
+        let tags = launch_tags(
+            &self.settings.runner_id,
+            &request.environment.to_string(),
+            request.attempt,
+        );
         self.lead()?;
         let run = run_request(
             &self.gated,
@@ -652,44 +688,28 @@ impl Compute for Ec2Compute {
     }
 
     async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {
-        self.lead()?;
         let request = self.gated.start_instances().instance_ids(instance_id);
-        gated(&self.mutations, &self.leadership, || request.clone().send())
-            .await
-            .map(drop)
-            .map_err(Gate::into_compute)
+        self.mutate(|| request.clone().send()).await
     }
 
     async fn stop(&self, instance_id: &str) -> Result<(), ComputeError> {
-        self.lead()?;
         let request = self.gated.stop_instances().instance_ids(instance_id);
-        gated(&self.mutations, &self.leadership, || request.clone().send())
-            .await
-            .map(drop)
-            .map_err(Gate::into_compute)
+        self.mutate(|| request.clone().send()).await
     }
 
     async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError> {
-        self.lead()?;
         let request = self.gated.terminate_instances().instance_ids(instance_id);
-        gated(&self.mutations, &self.leadership, || request.clone().send())
-            .await
-            .map(drop)
-            .map_err(Gate::into_compute)
+        self.mutate(|| request.clone().send()).await
     }
 
     async fn quarantine(&self, instance_id: &str, at: SystemTime) -> Result<(), ComputeError> {
-        self.lead()?;
         let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let request = self
             .gated
             .create_tags()
             .resources(instance_id)
             .tags(tag(TAG_QUARANTINED, secs.to_string()));
-        gated(&self.mutations, &self.leadership, || request.clone().send())
-            .await
-            .map(drop)
-            .map_err(Gate::into_compute)
+        self.mutate(|| request.clone().send()).await
     }
 
     async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError> {

@@ -27,8 +27,8 @@ use crate::model::{
 use crate::observer::Observer;
 use crate::outbox::Outbox;
 use crate::traits::{
-    AnonymousCheckout, Checkout, CheckoutError, Compute, ComputeError, LaunchRequest, StateStore,
-    StoreError,
+    AnonymousCheckout, Checkout, CheckoutError, Clock, Compute, ComputeError, LaunchRequest,
+    StateStore, StoreError, SystemClock,
 };
 use crate::validate;
 
@@ -116,6 +116,8 @@ pub struct Context {
     pub checkout: Arc<dyn Checkout>,
     /// The instance types classes may use.
     pub instance_types: crate::validate::AllowedInstanceTypes,
+    /// Wall-clock time (when an orphan is marked, and how long ago).
+    pub clock: Arc<dyn Clock>,
     records: Mutex<HashMap<EnvironmentId, Record>>,
     mutated: Mutex<HashMap<EnvironmentId, Instant>>,
 }
@@ -151,6 +153,7 @@ impl Context {
             settings,
             checkout: Arc::new(AnonymousCheckout),
             instance_types: crate::validate::AllowedInstanceTypes::default(),
+            clock: Arc::new(SystemClock),
             records: Mutex::new(records.into_iter().map(|r| (r.environment, r)).collect()),
             mutated: Mutex::new(HashMap::new()),
         }
@@ -168,6 +171,13 @@ impl Context {
     #[must_use]
     pub fn with_instance_types(mut self, allowed: crate::validate::AllowedInstanceTypes) -> Self {
         self.instance_types = allowed;
+        self
+    }
+
+    /// Reads wall-clock time from `clock` (the default: the system's).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
         self
     }
 

@@ -217,6 +217,34 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock that moves only when told to (tests, and the reference control
+/// plane's hand-moved time). Clones share one time.
+#[derive(Debug, Clone)]
+pub struct ManualClock(std::sync::Arc<std::sync::Mutex<SystemTime>>);
+
+impl ManualClock {
+    /// A clock standing at `start`.
+    pub fn new(start: SystemTime) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(start)))
+    }
+
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: std::time::Duration) {
+        *self.0.lock().expect("clock lock is never poisoned") += by;
+    }
+
+    /// Sets the clock to `at`, forward or back.
+    pub fn set(&self, at: SystemTime) {
+        *self.0.lock().expect("clock lock is never poisoned") = at;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().expect("clock lock is never poisoned")
+    }
+}
+
 /// A user's token for a host, in the clear: only ever in memory.
 #[derive(Clone)]
 pub struct HostToken {

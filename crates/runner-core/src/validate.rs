@@ -447,6 +447,19 @@ pub fn repository_origin(url: &url::Url) -> String {
     format!("{}/", url.origin().ascii_serialization())
 }
 
+/// Whether `url` names a loopback host (`localhost`, `127.0.0.0/8`, `::1`),
+/// the only place plaintext HTTP is allowed: the runner's control-plane URL
+/// and SCM endpoint overrides. Parsed as a browser would (WHATWG), so the
+/// host is the one a client connects to, whatever user info or port is there.
+pub fn is_loopback_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|url| match url.host() {
+        Some(url::Host::Domain(name)) => name == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    })
+}
+
 /// A git branch name, following `git check-ref-format --branch`.
 pub fn branch(field: &str, value: &str) -> Result {
     text(field, value, MAX_BRANCH_LEN)?;
@@ -914,5 +927,31 @@ mod tests {
         assert_eq!(printable("ééé", 5), "é…");
         assert!(optional_text("m", &printable(&"\u{7}".repeat(5000), 128), 128).is_ok());
         assert!(optional_text("n", "", 10).is_ok());
+    }
+
+    #[test]
+    fn loopback_urls_are_localhost_127_and_ipv6_one_only() {
+        for loopback in [
+            "http://127.0.0.1:7443",
+            "http://127.8.9.10/api",
+            "http://localhost:7443",
+            "http://LOCALHOST",
+            "http://[::1]:7443",
+            "https://localhost",
+        ] {
+            assert!(is_loopback_url(loopback), "{loopback}");
+        }
+        for other in [
+            "http://10.0.0.1:7443",
+            "http://localhost.example.com",
+            "http://127.0.0.1.example.com",
+            "http://127.0.0.1@example.com",
+            "http://example.com#@127.0.0.1",
+            "http://[::2]",
+            "not a url",
+            "127.0.0.1:7443",
+        ] {
+            assert!(!is_loopback_url(other), "{other}");
+        }
     }
 }

@@ -405,20 +405,6 @@ fn rate(flag: &'static str, env: &'static str, value: f64) -> Result<f64, Config
     Ok(value)
 }
 
-fn is_loopback_url(url: &str) -> bool {
-    let rest = url.strip_prefix("http://").unwrap_or_default();
-    let host = rest.split(['/', '?']).next().unwrap_or_default();
-    let host = match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 impl DaemonArgs {
     /// Validates every value; the first bad one is returned.
     pub fn validate(&self) -> Result<Config, ConfigError> {
@@ -442,7 +428,7 @@ impl DaemonArgs {
                     "must be https:// (plaintext needs --allow-plaintext, on loopback only)",
                 ));
             }
-            if !is_loopback_url(&url) {
+            if !validate::is_loopback_url(&url) {
                 return Err(bad(
                     "control-plane-url",
                     "RUNNER_CONTROL_PLANE_URL",
@@ -902,6 +888,14 @@ mod tests {
             .is_ok()
         );
         assert!(args(&["--control-plane-url", "http://127.0.0.1:7443"]).is_err());
+        assert!(
+            args(&[
+                "--control-plane-url",
+                "http://10.0.0.1:7443",
+                "--allow-plaintext"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::Metrics;
+use crate::telemetry::events::ReadinessProbed;
 
 /// The runner's readiness and degradation.
 #[derive(Debug)]
@@ -197,7 +198,10 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
     let reasons = state.health.not_ready();
-    state.metrics.set_ready(reasons.is_empty());
+    ReadinessProbed {
+        ready: reasons.is_empty(),
+    }
+    .emit(&state.metrics);
     if reasons.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {

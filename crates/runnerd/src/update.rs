@@ -526,6 +526,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::UNIX_EPOCH;
 
+    use runner_core::traits::ManualClock;
     use runner_core::update::{Deployment, Rollout, UpdateWindow};
 
     use super::*;
@@ -652,14 +653,6 @@ mod tests {
         }
     }
 
-    struct ManualClock(Mutex<SystemTime>);
-
-    impl Clock for ManualClock {
-        fn now(&self) -> SystemTime {
-            *self.0.lock().unwrap()
-        }
-    }
-
     struct Fixture {
         releases: Arc<FakeReleases>,
         service: Arc<FakeService>,
@@ -675,7 +668,7 @@ mod tests {
                 releases: Arc::default(),
                 service: Arc::new(FakeService::new(&pinned("0.1.0"))),
                 attempts: Arc::default(),
-                clock: Arc::new(ManualClock(Mutex::new(at(23)))),
+                clock: Arc::new(ManualClock::new(at(23))),
                 leadership: Arc::new(Leadership::always()),
                 health: Arc::default(),
             }
@@ -733,7 +726,7 @@ mod tests {
     #[tokio::test]
     async fn outside_the_window_nothing_is_deployed_until_it_opens() {
         let f = Fixture::new();
-        *f.clock.0.lock().unwrap() = at(12);
+        f.clock.set(at(12));
         let updater = f.updater("0.1.0", "22-04", true);
         f.releases.publish("0.2.0", true);
 
@@ -751,7 +744,7 @@ mod tests {
             "no attempt recorded"
         );
 
-        *f.clock.0.lock().unwrap() = at(24 + 3);
+        f.clock.set(at(24 + 3));
         assert_eq!(updater.check().await.unwrap().state, State::Deploying);
         assert_eq!(f.service.deploys.load(Ordering::SeqCst), 1);
     }

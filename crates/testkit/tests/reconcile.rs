@@ -5,24 +5,34 @@
 //! sleeping it in virtual time, and asserts what the pass did: the compute
 //! calls, the stored record, the published status and the requeue. Every
 //! pass runs under a timeout, so a pass that waits for something that never
-//! comes fails instead of hanging.
+//! comes fails instead of hanging. The informer's orphan sweep runs here too,
+//! on a hand-moved wall clock.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use runner_core::controller::Controller;
+use runner_core::controller::informer::Event;
 use runner_core::desired::Desired;
+use runner_core::leader::Leadership;
 use runner_core::model::{
     Action, DesiredPhase, Environment, EnvironmentClass, EnvironmentId, InstanceState, LaunchState,
     Phase, Record, Revision, Spec, Status, Subnet, client_token,
 };
 use runner_core::observer::Observer;
+use runner_core::orphans::OrphanPolicy;
 use runner_core::outbox::Outbox;
 use runner_core::reconcile::{Context, ReconcileError, ReconcileSettings, place, reconcile};
-use runner_core::traits::{Checkout, CheckoutError, ComputeError, LaunchRequest, StoreError};
+use runner_core::traits::{
+    Checkout, CheckoutError, Clock as _, Compute as _, ComputeError, ControlPlane,
+    ControlPlaneError, LaunchRequest, ManualClock, StoreError,
+};
 use runner_core::validate::AllowedInstanceTypes;
 use testkit::fakes::{LaunchFault, MemoryCompute, MemoryStore};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 const ZONES: [&str; 3] = ["eu-west-1a", "eu-west-1b", "eu-west-1c"];
 const INSTANCE_TYPE: &str = "m7i.large";
@@ -746,4 +756,104 @@ async fn a_store_outage_is_a_transient_error_and_the_launch_waits_for_the_store(
     assert_eq!(s.ok().await, Action::Requeue(SETTINGS.poll));
     assert_eq!(s.compute.calls("launch"), 1);
     assert!(launched(&s.record()).is_some());
+}
+
+/// A control plane that knows no environment and no class.
+struct KnowsNothing;
+
+#[async_trait]
+impl ControlPlane for KnowsNothing {
+    async fn list_environments(&self) -> Result<Vec<Environment>, ControlPlaneError> {
+        Ok(Vec::new())
+    }
+    async fn get_environment(
+        &self,
+        _: EnvironmentId,
+    ) -> Result<Option<Environment>, ControlPlaneError> {
+        Ok(None)
+    }
+    async fn list_classes(&self) -> Result<Vec<EnvironmentClass>, ControlPlaneError> {
+        Ok(Vec::new())
+    }
+    async fn update_status(
+        &self,
+        _: EnvironmentId,
+        _: u64,
+        _: &Status,
+    ) -> Result<(), ControlPlaneError> {
+        unreachable!("the informer sends no status")
+    }
+}
+
+/// The informer's orphan sweep runs on the context's clock: a stray instance
+/// is marked with that clock's time, and terminated at the first full sync
+/// after that clock has passed the grace period (the wall clock has not).
+#[tokio::test(start_paused = true)]
+async fn the_orphan_sweep_marks_and_terminates_by_the_contexts_clock() {
+    let s = Scenario::new();
+    let stranger = EnvironmentId(uuid::Uuid::from_u128(0x0dd));
+    let stray = s
+        .compute
+        .launch(&LaunchRequest {
+            environment: stranger,
+            attempt: 1,
+            client_token: client_token(stranger, 1),
+            subnet: subnets().remove(0),
+            instance_type: INSTANCE_TYPE.to_owned(),
+            disk_gib: 50,
+            repository_url: s.spec.repository_url.clone(),
+            revision: Revision::Default,
+            checkout_secret: None,
+        })
+        .await
+        .expect("a stray instance");
+    let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(4_000_000_000));
+    let (_, _, ctx) = Scenario::context(&s.store, &s.compute, &s.checkout, &s.class, &s.allowed);
+    let controller = Controller::new(
+        Arc::new(ctx.with_clock(Arc::new(clock.clone()))),
+        Arc::new(Leadership::always()),
+        Arc::new(()),
+        4,
+        Duration::from_secs(1),
+    );
+    let grace = Duration::from_secs(1800);
+    let informer = controller.informer(
+        Arc::new(KnowsNothing),
+        Duration::from_secs(24 * 3600),
+        OrphanPolicy {
+            grace,
+            max_per_pass: 10,
+        },
+    );
+    let (events, events_rx) = mpsc::channel(4);
+    let (synced, shutdown) = (CancellationToken::new(), CancellationToken::new());
+    let task = tokio::spawn(informer.run(events_rx, synced.clone(), shutdown.clone()));
+
+    // The first full sync, its sweep included, ends before `synced`.
+    tokio::time::timeout(PASS_TIMEOUT, synced.cancelled())
+        .await
+        .expect("a first full sync");
+    let marked = s.compute.instances().remove(0);
+    assert_eq!(marked.id, stray.id);
+    assert_eq!(
+        marked.quarantined_at,
+        Some(clock.now()),
+        "marked at the clock's time"
+    );
+    assert_eq!(s.compute.calls("terminate"), 0);
+
+    clock.advance(grace);
+    events
+        .send(Event::Connected)
+        .await
+        .expect("the informer listens");
+    tokio::time::timeout(PASS_TIMEOUT, async {
+        while s.compute.calls("terminate") == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("terminated once the clock passed the grace period");
+    shutdown.cancel();
+    task.await.expect("the informer ends");
 }

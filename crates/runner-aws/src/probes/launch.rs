@@ -1,10 +1,10 @@
 //! The launch checks: the environments' instance profile (IAM), the AMI,
 //! and a `DryRun` of the launch's own RunInstances request.
 
-use aws_sdk_ec2::types::{ImageState, Tag};
+use aws_sdk_ec2::types::ImageState;
 
 use super::{Outcome, Probes, fail};
-use crate::ec2::{RunPlacement, TAG_ATTEMPT, TAG_ENVIRONMENT, TAG_MANAGED_BY, TAG_RUNNER};
+use crate::ec2::{RunPlacement, launch_tags};
 use crate::error::AwsError;
 
 /// The instance type of the dry-run launch (offered in every region), unless
@@ -129,15 +129,8 @@ impl Probes {
             return Outcome::Skip("no subnet configured".into());
         };
         let instance_type = settings.instance_type.as_deref().unwrap_or(DRY_RUN_TYPE);
-        let tags: Vec<Tag> = [
-            (TAG_RUNNER, settings.runner_id.as_str()),
-            (TAG_ENVIRONMENT, "doctor"),
-            (TAG_ATTEMPT, "0"),
-            (TAG_MANAGED_BY, "aws-runner"),
-        ]
-        .into_iter()
-        .map(|(k, v)| Tag::builder().key(k).value(v).build())
-        .collect();
+        // The launch's own tags, for an environment named `doctor`.
+        let tags = launch_tags(&settings.runner_id, "doctor", 0);
         let result = crate::ec2::run_request(
             &self.ec2,
             RunPlacement {

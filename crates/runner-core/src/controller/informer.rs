@@ -154,7 +154,7 @@ impl Informer {
             self.refetch(*id).await;
         }
         if self.leadership.is_leader() {
-            match sweep(&self.context, self.orphans, std::time::SystemTime::now()).await {
+            match sweep(&self.context, self.orphans, self.context.clock.now()).await {
                 Ok(done) if done.quarantined + done.terminated > 0 => {
                     tracing::info!(
                         quarantined = done.quarantined,

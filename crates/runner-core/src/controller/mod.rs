@@ -7,8 +7,9 @@
 //! [`Desired`](crate::desired::Desired) and enqueues the id; while leading,
 //! [`Controller::run`] takes it from the queue into [`reconcile`] (which
 //! calls [`Compute::launch`](crate::traits::Compute::launch)), inside one
-//! span, metric and log line, and [`error_policy`] decides when a failed one
-//! runs again.
+//! span, and reports how it ended to the [`ReconcileObserver`] (the daemon's
+//! telemetry: one log line and metric); [`error_policy`] decides when a
+//! failed one runs again.
 //!
 //! A term: when leadership is gained, reload the records, start the outbox's
 //! term, refresh the view of instances, enqueue every known environment and
@@ -54,14 +55,18 @@ const STATUS_BACKOFF: Backoff = Backoff {
 /// Statuses sent at once.
 const STATUS_CONCURRENCY: usize = 16;
 
-/// What the controller reports, besides the queue's depth.
+/// What the controller reports, besides the queue's depth: the daemon's
+/// telemetry (`runnerd::telemetry`), which logs and counts.
 pub trait ReconcileObserver: QueueObserver {
-    /// A reconcile ended: `outcome` is `ok` or the error's metric label.
-    fn reconciled(&self, outcome: &'static str, took: Duration);
+    /// A reconcile ended after `took`, failed with `error` or succeeded
+    /// (`None`). Called inside the reconcile's span, which names the
+    /// environment.
+    fn reconciled(&self, took: Duration, error: Option<&ReconcileError>);
 }
 
+/// Observes nothing, logs nothing (tests of the controller alone).
 impl ReconcileObserver for () {
-    fn reconciled(&self, _: &'static str, _: Duration) {}
+    fn reconciled(&self, _: Duration, _: Option<&ReconcileError>) {}
 }
 
 /// What the queue does after a failed reconcile: a transient error backs
@@ -245,8 +250,9 @@ fn drained_log(drained: Drained) {
     );
 }
 
-/// One reconcile of `id` in a span naming it, counted and timed, logged
-/// when it fails; [`error_policy`] decides what follows a failure.
+/// One reconcile of `id` in a span naming it, timed and reported to the
+/// observer (which logs a failure and counts); [`error_policy`] decides what
+/// follows a failure.
 async fn reconcile_one(
     context: &Context,
     observer: &dyn ReconcileObserver,
@@ -255,14 +261,7 @@ async fn reconcile_one(
     async {
         let started = Instant::now();
         let result = reconcile(context, id).await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(err) => {
-                tracing::warn!(error = %chain(err), retryable = err.is_retryable(), "reconcile failed");
-                err.metric_label()
-            }
-        };
-        observer.reconciled(outcome, started.elapsed());
+        observer.reconciled(started.elapsed(), result.as_ref().err());
         match result {
             Ok(action) => Next::Done(action),
             Err(err) => error_policy(&err, &context.settings),

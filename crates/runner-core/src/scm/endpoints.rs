@@ -3,7 +3,7 @@
 //! integration's own host, so the control plane cannot send users' tokens
 //! anywhere else.
 
-use url::{Host, Url};
+use url::Url;
 
 use super::host::{UrlError, host_port};
 use super::kinds::{ScmKind, public_kind};
@@ -202,7 +202,7 @@ fn base_override(field: &'static str, value: &str, host: &str) -> Result<String,
         Url::parse(value).map_err(|error| EndpointError::OverrideNotAUrl { field, error })?;
     let allowed = match parsed.scheme() {
         "https" => true,
-        "http" => is_loopback(&parsed),
+        "http" => crate::validate::is_loopback_url(parsed.as_str()),
         _ => false,
     };
     if !allowed {
@@ -223,15 +223,6 @@ fn base_override(field: &'static str, value: &str, host: &str) -> Result<String,
         });
     }
     Ok(parsed.as_str().trim_end_matches('/').to_owned())
-}
-
-fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(Host::Domain(name)) => name == "localhost",
-        Some(Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    }
 }
 
 /// Parses a URL built from validated parts.

@@ -24,7 +24,9 @@ use std::time::{Duration, SystemTime};
 use runner_core::model::EnvironmentId;
 use runner_core::scm::{self, AuthSource, Endpoints, Integration};
 use runner_core::sealed::{self, Binding};
-use runner_core::traits::{EnvironmentSecrets, HostToken, TokenStore, TokenStoreError};
+use runner_core::traits::{
+    Clock, EnvironmentSecrets, HostToken, SystemClock, TokenStore, TokenStoreError,
+};
 use runner_core::validate;
 use runner_scm::{ScmClient, ScmError, ScmErrorKind};
 use secrecy::SecretString;
@@ -97,6 +99,8 @@ pub struct Scm {
     /// Environments whose checkout needs no credential (no bind call).
     anonymous: Mutex<HashSet<EnvironmentId>>,
     refreshing: tokio::sync::Mutex<()>,
+    /// Wall-clock time: token expiry, when integrations were listed.
+    clock: std::sync::Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Scm {
@@ -120,7 +124,15 @@ impl Scm {
             client,
             anonymous: Mutex::default(),
             refreshing: tokio::sync::Mutex::new(()),
+            clock: std::sync::Arc::new(SystemClock),
         }
+    }
+
+    /// Reads wall-clock time from `clock` (the default: the system's).
+    #[must_use]
+    pub fn with_clock(mut self, clock: std::sync::Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The runner's private key, which opens sealed tokens and secrets.

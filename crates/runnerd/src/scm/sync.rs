@@ -120,7 +120,7 @@ pub(crate) async fn scm_sync(
                 }
             },
         }
-        let listed_at = std::time::SystemTime::now();
+        let listed_at = scm.clock.now();
         let result = match (
             control_plane.list_integrations().await,
             control_plane.list_host_tokens().await,

@@ -238,7 +238,7 @@ impl Scm {
             let expiring = stored
                 .token
                 .expires_at
-                .is_some_and(|at| at <= SystemTime::now() + REFRESH_MARGIN);
+                .is_some_and(|at| at <= self.clock.now() + REFRESH_MARGIN);
             if !expiring {
                 return Ok(Some(Usable {
                     source,
@@ -269,7 +269,7 @@ impl Scm {
         let Some(stored) = self.tokens.get(key).await? else {
             return Ok(None);
         };
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let expired = stored.token.expires_at.is_some_and(|at| at <= now);
         if stored
             .token
@@ -356,7 +356,7 @@ impl Scm {
 
     /// The token stored now (another replica's), if it has not expired.
     async fn current(&self, key: &TokenKey) -> Result<Option<HostToken>, TokenStoreError> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         Ok(self
             .tokens
             .get(key)

@@ -1,0 +1,177 @@
+//! Every series the runner exports, registered once under the `runner`
+//! prefix; the events of [`super::events`] are what move them.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use runner_core::controller::ReconcileObserver;
+use runner_core::outbox::Round;
+use runner_core::reconcile::ReconcileError;
+use runner_core::scheduler::QueueObserver;
+
+use super::events::{
+    QueueDepth, ReconcileFinished, StatusRoundEnded, WatchRequestReceived, WatchStreamReopened,
+};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct Outcome {
+    pub(super) outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct Call {
+    pub(super) operation: &'static str,
+    pub(super) outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct Operation {
+    pub(super) operation: &'static str,
+}
+
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+/// Every series the runner exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub(super) reconciles: Family<Outcome, Counter>,
+    pub(super) reconcile_seconds: Histogram,
+    pub(super) queue_waiting: Gauge,
+    pub(super) queue_running: Gauge,
+    pub(super) reconnects: Counter,
+    pub(super) status_pending: Gauge,
+    pub(super) status_sent: Family<Outcome, Counter>,
+    pub(super) compute_calls: Family<Call, Counter>,
+    pub(super) compute_seconds: Family<Operation, Histogram>,
+    pub(super) requests: Family<Operation, Counter>,
+    pub(super) ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("runner");
+        let reconciles = Family::<Outcome, Counter>::default();
+        registry.register("reconciles", "Reconciles by outcome", reconciles.clone());
+        let reconcile_seconds = seconds();
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconcile",
+            reconcile_seconds.clone(),
+        );
+        let queue_waiting = Gauge::default();
+        registry.register(
+            "queue_waiting",
+            "Environments waiting in the work queue",
+            queue_waiting.clone(),
+        );
+        let queue_running = Gauge::default();
+        registry.register(
+            "queue_running",
+            "Environments being reconciled",
+            queue_running.clone(),
+        );
+        let reconnects = Counter::default();
+        registry.register(
+            "control_plane_reconnects",
+            "Watch stream reconnects",
+            reconnects.clone(),
+        );
+        let status_pending = Gauge::default();
+        registry.register(
+            "status_updates_pending",
+            "Statuses not yet delivered",
+            status_pending.clone(),
+        );
+        let status_sent = Family::<Outcome, Counter>::default();
+        registry.register(
+            "status_updates",
+            "Status deliveries by outcome",
+            status_sent.clone(),
+        );
+        let compute_calls = Family::<Call, Counter>::default();
+        registry.register(
+            "compute_calls",
+            "Compute calls by operation and outcome",
+            compute_calls.clone(),
+        );
+        let compute_seconds =
+            Family::<Operation, Histogram>::new_with_constructor(seconds as fn() -> Histogram);
+        registry.register(
+            "compute_call_duration_seconds",
+            "Duration of compute calls",
+            compute_seconds.clone(),
+        );
+        let requests = Family::<Operation, Counter>::default();
+        registry.register(
+            "control_plane_requests",
+            "Requests received on the watch stream by kind",
+            requests.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register("ready", "1 when /readyz answers ready", ready.clone());
+        Self {
+            registry,
+            reconciles,
+            reconcile_seconds,
+            queue_waiting,
+            queue_running,
+            reconnects,
+            status_pending,
+            status_sent,
+            compute_calls,
+            compute_seconds,
+            requests,
+            ready,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Emits [`WatchStreamReopened`] (the session's call).
+    pub fn reconnected(&self) {
+        WatchStreamReopened.emit(self);
+    }
+
+    /// Emits [`WatchRequestReceived`] (the session's call).
+    pub fn request(&self, kind: &'static str) {
+        WatchRequestReceived { kind }.emit(self);
+    }
+
+    /// Emits [`StatusRoundEnded`] (the status outbox's callback).
+    pub fn status_round(&self, round: Round, pending: usize) {
+        StatusRoundEnded { round, pending }.emit(self);
+    }
+}
+
+/// A count as a gauge's value.
+pub(super) fn gauge_value(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+impl ReconcileObserver for Metrics {
+    fn reconciled(&self, took: Duration, error: Option<&ReconcileError>) {
+        ReconcileFinished { took, error }.emit(self);
+    }
+}
+
+impl QueueObserver for Metrics {
+    fn depth(&self, waiting: usize, running: usize) {
+        QueueDepth { waiting, running }.emit(self);
+    }
+}
