@@ -178,3 +178,95 @@ async fn mutations_retry_only_transient_failures_and_only_while_leading() {
         "nothing sent while not leading"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_mutations_share_a_call_and_a_bad_id_blocks_no_other() {
+    let proxy = FaultProxy::start(&moto_url()).await.expect("proxy");
+    let direct = sdk(&moto_url()).await;
+    let infra = Infra::create(&direct).await;
+    let through = sdk(&proxy.url()).await;
+    let compute = infra.adapters(&through, "a", &leading()).compute;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        let environment = EnvironmentId(uuid::Uuid::new_v4());
+        let launched = compute
+            .launch(&LaunchRequest {
+                environment,
+                attempt: 1,
+                client_token: client_token(environment, 1),
+                subnet: Subnet {
+                    id: infra.subnets[0].0.clone(),
+                    availability_zone: infra.subnets[0].1.clone(),
+                },
+                instance_type: "m5.large".into(),
+                disk_gib: 20,
+                repository_url: "https://github.com/acme/api.git".into(),
+                revision: Revision::Default,
+                checkout_secret: None,
+            })
+            .await
+            .expect("launch");
+        ids.push(launched.id);
+    }
+    // Twelve stops at once: one StopInstances.
+    let stops = at_once(&ids, |id| {
+        let compute = compute.clone();
+        async move { compute.stop(&id).await }
+    })
+    .await;
+    assert!(stops.iter().all(Result::is_ok), "{stops:?}");
+    assert_eq!(
+        proxy.seen("StopInstances").len(),
+        1,
+        "one call for the batch"
+    );
+
+    // Twelve terminations and an id EC2 does not know: the batch is split
+    // until that id stands alone; every other one is terminated.
+    let unknown = "i-0123456789abcdef0".to_owned();
+    let mut asked = ids.clone();
+    asked.insert(5, unknown.clone());
+    let ends = at_once(&asked, |id| {
+        let compute = compute.clone();
+        async move { compute.terminate(&id).await }
+    })
+    .await;
+    for (id, end) in asked.iter().zip(&ends) {
+        if *id == unknown {
+            assert!(matches!(end, Err(ComputeError::Rejected(_))), "{end:?}");
+        } else {
+            assert!(end.is_ok(), "{id}: {end:?}");
+        }
+    }
+    let calls = proxy.seen("TerminateInstances").len();
+    assert!(
+        (2..=9).contains(&calls),
+        "split in halves down to the bad id: {calls} calls"
+    );
+    let observed = compute.observe_ids(&ids).await.expect("observe");
+    assert!(
+        observed.iter().all(|i| matches!(
+            i.state,
+            runner_core::model::InstanceState::Terminated
+                | runner_core::model::InstanceState::ShuttingDown
+        )),
+        "{observed:?}"
+    );
+}
+
+/// Runs `call` for every id at the same time; the answers in order.
+async fn at_once<F, Fut>(ids: &[String], call: F) -> Vec<Result<(), ComputeError>>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ComputeError>> + Send + 'static,
+{
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|id| tokio::spawn(call(id.clone())))
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.expect("joined"));
+    }
+    out
+}

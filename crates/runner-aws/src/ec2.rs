@@ -8,6 +8,8 @@
 //! `ATTEMPTS` tries, only on throttling, 5xx and transport errors and only
 //! while leading, each taking a bucket token first, so retries too stay
 //! under the buckets. Mutations refuse to run unless this replica leads.
+//! Start, stop and terminate are batched (`batch`), and observation by id
+//! (`observe_ids`) is one call per batch the observer collects.
 //! Instances without this runner's tags are never described, and an instance
 //! wearing them without also carrying the environments' instance profile and
 //! security group is logged once and left out of every observation: the
@@ -34,7 +36,11 @@ use runner_core::traits::{Compute, ComputeError, LaunchRequest};
 use runner_core::validate;
 
 use crate::error::{AwsError, transient_code};
+
+mod batch;
+
 use crate::probes::placement::Placement;
+use batch::{Mutations, Op};
 
 /// Tag: the runner that owns the instance.
 pub const TAG_RUNNER: &str = "aws-runner:runner-id";
@@ -91,7 +97,9 @@ pub struct Ec2Compute {
     settings: Ec2Settings,
     leadership: Arc<Leadership>,
     launches: DefaultDirectRateLimiter,
-    mutations: DefaultDirectRateLimiter,
+    mutations: Arc<DefaultDirectRateLimiter>,
+    /// Start, stop and terminate, batched (through `mutations`).
+    batched: Arc<Mutations>,
     describes: DefaultDirectRateLimiter,
     offerings: Mutex<HashMap<String, (Instant, Vec<String>)>>,
     root_devices: Mutex<HashMap<String, String>>,
@@ -416,20 +424,23 @@ pub fn user_data(request: &LaunchRequest, region: &str) -> Result<String, Comput
 impl Ec2Compute {
     /// EC2 with `settings`, mutating only while `leadership` holds.
     pub fn new(client: Client, settings: Ec2Settings, leadership: Arc<Leadership>) -> Self {
+        let mutations = Arc::new(limiter(settings.mutate_rate.0, settings.mutate_rate.1));
+        let gated = Client::from_conf(
+            client
+                .config()
+                .to_builder()
+                .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+                .build(),
+        );
         Self {
             launches: limiter(settings.launch_rate.0, settings.launch_rate.1),
-            mutations: limiter(settings.mutate_rate.0, settings.mutate_rate.1),
+            batched: Mutations::new(gated.clone(), mutations.clone(), leadership.clone()),
+            mutations,
             describes: limiter(
                 settings.describe_rate,
                 (settings.describe_rate * 2.0).ceil() as u32,
             ),
-            gated: Client::from_conf(
-                client
-                    .config()
-                    .to_builder()
-                    .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
-                    .build(),
-            ),
+            gated,
             client,
             settings,
             leadership,
@@ -688,18 +699,15 @@ impl Compute for Ec2Compute {
     }
 
     async fn start(&self, instance_id: &str) -> Result<(), ComputeError> {
-        let request = self.gated.start_instances().instance_ids(instance_id);
-        self.mutate(|| request.clone().send()).await
+        self.batched.submit(Op::Start, instance_id).await
     }
 
     async fn stop(&self, instance_id: &str) -> Result<(), ComputeError> {
-        let request = self.gated.stop_instances().instance_ids(instance_id);
-        self.mutate(|| request.clone().send()).await
+        self.batched.submit(Op::Stop, instance_id).await
     }
 
     async fn terminate(&self, instance_id: &str) -> Result<(), ComputeError> {
-        let request = self.gated.terminate_instances().instance_ids(instance_id);
-        self.mutate(|| request.clone().send()).await
+        self.batched.submit(Op::Terminate, instance_id).await
     }
 
     async fn quarantine(&self, instance_id: &str, at: SystemTime) -> Result<(), ComputeError> {
