@@ -90,7 +90,8 @@ impl Policy {
 }
 
 /// A run of consecutive failures under a [`Policy`]: the delay after each
-/// one, until the limit; a success resets it.
+/// one; a success resets it. [`retry`] stops at the policy's limit; a loop
+/// that keeps its own schedule never gives up.
 #[derive(Debug, Clone)]
 pub struct Failures {
     policy: Policy,
@@ -108,18 +109,22 @@ impl Failures {
         }
     }
 
-    /// Counts a failure; returns how long to wait before the next attempt,
-    /// or `None` when the policy's limit is reached.
-    pub fn failed(&mut self) -> Option<Duration> {
+    /// Counts a failure; returns how long to wait before the next attempt.
+    pub fn failed(&mut self) -> Duration {
         self.count = self.count.saturating_add(1);
-        let since = *self.since.get_or_insert_with(Instant::now);
-        let delay = self.policy.delay(self.count);
+        self.since.get_or_insert_with(Instant::now);
+        self.policy.delay(self.count)
+    }
+
+    /// Whether the policy's limit allows another attempt after waiting
+    /// `delay` (loops that never give up use [`Limit::Never`]).
+    pub fn may_retry(&self, delay: Duration) -> bool {
         match self.policy.limit {
-            Limit::Never => Some(delay),
-            Limit::Attempts(attempts) => (self.count < attempts).then_some(delay),
-            Limit::Deadline(deadline) => {
-                (since.elapsed().saturating_add(delay) <= deadline).then_some(delay)
-            }
+            Limit::Never => true,
+            Limit::Attempts(attempts) => self.count < attempts,
+            Limit::Deadline(deadline) => self
+                .since
+                .is_none_or(|since| since.elapsed().saturating_add(delay) <= deadline),
         }
     }
 
@@ -180,9 +185,10 @@ where
         if !retryable(&err) {
             return Err(RetryError::Final(err));
         }
-        let Some(delay) = failures.failed() else {
+        let delay = failures.failed();
+        if !failures.may_retry(delay) {
             return Err(RetryError::Exhausted(err));
-        };
+        }
         failed(&err, delay);
         tokio::select! {
             () = shutdown.cancelled() => return Err(RetryError::Cancelled),
@@ -389,11 +395,14 @@ mod tests {
     async fn a_reset_starts_again_from_the_base_delay() {
         let mut failures = Failures::new(Policy::new(SECOND, 64 * SECOND).attempts(3));
         for _ in 0..2 {
-            assert!(failures.failed().is_some());
+            let delay = failures.failed();
+            assert!(failures.may_retry(delay));
         }
-        assert_eq!(failures.failed(), None, "the third failure is the last");
+        let delay = failures.failed();
+        assert!(!failures.may_retry(delay), "the third failure is the last");
         failures.reset();
-        let delay = failures.failed().expect("counted from zero again");
+        let delay = failures.failed();
+        assert!(failures.may_retry(delay), "counted from zero again");
         assert!(delay >= SECOND / 2 && delay <= SECOND, "{delay:?}");
         assert_eq!(failures.count(), 1);
     }
