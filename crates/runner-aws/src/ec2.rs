@@ -2,9 +2,12 @@
 //! instances, recognised by their tags.
 //!
 //! Every call waits for a token from a client-side bucket (launch, mutate,
-//! describe) set below EC2's per-account limits; the SDK's standard retries
-//! handle throttling and 5xx; nothing here loops on its own. Mutations refuse
-//! to run unless this replica leads. Instances without this runner's tags are
+//! describe) set below EC2's per-account limits. Describes keep the SDK's
+//! standard retries; launches and mutations are sent with the SDK's retries
+//! off and retried by `gated`, a bounded loop of its own (at most 4
+//! attempts), not `runner_core::retry`: each attempt must take a bucket
+//! token and recheck leadership first. Mutations refuse to run unless this
+//! replica leads. Instances without this runner's tags are
 //! never described, and an instance wearing them without also carrying the
 //! environments' instance profile and security group is logged once and left
 //! out of every observation: the runner never touches it.
@@ -232,8 +235,10 @@ impl<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static> Gate<E
 /// then checks leadership at the moment it leaves (the wait may outlast the
 /// lease's local validity); transient failures are retried with full-jitter
 /// backoff, a bounded number of times, with the same request (same client
-/// token). This is the one retry loop of its own: each attempt must take a
-/// bucket token, which the SDK's retries would not.
+/// token). The SDK's retries would skip the bucket, so this is a loop of its
+/// own, kept apart from `runner_core::retry`: every attempt, retries
+/// included, waits for a bucket token and then rechecks leadership, and
+/// what ends it early is the loss of leadership, not a shutdown token.
 async fn gated<T, E, Fut>(
     bucket: &DefaultDirectRateLimiter,
     leadership: &Leadership,
