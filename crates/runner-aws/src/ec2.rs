@@ -3,17 +3,16 @@
 //!
 //! Every call waits for a token from a client-side bucket (launch, mutate,
 //! describe) set below EC2's per-account limits. Describes keep the SDK's
-//! standard retries. Launches and mutations go through a client with the
-//! SDK's retries off and are retried by `gated`, the one loop here: at most
-//! `ATTEMPTS` tries, only on throttling, 5xx and transport errors and only
-//! while leading, each taking a bucket token first, so retries too stay
-//! under the buckets. Mutations refuse to run unless this replica leads.
-//! Start, stop and terminate are batched (`batch`), and observation by id
-//! (`observe_ids`) is one call per batch the observer collects.
-//! Instances without this runner's tags are never described, and an instance
-//! wearing them without also carrying the environments' instance profile and
-//! security group is logged once and left out of every observation: the
-//! runner never touches it.
+//! standard retries; launches and mutations are sent with the SDK's retries
+//! off and retried by `gated`, a bounded loop of its own (at most 4
+//! attempts), not `runner_core::retry`: each attempt must take a bucket
+//! token and recheck leadership first. Mutations refuse to run unless this
+//! replica leads. Start, stop and terminate are batched (`batch`), and
+//! observation by id (`observe_ids`) is one call per batch the observer
+//! collects. Instances without this runner's tags are never described, and
+//! an instance wearing them without also carrying the environments' instance
+//! profile and security group is logged once and left out of every
+//! observation: the runner never touches it.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
@@ -259,8 +258,10 @@ impl<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static> Gate<E
 /// then checks leadership at the moment it leaves (the wait may outlast the
 /// lease's local validity); transient failures are retried with full-jitter
 /// backoff, a bounded number of times, with the same request (same client
-/// token). This is the one retry loop of its own: each attempt must take a
-/// bucket token, which the SDK's retries would not.
+/// token). The SDK's retries would skip the bucket, so this is a loop of its
+/// own, kept apart from `runner_core::retry`: every attempt, retries
+/// included, waits for a bucket token and then rechecks leadership, and
+/// what ends it early is the loss of leadership, not a shutdown token.
 async fn gated<T, E, Fut>(
     bucket: &DefaultDirectRateLimiter,
     leadership: &Leadership,

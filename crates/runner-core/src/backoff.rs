@@ -1,5 +1,6 @@
-//! Exponential backoff with jitter, shared by the work queue (per key) and the
-//! control-plane session (per connection).
+//! Exponential backoff with jitter: the delays of every retry
+//! ([`crate::retry`]), of the work queue's and the status outbox's per-key
+//! backoff, and of EC2's gated sends.
 
 use std::time::Duration;
 

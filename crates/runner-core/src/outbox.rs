@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::error::chain;
 use crate::model::{EnvironmentId, Status};
 use crate::traits::{ControlPlane, ControlPlaneError};
 
@@ -179,17 +180,17 @@ impl Outbox {
                         entry.pending = None;
                     }
                 }
-                Err(ControlPlaneError::Rejected(message)) => {
+                Err(err @ ControlPlaneError::Rejected(_)) => {
                     round.rejected += 1;
-                    tracing::warn!(env.id = %id, status_version = version, error = %message, "control plane rejected a status");
+                    tracing::warn!(env.id = %id, status_version = version, error = %chain(&err), "control plane rejected a status");
                     if still_pending {
                         recheck.push((id, version));
                     }
                 }
-                Err(ControlPlaneError::Unavailable(message)) => {
+                Err(err @ ControlPlaneError::Unavailable(_)) => {
                     round.retrying += 1;
                     entry.failures = entry.failures.saturating_add(1);
-                    tracing::debug!(env.id = %id, status_version = version, error = %message, "status delivery failed; will retry");
+                    tracing::debug!(env.id = %id, status_version = version, error = %chain(&err), "status delivery failed; will retry");
                 }
             }
         }

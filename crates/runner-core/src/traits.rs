@@ -168,16 +168,25 @@ pub trait SecretStore: Send + Sync + 'static {
     async fn save(&self, credentials: &Credentials) -> Result<(), SecretError>;
 }
 
-/// Why a control-plane call failed, classified once.
+/// Why a control-plane call failed, as the adapter classified it (the
+/// daemon's classifier of gRPC statuses is the only one); the cause is kept.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlPlaneError {
     /// The control plane refused the request as it is (invalid argument,
-    /// failed precondition); retrying it unchanged is pointless.
-    #[error("control plane rejected the request: {0}")]
-    Rejected(String),
+    /// failed precondition, not found), or answered something malformed;
+    /// retrying it unchanged is pointless.
+    #[error("control plane rejected the request")]
+    Rejected(#[source] BoxError),
     /// Anything else: retry later.
-    #[error("control plane unavailable: {0}")]
-    Unavailable(String),
+    #[error("control plane unavailable")]
+    Unavailable(#[source] BoxError),
+}
+
+impl ControlPlaneError {
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
 }
 
 /// The control plane, as the reconcile engine needs it.

@@ -576,6 +576,10 @@ pub enum UpdateError {
     /// The request cannot succeed as it is (missing permission, bad input).
     #[error("{0}")]
     Rejected(String),
+    /// The control plane did not name the latest release (the cause says
+    /// whether it refused or could not be reached).
+    #[error("ask the control plane for the latest release")]
+    ControlPlane(#[source] BoxError),
     /// The service could not be reached or failed; try again later.
     #[error("{what} failed")]
     Unavailable {

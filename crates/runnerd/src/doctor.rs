@@ -15,15 +15,14 @@ use std::time::Duration;
 
 use runner_aws::SdkConfig;
 use runner_aws::probes::{Finding, Findings, Outcome, ProbeSettings, Probes, fail};
-use runner_core::backoff::Backoff;
+use runner_core::retry::{Policy, retry};
 use runner_core::traits::Credentials;
 use runner_core::update::{Deployer, UpdateError};
-use runner_proto::pb::{self, runner_service_client::RunnerServiceClient};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::grpc::{self, Auth};
+use crate::control_plane::Client;
 use crate::health::{Health, chain, one_line};
 use crate::session::VERSION;
 
@@ -132,6 +131,10 @@ impl From<Finding> for Check {
         }
     }
 }
+
+/// The start checks run again after a failure: from 30 s, doubling, up to
+/// 10 min.
+const RECHECK: Policy = Policy::new(Duration::from_secs(30), Duration::from_secs(600));
 
 /// The checks, built on one SDK configuration.
 pub struct Doctor {
@@ -372,15 +375,8 @@ impl Doctor {
                 "the secret holds only the single-use exchange token, which runnerd trades at its first start".into(),
             );
         };
-        let auth = Auth::default();
-        if let Err(problem) = auth.set(token) {
-            return fail(
-                problem,
-                "create a new exchange token in the control plane and put it in the secret",
-            );
-        }
-        let channel = match grpc::channel(&self.config.control_plane) {
-            Ok(channel) => channel,
+        let client = match Client::new(&self.config.control_plane) {
+            Ok(client) => client,
             Err(err) => {
                 return fail(
                     chain(&err),
@@ -388,34 +384,33 @@ impl Doctor {
                 );
             }
         };
-        let mut client = RunnerServiceClient::with_interceptor(channel, auth);
-        let mut request = tonic::Request::new(pb::GetLatestVersionRequest {
-            current_version: VERSION.to_owned(),
-        });
-        request.set_timeout(self.config.control_plane.timeout);
-        match client.get_latest_version(request).await {
-            Ok(response) => {
-                let latest = response.into_inner();
-                let release = if latest.version.is_empty() {
-                    "nothing is released yet".to_owned()
-                } else {
-                    format!(
+        if let Err(problem) = client.authenticate(token) {
+            return fail(
+                problem.to_string(),
+                "create a new exchange token in the control plane and put it in the secret",
+            );
+        }
+        match client.latest_version(VERSION).await {
+            Ok(latest) => {
+                let release = match latest {
+                    None => "nothing is released yet".to_owned(),
+                    Some(latest) => format!(
                         "the latest release is {} (auto-update {})",
                         latest.version,
                         if latest.auto_update { "on" } else { "off" }
-                    )
+                    ),
                 };
                 Outcome::Pass(format!("the runner's access token is accepted; {release}"))
             }
-            Err(status) if status.code() == tonic::Code::Unauthenticated => fail(
+            Err(err) if err.code() == tonic::Code::Unauthenticated => fail(
                 format!(
                     "the control plane refused the runner's access token: {}",
-                    status.message()
+                    err.status().message()
                 ),
                 "the runner's credential was revoked or is for another control plane: create a new exchange token for this runner, set it as the stack's ExchangeToken, and remove access_token from the runner's secret (RUNNER_SECRET_ID; keep private_key)",
             ),
-            Err(status) => fail(
-                format!("{:?}: {}", status.code(), status.message()),
+            Err(err) => fail(
+                format!("{:?}: {}", err.code(), err.status().message()),
                 "check that RUNNER_CONTROL_PLANE_URL is the control plane's gRPC endpoint",
             ),
         }
@@ -449,14 +444,9 @@ impl Doctor {
     /// degraded problem `checks`, and runs them again (30 s to 10 min apart)
     /// until they all pass or `shutdown`.
     pub async fn watch(self: Arc<Self>, health: Arc<Health>, shutdown: CancellationToken) {
-        let backoff = Backoff {
-            base: Duration::from_secs(30),
-            max: Duration::from_secs(600),
-        };
-        let mut failures = 0;
-        loop {
+        let checks = async || {
             let report = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return Ok(()),
                 report = self.run() => report,
             };
             for check in report.failures() {
@@ -470,14 +460,13 @@ impl Doctor {
             health.set_problem("checks", report.problem());
             if report.ok {
                 tracing::info!(checks = report.checks.len(), "setup checks pass");
-                return;
+                Ok(())
+            } else {
+                Err(())
             }
-            failures += 1;
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff.equal_jitter(failures)) => {}
-            }
-        }
+        };
+        // Until they pass, or shutdown: nothing else to report.
+        let _ = retry(RECHECK, &shutdown, |()| true, |(), _| {}, checks).await;
     }
 }
 

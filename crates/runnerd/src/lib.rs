@@ -5,11 +5,15 @@
 
 pub mod app;
 pub mod config;
+pub mod control_plane;
+pub mod deps;
 pub mod doctor;
-pub mod grpc;
+pub mod error;
 pub mod health;
 pub mod scm;
 pub mod session;
+pub mod shutdown;
+pub mod startup;
 pub mod supervisor;
 pub mod telemetry;
 pub mod update;
@@ -47,7 +51,7 @@ pub fn holder_name() -> String {
 }
 
 /// The AWS adapters for `config` on a given SDK configuration.
-pub fn aws_deps_with(sdk: &runner_aws::SdkConfig, config: &config::Config) -> app::Deps {
+pub fn aws_deps_with(sdk: &runner_aws::SdkConfig, config: &config::Config) -> deps::Deps {
     let leadership = std::sync::Arc::new(runner_core::leader::Leadership::default());
     let settings = runner_aws::AdapterSettings {
         table: config.table.clone(),
@@ -76,7 +80,7 @@ pub fn aws_deps_with(sdk: &runner_aws::SdkConfig, config: &config::Config) -> ap
         },
     };
     let adapters = runner_aws::adapters(sdk, &settings, &leadership);
-    app::Deps {
+    deps::Deps {
         store: adapters.store.clone(),
         compute: adapters.compute,
         secrets: adapters.secrets,
@@ -100,9 +104,9 @@ pub fn aws_extras(
     sdk: &runner_aws::SdkConfig,
     config: &config::Config,
     ecs_metadata_uri: Option<&str>,
-) -> app::Extras {
+) -> deps::Extras {
     let deployer = ecs_metadata_uri.map(|uri| runner_aws::ecs_deployer(sdk, uri));
-    app::Extras {
+    deps::Extras {
         doctor: Some(std::sync::Arc::new(doctor::Doctor::new(
             sdk,
             config,

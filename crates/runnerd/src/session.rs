@@ -5,30 +5,29 @@
 //! reset after 60 s of healthy stream) and also reconnects cleanly when a
 //! stream reaches its maximum age. Every (re)connect tells the informer to
 //! list everything, since events sent while disconnected are not replayed.
-//! Events go to the informer through a channel; calls are answered here.
-//! Nothing in this module ever logs a secret.
+//! Events go to the informer and the SCM sync task through channels; calls
+//! are answered by [`Calls`]. Every RPC goes through the
+//! [`Client`], which classifies its failures. Nothing in this module ever
+//! logs a secret.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng as _;
-use runner_core::backoff::Backoff;
 use runner_core::model::EnvironmentId;
-use runner_core::traits::{Compute, Credentials, SecretError, SecretKeyBytes, SecretStore};
+use runner_core::retry::{Failures, Policy, RetryError, retry};
+use runner_core::traits::{Credentials, SecretError, SecretKeyBytes, SecretStore};
 use runner_core::validate;
-use runner_proto::pb::{
-    self, identity_service_client::IdentityServiceClient, runner_request::Kind, runner_result,
-};
-use secrecy::{ExposeSecret as _, SecretString};
-use tokio::sync::{Semaphore, mpsc};
+use runner_proto::pb::{self, runner_request::Kind};
+use secrecy::SecretString;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
-use tonic::{Code, Request};
 
-use crate::grpc::{Auth, RunnerClient};
+use crate::config::Config;
+use crate::control_plane::{self, BadToken, Calls, Client, Operation, calls::kind_name};
+use crate::deps::Deps;
 use crate::health::{Health, chain};
-use crate::scm::{CallError, Scm};
 use crate::telemetry::Metrics;
 
 /// The runner's release version.
@@ -37,8 +36,21 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How long a replica may hold the credential claim before another may
 /// take over (the exchange token's trade takes seconds).
 const CLAIM_TTL: Duration = Duration::from_secs(60);
-/// How often a waiting replica looks for the credential.
+/// How often a waiting replica looks for the credential another one is
+/// trading (a poll for that replica's result, not a retry).
 const CLAIM_POLL: Duration = Duration::from_millis(500);
+
+/// Reconnects of the stream, and retries of the secret, the token exchange
+/// and signup: from 250 ms, doubling, up to 2 min, full jitter (many
+/// runners reconnecting to one control plane spread best).
+const RECONNECT: Policy =
+    Policy::new(Duration::from_millis(250), Duration::from_secs(120)).full_jitter();
+/// Writes of the runner secret: as [`RECONNECT`], 9 attempts at most.
+const SAVE: Policy = RECONNECT.attempts(9);
+const HEALTHY_STREAM: Duration = Duration::from_secs(60);
+const HEARTBEAT: Duration = Duration::from_secs(30);
+/// UpdateRunnerStatus is sent again this often until delivered.
+const STATUS_RETRY: Duration = Duration::from_secs(5);
 
 /// What the stream task tells the informer.
 pub use runner_core::controller::informer::Event as SessionEvent;
@@ -66,8 +78,8 @@ pub enum SessionError {
     )]
     NoCredentials,
     /// The control plane refused the exchange token.
-    #[error("the control plane refused the exchange token ({0}); create a new one")]
-    ExchangeRefused(String),
+    #[error("the control plane refused the exchange token; create a new one")]
+    ExchangeRefused(#[source] control_plane::Error),
     /// The exchange token belongs to another runner.
     #[error("the exchange token belongs to runner {actual}, not {expected} (--runner-id)")]
     WrongRunner {
@@ -77,58 +89,39 @@ pub enum SessionError {
         actual: String,
     },
     /// The control plane refused the signup.
-    #[error("the control plane refused the signup: {0}")]
-    SignupRefused(String),
+    #[error("the control plane refused the signup")]
+    SignupRefused(#[source] control_plane::Error),
     /// The secret store failed for good.
     #[error("the secret store failed")]
     Secrets(#[source] SecretError),
     /// The access token could not be used as a header.
-    #[error("{0}")]
-    BadToken(String),
+    #[error(transparent)]
+    BadToken(#[from] BadToken),
     /// Shutdown came first.
     #[error("shut down before the session was established")]
     Cancelled,
 }
 
-/// What the session needs.
+impl SessionError {
+    /// A secret-store retry's end.
+    fn secrets(err: RetryError<SecretError>) -> Self {
+        err.into_error().map_or(Self::Cancelled, Self::Secrets)
+    }
+}
+
+/// The runner's session with the control plane.
 pub struct Session {
-    /// The runner's id.
-    pub runner_id: String,
-    /// The runner's region.
-    pub region: String,
-    /// Authenticated client.
-    pub client: RunnerClient,
-    /// Unauthenticated identity client.
-    pub identity: IdentityServiceClient<Channel>,
-    /// The bearer token holder shared with `client`.
-    pub auth: Auth,
-    /// Where credentials live.
-    pub secrets: Arc<dyn SecretStore>,
-    /// For validate_environment_class.
-    pub compute: Arc<dyn Compute>,
-    /// The instance types classes may use.
-    pub instance_types: validate::AllowedInstanceTypes,
-    /// Availability zones of the configured subnets.
-    pub zones: std::sync::OnceLock<Vec<String>>,
-    /// Health and degradation.
-    pub health: Arc<Health>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Per-call timeout.
-    pub timeout: Duration,
-    /// Longest stream age.
-    pub max_stream_age: Duration,
-    /// Repository access.
-    pub scm: Arc<Scm>,
-    /// Events for the SCM sync task.
-    pub scm_events: mpsc::Sender<ScmEvent>,
-    /// Whether this runner can update itself (it runs as an ECS service task
-    /// with self-update on).
-    pub self_update: bool,
-    /// The calls being answered, waited for at shutdown.
-    pub calls: tokio_util::task::TaskTracker,
-    /// Decides which replica trades the exchange token on first start.
-    pub claim: Arc<dyn runner_core::leader::Lease>,
+    runner_id: String,
+    region: String,
+    client: Client,
+    secrets: Arc<dyn SecretStore>,
+    claim: Arc<dyn runner_core::leader::Lease>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    max_stream_age: Duration,
+    calls: Arc<Calls>,
+    scm_events: mpsc::Sender<ScmEvent>,
+    self_update: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -139,18 +132,60 @@ impl std::fmt::Debug for Session {
     }
 }
 
-const RECONNECT: Backoff = Backoff {
-    base: Duration::from_millis(250),
-    max: Duration::from_secs(120),
-};
-const HEALTHY_STREAM: Duration = Duration::from_secs(60);
-const HEARTBEAT: Duration = Duration::from_secs(30);
-
 impl Session {
-    fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        request.set_timeout(self.timeout);
-        request
+    /// The session of the runner `config` describes, over `client`, with
+    /// the credentials and the claim of `deps`; calls are answered by
+    /// `calls`. Returns the receiver of the events for the SCM sync task.
+    pub fn new(
+        config: &Config,
+        client: Client,
+        deps: &Deps,
+        calls: Arc<Calls>,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+    ) -> (Self, mpsc::Receiver<ScmEvent>) {
+        let (scm_events, scm_events_rx) = mpsc::channel(256);
+        let session = Self {
+            runner_id: config.runner_id.clone(),
+            region: config.region.clone(),
+            client,
+            secrets: deps.secrets.clone(),
+            claim: deps.claim.clone(),
+            health,
+            metrics,
+            max_stream_age: config.control_plane.max_stream_age,
+            calls,
+            scm_events,
+            self_update: false,
+        };
+        (session, scm_events_rx)
+    }
+
+    /// Advertises self-update (the runner runs as an ECS service task with
+    /// self-update on).
+    #[must_use]
+    pub fn with_self_update(self, self_update: bool) -> Self {
+        Self {
+            self_update,
+            ..self
+        }
+    }
+
+    /// Credentials, then signup: the runner's key pair, or `None` when
+    /// shutdown came first.
+    pub async fn establish(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<SecretKeyBytes>, SessionError> {
+        let established = match self.credentials(shutdown).await {
+            Ok(key) => self.signup(&key, shutdown).await.map(|()| key),
+            Err(err) => Err(err),
+        };
+        match established {
+            Ok(key) => Ok(Some(key)),
+            Err(SessionError::Cancelled) => Ok(None),
+            Err(err) => Err(err),
+        }
     }
 
     async fn sleep(shutdown: &CancellationToken, delay: Duration) -> Result<(), SessionError> {
@@ -160,21 +195,18 @@ impl Session {
         }
     }
 
+    /// Reads the credentials, retrying until the store answers (a malformed
+    /// secret is final).
     async fn load(&self, shutdown: &CancellationToken) -> Result<Credentials, SessionError> {
-        let mut failures = 0;
-        loop {
-            match self.secrets.load().await {
-                Ok(credentials) => return Ok(credentials),
-                Err(SecretError::Malformed(message)) => {
-                    return Err(SessionError::Secrets(SecretError::Malformed(message)));
-                }
-                Err(err) => {
-                    failures += 1;
-                    tracing::warn!(error = %chain(&err), "cannot read the runner secret; retrying");
-                    Self::sleep(shutdown, RECONNECT.full_jitter(failures)).await?;
-                }
-            }
-        }
+        retry(
+            RECONNECT,
+            shutdown,
+            |err| !matches!(err, SecretError::Malformed(_)),
+            |err, _| tracing::warn!(error = %chain(err), "cannot read the runner secret; retrying"),
+            || self.secrets.load(),
+        )
+        .await
+        .map_err(SessionError::secrets)
     }
 
     async fn save(
@@ -182,18 +214,15 @@ impl Session {
         credentials: &Credentials,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionError> {
-        let mut failures = 0;
-        loop {
-            match self.secrets.save(credentials).await {
-                Ok(()) => return Ok(()),
-                Err(err) if failures >= 8 => return Err(SessionError::Secrets(err)),
-                Err(err) => {
-                    failures += 1;
-                    tracing::warn!(error = %chain(&err), "cannot write the runner secret; retrying");
-                    Self::sleep(shutdown, RECONNECT.full_jitter(failures)).await?;
-                }
-            }
-        }
+        retry(
+            SAVE,
+            shutdown,
+            |_| true,
+            |err, _| tracing::warn!(error = %chain(err), "cannot write the runner secret; retrying"),
+            || self.secrets.save(credentials),
+        )
+        .await
+        .map_err(SessionError::secrets)
     }
 
     /// Makes sure the runner has an access token and a key pair: reuses the
@@ -211,7 +240,7 @@ impl Session {
             if let (Some(token), Some(key)) =
                 (&credentials.access_token, credentials.private_key.clone())
             {
-                self.auth.set(token).map_err(SessionError::BadToken)?;
+                self.client.authenticate(token)?;
                 if waited {
                     tracing::info!("using the credential another replica stored");
                 }
@@ -271,40 +300,28 @@ impl Session {
             .exchange_token
             .clone()
             .ok_or(SessionError::NoCredentials)?;
-        let mut failures = 0;
-        let response = loop {
-            let result = self
-                .identity
-                .clone()
-                .exchange_token(self.request(pb::ExchangeTokenRequest {
-                    exchange_token: exchange.expose_secret().to_owned(),
-                    public_key: public_key.clone(),
-                }))
-                .await;
-            match result {
-                Ok(response) => break response.into_inner(),
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        Code::Unauthenticated | Code::InvalidArgument | Code::PermissionDenied
-                    ) =>
-                {
-                    // A replica whose claim ran out may have finished.
-                    let now = self.load(shutdown).await?;
-                    if let (Some(token), Some(key)) = (&now.access_token, now.private_key.clone()) {
-                        tracing::info!(
-                            "another replica traded the exchange token; using its credential"
-                        );
-                        self.auth.set(token).map_err(SessionError::BadToken)?;
-                        return Ok(key);
-                    }
-                    return Err(SessionError::ExchangeRefused(status.message().to_owned()));
+        let traded = retry(
+            RECONNECT,
+            shutdown,
+            control_plane::Error::is_retryable,
+            |err, _| tracing::warn!(code = ?err.code(), error = %chain(err), "token exchange failed; retrying"),
+            || self.client.exchange_token(&exchange, public_key.clone()),
+        )
+        .await;
+        let response = match traded {
+            Ok(response) => response,
+            Err(RetryError::Cancelled) => return Err(SessionError::Cancelled),
+            Err(RetryError::Final(refused) | RetryError::Exhausted(refused)) => {
+                // A replica whose claim ran out may have finished.
+                let now = self.load(shutdown).await?;
+                if let (Some(token), Some(key)) = (&now.access_token, now.private_key.clone()) {
+                    tracing::info!(
+                        "another replica traded the exchange token; using its credential"
+                    );
+                    self.client.authenticate(token)?;
+                    return Ok(key);
                 }
-                Err(status) => {
-                    failures += 1;
-                    tracing::warn!(code = ?status.code(), error = %status.message(), "token exchange failed; retrying");
-                    Self::sleep(shutdown, RECONNECT.full_jitter(failures)).await?;
-                }
+                return Err(SessionError::ExchangeRefused(refused));
             }
         };
         if response.runner_id != self.runner_id {
@@ -317,7 +334,7 @@ impl Session {
         credentials.access_token = Some(access.clone());
         credentials.exchange_token = None;
         self.save(&credentials, shutdown).await?;
-        self.auth.set(&access).map_err(SessionError::BadToken)?;
+        self.client.authenticate(&access)?;
         tracing::info!("traded the exchange token for an access token");
         Ok(key)
     }
@@ -341,51 +358,38 @@ impl Session {
         shutdown: &CancellationToken,
     ) -> Result<(), SessionError> {
         let public = crypto_box::SecretKey::from(key.0).public_key();
-        let mut failures = 0;
-        loop {
-            let result = self
-                .client
-                .clone()
-                .signup(self.request(pb::SignupRequest {
+        let signed_up = retry(
+            RECONNECT,
+            shutdown,
+            control_plane::Error::is_retryable,
+            |err, _| tracing::warn!(code = ?err.code(), error = %chain(err), "signup failed; retrying"),
+            || {
+                self.client.signup(pb::SignupRequest {
                     public_key: public.as_bytes().to_vec(),
                     version: VERSION.to_owned(),
                     region: self.region.clone(),
                     capabilities: self.capabilities(),
                     environment_class_schema: environment_class_schema(),
                     scm_providers: crate::scm::providers(),
-                }))
-                .await;
-            match result {
-                Ok(_) => {
-                    tracing::info!(runner.id = %self.runner_id, version = VERSION, "signed up");
-                    return Ok(());
-                }
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        Code::InvalidArgument
-                            | Code::FailedPrecondition
-                            | Code::Unauthenticated
-                            | Code::PermissionDenied
-                    ) =>
-                {
-                    return Err(SessionError::SignupRefused(format!(
-                        "{:?}: {}",
-                        status.code(),
-                        status.message()
-                    )));
-                }
-                Err(status) => {
-                    failures += 1;
-                    tracing::warn!(code = ?status.code(), error = %status.message(), "signup failed; retrying");
-                    Self::sleep(shutdown, RECONNECT.full_jitter(failures)).await?;
-                }
+                })
+            },
+        )
+        .await;
+        match signed_up {
+            Ok(()) => {
+                tracing::info!(runner.id = %self.runner_id, version = VERSION, "signed up");
+                Ok(())
+            }
+            Err(RetryError::Cancelled) => Err(SessionError::Cancelled),
+            Err(RetryError::Final(refused) | RetryError::Exhausted(refused)) => {
+                Err(SessionError::SignupRefused(refused))
             }
         }
     }
 
     /// MarkActive every 30 s, and UpdateRunnerStatus whenever the degraded
-    /// message or the system details change (retried until delivered).
+    /// message or the system details change (sent again every 5 s until
+    /// delivered).
     pub async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
         let mut degraded = self.health.degraded();
         let mut details = self.health.details();
@@ -398,30 +402,30 @@ impl Session {
                 details.borrow_and_update().clone(),
             );
             if reported.as_ref() != Some(&current) {
-                let request = self.request(pb::UpdateRunnerStatusRequest {
+                let request = pb::UpdateRunnerStatusRequest {
                     version: VERSION.to_owned(),
                     region: self.region.clone(),
                     capabilities: self.capabilities(),
                     degraded_message: current.0.chars().take(1024).collect(),
                     system_details: current.1.clone().into_iter().collect(),
-                });
-                match self.client.clone().update_runner_status(request).await {
-                    Ok(_) => reported = Some(current),
-                    Err(status) => {
-                        tracing::warn!(code = ?status.code(), error = %status.message(), "runner status not delivered; will retry");
+                };
+                match self.client.update_runner_status(request).await {
+                    Ok(()) => reported = Some(current),
+                    Err(err) => {
+                        tracing::warn!(code = ?err.code(), error = %chain(&err), "runner status not delivered; will retry");
                     }
                 }
             }
             let retry = if reported.is_none() {
-                Duration::from_secs(5)
+                STATUS_RETRY
             } else {
                 Duration::MAX
             };
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {
-                    if let Err(status) = self.client.clone().mark_active(self.request(pb::MarkActiveRequest {})).await {
-                        tracing::warn!(code = ?status.code(), error = %status.message(), "heartbeat failed");
+                    if let Err(err) = self.client.mark_active().await {
+                        tracing::warn!(code = ?err.code(), error = %chain(&err), "heartbeat failed");
                     }
                 }
                 changed = degraded.changed() => if changed.is_err() { return },
@@ -437,22 +441,19 @@ impl Session {
         events: mpsc::Sender<SessionEvent>,
         shutdown: CancellationToken,
     ) {
-        let mut failures = 0u32;
+        let mut failures = Failures::new(RECONNECT);
         let mut first = true;
-        let calls = Arc::new(Semaphore::new(16));
         loop {
-            let mut client = self.client.clone();
             let opened = tokio::select! {
                 () = shutdown.cancelled() => return,
-                result = client.watch_requests(pb::WatchRequestsRequest {}) => result,
+                result = self.client.watch_requests() => result,
             };
             let mut stream = match opened {
-                Ok(response) => response.into_inner(),
-                Err(status) => {
+                Ok(stream) => stream,
+                Err(err) => {
                     self.health.set_session(false);
-                    failures = failures.saturating_add(1);
-                    let delay = RECONNECT.full_jitter(failures);
-                    tracing::warn!(code = ?status.code(), error = %status.message(), retry_in = ?delay, "cannot open the watch stream");
+                    let delay = failures.failed();
+                    tracing::warn!(code = ?err.code(), error = %chain(&err), retry_in = ?delay, "cannot open the watch stream");
                     if Self::sleep(&shutdown, delay).await.is_err() {
                         return;
                     }
@@ -484,16 +485,17 @@ impl Session {
                 match message {
                     Ok(Some(request)) => {
                         if opened_at.elapsed() >= HEALTHY_STREAM {
-                            failures = 0;
+                            failures.reset();
                         }
-                        self.dispatch(request, &events, &calls, &shutdown).await;
+                        self.dispatch(request, &events, &shutdown).await;
                     }
                     Ok(None) => {
                         tracing::warn!("the control plane ended the watch stream");
                         break false;
                     }
                     Err(status) => {
-                        tracing::warn!(code = ?status.code(), error = %status.message(), "watch stream failed");
+                        let err = control_plane::Error::classify(Operation::WatchRequests, status);
+                        tracing::warn!(code = ?err.code(), error = %chain(&err), "watch stream failed");
                         break false;
                     }
                 }
@@ -502,28 +504,26 @@ impl Session {
                 continue;
             }
             if opened_at.elapsed() >= HEALTHY_STREAM {
-                failures = 0;
+                failures.reset();
             }
             self.health.set_session(false);
-            failures = failures.saturating_add(1);
-            let delay = RECONNECT.full_jitter(failures);
-            if Self::sleep(&shutdown, delay).await.is_err() {
+            if Self::sleep(&shutdown, failures.failed()).await.is_err() {
                 return;
             }
         }
     }
 
+    /// Events go to their task; calls are answered in the background.
     async fn dispatch(
-        self: &Arc<Self>,
+        &self,
         request: pb::RunnerRequest,
         events: &mpsc::Sender<SessionEvent>,
-        calls: &Arc<Semaphore>,
         shutdown: &CancellationToken,
     ) {
         let request_id = request.request_id;
         let Some(kind) = request.kind else {
             self.metrics.request("unknown");
-            self.answer_later(request_id, None, calls, shutdown);
+            self.calls.answer_later(request_id, None, shutdown);
             return;
         };
         self.metrics.request(kind_name(&kind));
@@ -553,166 +553,8 @@ impl Session {
                     })
                     .await;
             }
-            call => self.answer_later(request_id, Some(call), calls, shutdown),
+            call => self.calls.answer_later(request_id, Some(call), shutdown),
         }
-    }
-
-    fn answer_later(
-        self: &Arc<Self>,
-        request_id: String,
-        call: Option<Kind>,
-        calls: &Arc<Semaphore>,
-        shutdown: &CancellationToken,
-    ) {
-        let session = self.clone();
-        let calls = calls.clone();
-        let shutdown = shutdown.clone();
-        self.calls.spawn(async move {
-            let Ok(_permit) = calls.acquire_owned().await else {
-                return;
-            };
-            let outcome = tokio::select! {
-                () = shutdown.cancelled() => return,
-                outcome = session.answer(call) => outcome,
-            };
-            let request = session.request(pb::SendResponseRequest {
-                request_id: request_id.clone(),
-                outcome: Some(outcome),
-            });
-            if let Err(status) = session.client.clone().send_response(request).await {
-                tracing::warn!(request.id = %request_id, code = ?status.code(), error = %status.message(), "could not answer a call");
-            }
-        });
-    }
-
-    async fn answer(&self, call: Option<Kind>) -> pb::send_response_request::Outcome {
-        use pb::send_response_request::Outcome;
-        let error = |code: Code, message: String| {
-            Outcome::Error(pb::RunnerError {
-                code: code as i32,
-                message,
-            })
-        };
-        match call {
-            Some(Kind::Ping(_)) => Outcome::Result(pb::RunnerResult {
-                kind: Some(runner_result::Kind::Ping(pb::PingResult {
-                    version: VERSION.to_owned(),
-                })),
-            }),
-            Some(Kind::ValidateEnvironmentClass(request)) => match request.environment_class {
-                None => error(
-                    Code::InvalidArgument,
-                    "environment_class: must be set".into(),
-                ),
-                Some(class) => Outcome::Result(pb::RunnerResult {
-                    kind: Some(runner_result::Kind::ValidateEnvironmentClass(
-                        self.validate_class(&class).await,
-                    )),
-                }),
-            },
-            Some(Kind::CheckAuthenticationForHost(request)) => respond(
-                self.scm
-                    .check_authentication(&request.principal, &request.host)
-                    .await
-                    .map(runner_result::Kind::CheckAuthenticationForHost),
-            ),
-            Some(Kind::ParseContext(request)) => respond(
-                self.scm
-                    .parse_context(&request.principal, &request.url)
-                    .await
-                    .map(runner_result::Kind::ParseContext),
-            ),
-            Some(Kind::StoreHostToken(request)) => respond(
-                self.scm
-                    .store_pat(&request.principal, &request.host, &request.sealed_token)
-                    .await
-                    .map(|username| {
-                        runner_result::Kind::StoreHostToken(pb::StoreHostTokenResult { username })
-                    }),
-            ),
-            Some(Kind::ExchangeOauthCode(request)) => {
-                respond(self.scm.exchange_oauth(request).await.map(|expires_at| {
-                    runner_result::Kind::ExchangeOauthCode(pb::ExchangeOauthCodeResult {
-                        expires_at: expires_at.map(prost_types::Timestamp::from),
-                    })
-                }))
-            }
-            Some(
-                other @ (Kind::EnvironmentChanged(_)
-                | Kind::ScmIntegrationChanged(_)
-                | Kind::HostTokenDeleted(_)),
-            ) => error(
-                Code::InvalidArgument,
-                format!("{} is an event, not a call", kind_name(&other)),
-            ),
-            None => error(
-                Code::Unimplemented,
-                "this runner does not know this kind of call".into(),
-            ),
-        }
-    }
-
-    async fn validate_class(
-        &self,
-        class: &pb::EnvironmentClass,
-    ) -> pb::ValidateEnvironmentClassResult {
-        let mut problems = Vec::new();
-        if let Err(e) = validate::text(
-            "display_name",
-            &class.display_name,
-            validate::MAX_DISPLAY_NAME_LEN,
-        ) {
-            problems.push(e.to_string());
-        }
-        if let Err(e) = validate::disk_gib("disk_gib", i64::from(class.disk_gib)) {
-            problems.push(e.to_string());
-        }
-        let mut availability_zones = Vec::new();
-        // The allowlist before the offerings: a refused type costs no AWS call.
-        match validate::instance_type("instance_type", &class.instance_type).and_then(|()| {
-            self.instance_types
-                .check("instance_type", &class.instance_type)
-        }) {
-            Err(e) => problems.push(e.to_string()),
-            Ok(()) => match self.compute.offered_zones(&class.instance_type).await {
-                Ok(zones) => {
-                    availability_zones = zones
-                        .into_iter()
-                        .filter(|z| self.zones.get().is_some_and(|zs| zs.contains(z)))
-                        .collect();
-                    if availability_zones.is_empty() {
-                        problems.push(format!(
-                            "instance_type: {} is not offered in any of the runner's availability zones ({})",
-                            class.instance_type,
-                            self.zones.get().map(|zs| zs.join(", ")).unwrap_or_default()
-                        ));
-                    }
-                }
-                Err(err) => problems.push(format!(
-                    "instance_type: could not check the offerings: {}",
-                    chain(&err)
-                )),
-            },
-        }
-        pb::ValidateEnvironmentClassResult {
-            problems,
-            availability_zones,
-        }
-    }
-}
-
-fn respond(result: Result<runner_result::Kind, CallError>) -> pb::send_response_request::Outcome {
-    use pb::send_response_request::Outcome;
-    match result {
-        Ok(kind) => Outcome::Result(pb::RunnerResult { kind: Some(kind) }),
-        Err(err) => Outcome::Error(pb::RunnerError {
-            code: err.code as i32,
-            message: err
-                .message
-                .chars()
-                .take(validate::MAX_MESSAGE_LEN)
-                .collect(),
-        }),
     }
 }
 
@@ -721,20 +563,6 @@ async fn sleep_unless_max(delay: Duration) {
         std::future::pending::<()>().await;
     } else {
         tokio::time::sleep(delay).await;
-    }
-}
-
-fn kind_name(kind: &Kind) -> &'static str {
-    match kind {
-        Kind::EnvironmentChanged(_) => "environment_changed",
-        Kind::ScmIntegrationChanged(_) => "scm_integration_changed",
-        Kind::HostTokenDeleted(_) => "host_token_deleted",
-        Kind::Ping(_) => "ping",
-        Kind::CheckAuthenticationForHost(_) => "check_authentication_for_host",
-        Kind::ParseContext(_) => "parse_context",
-        Kind::ValidateEnvironmentClass(_) => "validate_environment_class",
-        Kind::ExchangeOauthCode(_) => "exchange_oauth_code",
-        Kind::StoreHostToken(_) => "store_host_token",
     }
 }
 

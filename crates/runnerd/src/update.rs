@@ -18,81 +18,22 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use rand::Rng as _;
-use runner_core::backoff::Backoff;
 use runner_core::leader::Leadership;
+use runner_core::retry::{Failures, Policy};
 use runner_core::traits::Clock;
 use runner_core::update::{
     Attempt, AttemptState, Attempts, Deployer, Gate, Release, Releases, Service, Settled,
     UpdateError, Verdict, admit, gate, judge, settle,
 };
-use runner_proto::pb;
 use semver::Version;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Request};
 
 use crate::config::UpdateConfig;
-use crate::grpc::RunnerClient;
 use crate::health::{Health, chain};
 
 /// While a deployment runs, its outcome is looked at this often.
 const WATCH_DEPLOYMENT: Duration = Duration::from_secs(60);
-
-/// `GetLatestVersion` over the runner's authenticated client.
-#[derive(Debug, Clone)]
-pub struct GrpcReleases {
-    client: RunnerClient,
-    timeout: Duration,
-}
-
-impl GrpcReleases {
-    /// Releases from `client`, each call bounded by `timeout`.
-    pub fn new(client: RunnerClient, timeout: Duration) -> Self {
-        Self { client, timeout }
-    }
-}
-
-#[async_trait]
-impl Releases for GrpcReleases {
-    async fn latest(&self, running: &str) -> Result<Option<Release>, UpdateError> {
-        let mut request = Request::new(pb::GetLatestVersionRequest {
-            current_version: running.to_owned(),
-        });
-        request.set_timeout(self.timeout);
-        match self.client.clone().get_latest_version(request).await {
-            Ok(response) => {
-                let response = response.into_inner();
-                Ok((!response.version.is_empty()).then_some(Release {
-                    version: response.version,
-                    image: response.image,
-                    auto_update: response.auto_update,
-                }))
-            }
-            Err(status)
-                if matches!(
-                    status.code(),
-                    Code::Unauthenticated
-                        | Code::PermissionDenied
-                        | Code::InvalidArgument
-                        | Code::FailedPrecondition
-                        | Code::NotFound
-                        | Code::Unimplemented
-                ) =>
-            {
-                Err(UpdateError::Rejected(format!(
-                    "GetLatestVersion: {:?}: {}",
-                    status.code(),
-                    status.message()
-                )))
-            }
-            Err(status) => Err(UpdateError::Unavailable {
-                what: "GetLatestVersion",
-                source: Box::new(status),
-            }),
-        }
-    }
-}
 
 /// The AWS side of self-update, when the runner runs as an ECS service task.
 pub struct SelfUpdate {
@@ -219,6 +160,30 @@ fn since(at: SystemTime) -> String {
 }
 
 impl Updater {
+    /// The updater of `parts`, asking `releases`; without parts (not an ECS
+    /// service task) there is none, and the runner's status says why.
+    pub fn start(
+        parts: Option<SelfUpdate>,
+        releases: Arc<dyn Releases>,
+        leadership: Arc<Leadership>,
+        health: Arc<Health>,
+        config: UpdateConfig,
+    ) -> Option<Self> {
+        let Some(parts) = parts else {
+            health.set_detail("update_state", "unavailable");
+            health.set_detail("update_message", "not running as an ECS service task");
+            return None;
+        };
+        Some(Self {
+            releases,
+            parts,
+            leadership,
+            health,
+            clock: Arc::new(runner_core::traits::SystemClock),
+            config,
+        })
+    }
+
     fn lead(&self) -> Result<(), Outcome> {
         if self.leadership.is_leader() {
             Ok(())
@@ -482,26 +447,21 @@ impl Updater {
     /// Checks while leading, every interval (with jitter), until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut leading = self.leadership.watch();
-        let backoff = Backoff {
-            base: Duration::from_secs(30),
-            max: self.config.interval,
-        };
-        let mut failures = 0;
+        // A failed check is retried from 30 s, doubling, up to the interval.
+        let mut failures =
+            Failures::new(Policy::new(Duration::from_secs(30), self.config.interval));
         let mut previous: Option<Outcome> = None;
         loop {
-            let outcome = match self.check().await {
+            let (outcome, failed) = match self.check().await {
                 Ok(outcome) => {
-                    failures = 0;
-                    outcome
+                    failures.reset();
+                    (outcome, false)
                 }
-                Err(err) => {
-                    failures += 1;
-                    Outcome::new(State::Error, chain(&err), None)
-                }
+                Err(err) => (Outcome::new(State::Error, chain(&err), None), true),
             };
             self.report(&outcome, previous.as_ref());
-            let delay = if failures > 0 {
-                backoff.equal_jitter(failures)
+            let delay = if failed {
+                failures.failed()
             } else if outcome.state == State::Deploying {
                 WATCH_DEPLOYMENT.min(self.config.interval)
             } else {
@@ -526,6 +486,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::UNIX_EPOCH;
 
+    use async_trait::async_trait;
     use runner_core::traits::ManualClock;
     use runner_core::update::{Deployment, Rollout, UpdateWindow};
 

@@ -34,7 +34,7 @@ fn a_request_nested_10_000_groups_deep_does_not_decode() {
 
 #[test]
 fn an_environment_id_that_is_not_a_uuid_is_refused() {
-    let err = runnerd::grpc::environment_from_proto(pb::RunnerEnvironment {
+    let err = runnerd::control_plane::environment_from_proto(pb::RunnerEnvironment {
         id: "not-a-uuid".into(),
         ..Default::default()
     })
@@ -45,7 +45,7 @@ fn an_environment_id_that_is_not_a_uuid_is_refused() {
 #[test]
 fn an_environment_without_a_spec_is_refused() {
     let id = uuid::Uuid::new_v4().to_string();
-    let err = runnerd::grpc::environment_from_proto(pb::RunnerEnvironment {
+    let err = runnerd::control_plane::environment_from_proto(pb::RunnerEnvironment {
         id: id.clone(),
         ..Default::default()
     })

@@ -14,12 +14,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::error::chain;
 use crate::leader::Leadership;
 use crate::model::EnvironmentId;
 use crate::orphans::{OrphanPolicy, sweep};
 use crate::reconcile::Context;
+use crate::retry::{Failures, Policy};
 use crate::scheduler::Queue;
 use crate::traits::{ComputeError, ControlPlane, ControlPlaneError};
 
@@ -57,10 +57,8 @@ impl std::fmt::Debug for Informer {
     }
 }
 
-const RETRY: Backoff = Backoff {
-    base: Duration::from_secs(1),
-    max: Duration::from_secs(30),
-};
+/// Retries of a failed full sync: from 1 s, doubling, up to 30 s.
+const RETRY: Policy = Policy::new(Duration::from_secs(1), Duration::from_secs(30));
 
 /// Why a full sync did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -84,13 +82,13 @@ impl Informer {
         shutdown: CancellationToken,
     ) {
         let mut due = true;
-        let mut failures = 0u32;
+        let mut failures = Failures::new(RETRY);
         let mut next_resync = tokio::time::Instant::now();
         loop {
             if due {
                 match self.full_sync().await {
                     Ok(count) => {
-                        failures = 0;
+                        failures.reset();
                         due = false;
                         next_resync = tokio::time::Instant::now() + self.resync;
                         if !synced.is_cancelled() {
@@ -99,8 +97,7 @@ impl Informer {
                         }
                     }
                     Err(err) => {
-                        failures = failures.saturating_add(1);
-                        next_resync = tokio::time::Instant::now() + RETRY.equal_jitter(failures);
+                        next_resync = tokio::time::Instant::now() + failures.failed();
                         tracing::warn!(error = %chain(&err), "full sync failed; retrying");
                     }
                 }
@@ -191,7 +188,7 @@ impl Informer {
                     match self.control_plane.list_classes().await {
                         Ok(classes) => self.context.desired.set_classes(classes),
                         Err(err) => {
-                            tracing::warn!(error = %err, "cannot refresh environment classes");
+                            tracing::warn!(error = %chain(&err), "cannot refresh environment classes");
                         }
                     }
                 }
@@ -203,7 +200,7 @@ impl Informer {
                 self.enqueue(id);
             }
             Err(err) => {
-                tracing::warn!(env.id = %id, error = %err, "cannot fetch the environment; the next sync retries");
+                tracing::warn!(env.id = %id, error = %chain(&err), "cannot fetch the environment; the next sync retries");
             }
         }
     }

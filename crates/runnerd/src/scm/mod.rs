@@ -89,6 +89,19 @@ struct Usable {
     integration: Integration,
 }
 
+/// The SCM providers' HTTP client for `config`: it trusts what the
+/// control-plane channel trusts and has its timeout.
+pub fn http_client(config: &crate::config::Config) -> Result<ScmClient, ScmError> {
+    let user_agent = format!("aws-runner/{}", crate::session::VERSION);
+    let control_plane = &config.control_plane;
+    ScmClient::new(
+        control_plane.ca_bundle.as_deref(),
+        control_plane.timeout,
+        &user_agent,
+        &config.scm_resolve,
+    )
+}
+
 /// Repository access for one runner.
 pub struct Scm {
     key: OnceLock<crypto_box::SecretKey>,

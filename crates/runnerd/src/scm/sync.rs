@@ -6,14 +6,14 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use runner_core::backoff::Backoff;
+use runner_core::retry::{Failures, Policy};
 use runner_core::scm::{self, Held, Integration, Live};
-use runner_core::traits::{ControlPlaneError, SecretError, TokenStoreError};
+use runner_core::traits::{SecretError, TokenStoreError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Scm, integration_from_proto};
-use crate::grpc::GrpcControlPlane;
+use crate::control_plane::{self, Client};
 use crate::health::chain;
 use crate::session::ScmEvent;
 
@@ -29,7 +29,7 @@ pub enum SyncError {
     Secrets(#[from] SecretError),
     /// The integrations or the authenticated users could not be listed.
     #[error(transparent)]
-    List(#[from] ControlPlaneError),
+    List(#[from] control_plane::Error),
 }
 
 impl Scm {
@@ -85,22 +85,22 @@ impl Scm {
     }
 }
 
+/// Retries of a failed sync: from 0.5 s, doubling, up to 1 min, full jitter.
+const RETRY: Policy =
+    Policy::new(Duration::from_millis(500), Duration::from_secs(60)).full_jitter();
+
 /// Keeps the SCM integrations in sync (on every event, reconnect and
 /// resync) and applies their revocations; deletes tokens on request. A
 /// failed sync or deletion is retried with backoff, without end: the next
 /// full sync deletes whatever a failed or missed deletion left.
 pub(crate) async fn scm_sync(
     scm: Arc<Scm>,
-    control_plane: GrpcControlPlane,
+    control_plane: Client,
     mut events: mpsc::Receiver<ScmEvent>,
     resync: Duration,
     shutdown: CancellationToken,
 ) {
-    let backoff = Backoff {
-        base: Duration::from_millis(500),
-        max: Duration::from_secs(60),
-    };
-    let mut failures = 0u32;
+    let mut failures = Failures::new(RETRY);
     let mut next = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -146,14 +146,13 @@ pub(crate) async fn scm_sync(
         };
         match result {
             Ok((integrations, revoked)) => {
-                failures = 0;
+                failures.reset();
                 tracing::debug!(integrations, revoked, "SCM integrations synced");
                 next = tokio::time::Instant::now() + resync;
             }
             Err(err) => {
-                failures = failures.saturating_add(1);
                 tracing::warn!(error = %chain(&err), "cannot sync the SCM integrations; retrying");
-                next = tokio::time::Instant::now() + backoff.full_jitter(failures);
+                next = tokio::time::Instant::now() + failures.failed();
             }
         }
     }
