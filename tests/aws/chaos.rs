@@ -719,11 +719,34 @@ async fn sigterm_mid_burst_drains_releases_the_lease_and_a_restart_converges() {
     )
     .await;
 
-    // A second signal exits at once, whatever is in flight.
+    // A second signal exits at once, whatever is in flight. A standby has
+    // little to drain, so its store is made to hang: the first signal's
+    // graceful stop then waits for the lease attempt in flight.
+    let proxy = FaultProxy::start(&moto.url).await.expect("proxy");
     let [port_c, _] = free_ports();
-    let mut c = Process::start_with(&world, "term-c", &moto.url, &settings(port_c));
+    let mut c = Process::start_with(&world, "term-c", &proxy.url(), &settings(port_c));
     ready(port_c, "a third replica").await;
+    let acquire = "DynamoDB_20120810.UpdateItem";
+    proxy.set_rules(vec![Rule {
+        operations: vec![acquire.into()],
+        rate: 1.0,
+        fault: Fault::Delay(Duration::from_secs(30)),
+    }]);
+    let before = proxy.seen(acquire).len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.seen(acquire).len() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the standby never tried the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.signal("-TERM");
+    assert_eq!(
+        c.exited(Duration::from_secs(1)).await,
+        None,
+        "the graceful stop waits for the lease attempt in flight"
+    );
     c.signal("-TERM");
     assert_eq!(
         c.exited(Duration::from_secs(5)).await,

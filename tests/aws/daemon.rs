@@ -246,55 +246,9 @@ impl World {
         }
     }
 
-    /// Every instance tagged with this runner, any state: (environment, instance, zone).
-    pub(crate) async fn instances(&self) -> Vec<(String, String, String, String)> {
-        let ec2 = aws_sdk_ec2::Client::new(&self.sdk);
-        let pages: Vec<_> = ec2
-            .describe_instances()
-            .filters(
-                aws_sdk_ec2::types::Filter::builder()
-                    .name(format!("tag:{TAG_RUNNER}"))
-                    .values(&self.infra.runner_id)
-                    .build(),
-            )
-            .max_results(100)
-            .into_paginator()
-            .send()
-            .collect::<Vec<_>>()
-            .await;
-        let mut out = Vec::new();
-        for reservation in pages
-            .into_iter()
-            .flat_map(|page| page.expect("describe").reservations.unwrap_or_default())
-        {
-            for i in reservation.instances() {
-                let env = i
-                    .tags()
-                    .iter()
-                    .find(|t| t.key() == Some(TAG_ENVIRONMENT))
-                    .and_then(|t| t.value())
-                    .unwrap_or_default();
-                out.push((
-                    env.to_owned(),
-                    i.instance_id().unwrap_or_default().to_owned(),
-                    i.placement()
-                        .and_then(|p| p.availability_zone())
-                        .unwrap_or_default()
-                        .to_owned(),
-                    i.state()
-                        .and_then(|s| s.name())
-                        .map(|n| n.as_str().to_owned())
-                        .unwrap_or_default(),
-                ));
-            }
-        }
-        out
-    }
-
-    /// Every instance tagged with this runner: its id and client token.
-    pub(crate) async fn client_tokens(&self) -> HashMap<String, String> {
-        let ec2 = aws_sdk_ec2::Client::new(&self.sdk);
-        let pages: Vec<_> = ec2
+    /// Every instance tagged with this runner, as EC2 describes it.
+    async fn raw_instances(&self) -> Vec<aws_sdk_ec2::types::Instance> {
+        let pages: Vec<_> = aws_sdk_ec2::Client::new(&self.sdk)
             .describe_instances()
             .filters(
                 aws_sdk_ec2::types::Filter::builder()
@@ -311,6 +265,42 @@ impl World {
             .into_iter()
             .flat_map(|page| page.expect("describe").reservations.unwrap_or_default())
             .flat_map(|r| r.instances.unwrap_or_default())
+            .collect()
+    }
+
+    /// Every instance tagged with this runner, any state: (environment, instance, zone, state).
+    pub(crate) async fn instances(&self) -> Vec<(String, String, String, String)> {
+        self.raw_instances()
+            .await
+            .iter()
+            .map(|i| {
+                let env = i
+                    .tags()
+                    .iter()
+                    .find(|t| t.key() == Some(TAG_ENVIRONMENT))
+                    .and_then(|t| t.value())
+                    .unwrap_or_default();
+                (
+                    env.to_owned(),
+                    i.instance_id().unwrap_or_default().to_owned(),
+                    i.placement()
+                        .and_then(|p| p.availability_zone())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    i.state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_owned())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Every instance tagged with this runner: its id and client token.
+    pub(crate) async fn client_tokens(&self) -> HashMap<String, String> {
+        self.raw_instances()
+            .await
+            .into_iter()
             .map(|i| {
                 (
                     i.instance_id.unwrap_or_default(),
