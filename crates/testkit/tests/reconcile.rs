@@ -857,3 +857,107 @@ async fn the_orphan_sweep_marks_and_terminates_by_the_contexts_clock() {
     shutdown.cancel();
     task.await.expect("the informer ends");
 }
+
+/// A control plane whose answer about one environment never comes; it
+/// knows `known` and counts the fetches of each id.
+struct StuckOn {
+    stuck: EnvironmentId,
+    known: Environment,
+    fetched: Mutex<Vec<EnvironmentId>>,
+}
+
+#[async_trait]
+impl ControlPlane for StuckOn {
+    async fn list_environments(&self) -> Result<Vec<Environment>, ControlPlaneError> {
+        Ok(Vec::new())
+    }
+    async fn get_environment(
+        &self,
+        id: EnvironmentId,
+    ) -> Result<Option<Environment>, ControlPlaneError> {
+        self.fetched.lock().expect("lock").push(id);
+        if id == self.stuck {
+            std::future::pending::<()>().await;
+        }
+        Ok((id == self.known.id).then(|| self.known.clone()))
+    }
+    async fn list_classes(&self) -> Result<Vec<EnvironmentClass>, ControlPlaneError> {
+        Ok(Vec::new())
+    }
+    async fn update_status(
+        &self,
+        _: EnvironmentId,
+        _: u64,
+        _: &Status,
+    ) -> Result<(), ControlPlaneError> {
+        unreachable!("the informer sends no status")
+    }
+}
+
+/// A watch event never waits for another environment's fetch: with the
+/// control plane's answer about one environment hanging, the next event's
+/// environment is fetched and known at once.
+#[tokio::test(start_paused = true)]
+async fn a_hanging_fetch_delays_only_its_own_environment() {
+    let s = Scenario::new();
+    let stuck = EnvironmentId(uuid::Uuid::from_u128(0x51));
+    let known = Environment {
+        id: EnvironmentId(uuid::Uuid::from_u128(0x52)),
+        spec: s.spec.clone(),
+        accepted_status_version: 0,
+    };
+    let plane = Arc::new(StuckOn {
+        stuck,
+        known: known.clone(),
+        fetched: Mutex::new(Vec::new()),
+    });
+    let (desired, _, ctx) =
+        Scenario::context(&s.store, &s.compute, &s.checkout, &s.class, &s.allowed);
+    let controller = Controller::new(
+        Arc::new(ctx),
+        Arc::new(Leadership::always()),
+        Arc::new(()),
+        4,
+        Duration::from_secs(1),
+    );
+    let informer = controller.informer(
+        plane.clone(),
+        Duration::from_secs(24 * 3600),
+        OrphanPolicy {
+            grace: Duration::from_secs(1800),
+            max_per_pass: 10,
+        },
+    );
+    let (events, events_rx) = mpsc::channel(4);
+    let (synced, shutdown) = (CancellationToken::new(), CancellationToken::new());
+    let task = tokio::spawn(informer.run(events_rx, synced.clone(), shutdown.clone()));
+    tokio::time::timeout(PASS_TIMEOUT, synced.cancelled())
+        .await
+        .expect("a first full sync");
+    for id in [stuck, stuck, known.id] {
+        events
+            .send(Event::EnvironmentChanged(id))
+            .await
+            .expect("the informer listens");
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while desired.get(known.id).is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the second environment is known while the first one's fetch hangs");
+    assert_eq!(
+        plane
+            .fetched
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|id| **id == stuck)
+            .count(),
+        1,
+        "a second event during a fetch does not fetch twice at once"
+    );
+    shutdown.cancel();
+    task.await.expect("the informer ends");
+}

@@ -57,6 +57,53 @@ impl std::fmt::Debug for Informer {
     }
 }
 
+/// Environments fetched at once after watch events.
+const FETCHES: usize = 16;
+
+/// The fetches after watch events, off the event loop: one per environment
+/// at a time (an event during its fetch fetches it once more after), at
+/// most [`FETCHES`] at once, so a slow answer delays only its environment.
+#[derive(Default)]
+struct Fetches {
+    running: tokio::task::JoinSet<EnvironmentId>,
+    fetching: HashSet<EnvironmentId>,
+    again: HashSet<EnvironmentId>,
+    waiting: std::collections::VecDeque<EnvironmentId>,
+}
+
+impl Fetches {
+    fn wanted(&mut self, informer: &Arc<Informer>, id: EnvironmentId) {
+        if self.fetching.contains(&id) {
+            self.again.insert(id);
+        } else if self.running.len() < FETCHES {
+            self.start(informer, id);
+        } else if !self.waiting.contains(&id) {
+            self.waiting.push_back(id);
+        }
+    }
+
+    fn start(&mut self, informer: &Arc<Informer>, id: EnvironmentId) {
+        self.fetching.insert(id);
+        let informer = Arc::clone(informer);
+        self.running.spawn(async move {
+            informer.refetch(id).await;
+            id
+        });
+    }
+
+    fn finished(&mut self, informer: &Arc<Informer>, id: EnvironmentId) {
+        self.fetching.remove(&id);
+        if self.again.remove(&id) {
+            self.start(informer, id);
+        }
+        while self.running.len() < FETCHES
+            && let Some(next) = self.waiting.pop_front()
+        {
+            self.wanted(informer, next);
+        }
+    }
+}
+
 /// Retries of a failed full sync: from 1 s, doubling, up to 30 s.
 const RETRY: Policy = Policy::new(Duration::from_secs(1), Duration::from_secs(30));
 
@@ -81,16 +128,18 @@ impl Informer {
         synced: CancellationToken,
         shutdown: CancellationToken,
     ) {
+        let this = Arc::new(self);
+        let mut fetches = Fetches::default();
         let mut due = true;
         let mut failures = Failures::new(RETRY);
         let mut next_resync = tokio::time::Instant::now();
         loop {
             if due {
-                match self.full_sync().await {
+                match this.full_sync().await {
                     Ok(count) => {
                         failures.reset();
                         due = false;
-                        next_resync = tokio::time::Instant::now() + self.resync;
+                        next_resync = tokio::time::Instant::now() + this.resync;
                         if !synced.is_cancelled() {
                             tracing::info!(environments = count, "first full sync done");
                             synced.cancel();
@@ -105,6 +154,11 @@ impl Informer {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep_until(next_resync) => due = true,
+                Some(done) = fetches.running.join_next() => {
+                    if let Ok(id) = done {
+                        fetches.finished(&this, id);
+                    }
+                }
                 event = events.recv() => match event {
                     // The stream's task ended: that one is the failure to
                     // report, not this; wait for the shutdown it causes.
@@ -113,7 +167,7 @@ impl Informer {
                         return;
                     }
                     Some(Event::Connected) => due = true,
-                    Some(Event::EnvironmentChanged(id)) => self.refetch(id).await,
+                    Some(Event::EnvironmentChanged(id)) => fetches.wanted(&this, id),
                 },
             }
         }
