@@ -250,14 +250,26 @@ impl Session {
             // the one holding the claim; the others wait for its credential
             // (or for its claim to run out, if it died).
             match self.claim.acquire(CLAIM_TTL).await {
-                Ok(Some(term)) => {
-                    let traded = self.trade(credentials, shutdown).await;
+                // Renewed at once: a second conditional write confirms that
+                // no other replica's claim landed meanwhile (an emulator may
+                // let two land), and the credential is read again, in case
+                // the previous holder finished since it was loaded.
+                Ok(Some(term)) if self.claim.renew(term.epoch, CLAIM_TTL).await.is_ok() => {
+                    let credentials = self.load(shutdown).await?;
+                    let traded = match (&credentials.access_token, credentials.private_key.clone())
+                    {
+                        (Some(token), Some(key)) => {
+                            self.client.authenticate(token)?;
+                            Ok(key)
+                        }
+                        _ => self.trade(credentials, shutdown).await,
+                    };
                     if let Err(err) = self.claim.release(term.epoch).await {
                         tracing::warn!(error = %err, "cannot release the credential claim; it expires by itself");
                     }
                     return traded;
                 }
-                Ok(None) => {
+                Ok(_) => {
                     if !waited {
                         tracing::info!(
                             "another replica is trading the exchange token; waiting for its credential"
