@@ -758,19 +758,29 @@ async fn a_store_outage_is_a_transient_error_and_the_launch_waits_for_the_store(
     assert!(launched(&s.record()).is_some());
 }
 
-/// A control plane that knows no environment and no class.
-struct KnowsNothing;
+/// A control plane that lists nothing, knows at most `known`, never answers
+/// about `stuck`, and notes every environment fetched.
+#[derive(Default)]
+struct Plane {
+    stuck: Option<EnvironmentId>,
+    known: Option<Environment>,
+    fetched: Mutex<Vec<EnvironmentId>>,
+}
 
 #[async_trait]
-impl ControlPlane for KnowsNothing {
+impl ControlPlane for Plane {
     async fn list_environments(&self) -> Result<Vec<Environment>, ControlPlaneError> {
         Ok(Vec::new())
     }
     async fn get_environment(
         &self,
-        _: EnvironmentId,
+        id: EnvironmentId,
     ) -> Result<Option<Environment>, ControlPlaneError> {
-        Ok(None)
+        self.fetched.lock().expect("lock").push(id);
+        if self.stuck == Some(id) {
+            std::future::pending::<()>().await;
+        }
+        Ok(self.known.clone().filter(|k| k.id == id))
     }
     async fn list_classes(&self) -> Result<Vec<EnvironmentClass>, ControlPlaneError> {
         Ok(Vec::new())
@@ -782,6 +792,54 @@ impl ControlPlane for KnowsNothing {
         _: &Status,
     ) -> Result<(), ControlPlaneError> {
         unreachable!("the informer sends no status")
+    }
+}
+
+/// A running informer over `ctx` and `plane`, past its first full sync.
+struct RunningInformer {
+    events: mpsc::Sender<Event>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningInformer {
+    async fn start(ctx: Context, plane: Arc<Plane>, grace: Duration) -> Self {
+        let controller = Controller::new(
+            Arc::new(ctx),
+            Arc::new(Leadership::always()),
+            Arc::new(()),
+            4,
+            Duration::from_secs(1),
+        );
+        let informer = controller.informer(
+            plane,
+            Duration::from_secs(24 * 3600),
+            OrphanPolicy {
+                grace,
+                max_per_pass: 10,
+            },
+        );
+        let (events, events_rx) = mpsc::channel(4);
+        let (synced, shutdown) = (CancellationToken::new(), CancellationToken::new());
+        let task = tokio::spawn(informer.run(events_rx, synced.clone(), shutdown.clone()));
+        // The first full sync, its sweep included, ends before `synced`.
+        tokio::time::timeout(PASS_TIMEOUT, synced.cancelled())
+            .await
+            .expect("a first full sync");
+        Self {
+            events,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn send(&self, event: Event) {
+        self.events.send(event).await.expect("the informer listens");
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("the informer ends");
     }
 }
 
@@ -809,30 +867,13 @@ async fn the_orphan_sweep_marks_and_terminates_by_the_contexts_clock() {
         .expect("a stray instance");
     let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(4_000_000_000));
     let (_, _, ctx) = Scenario::context(&s.store, &s.compute, &s.checkout, &s.class, &s.allowed);
-    let controller = Controller::new(
-        Arc::new(ctx.with_clock(Arc::new(clock.clone()))),
-        Arc::new(Leadership::always()),
-        Arc::new(()),
-        4,
-        Duration::from_secs(1),
-    );
     let grace = Duration::from_secs(1800);
-    let informer = controller.informer(
-        Arc::new(KnowsNothing),
-        Duration::from_secs(24 * 3600),
-        OrphanPolicy {
-            grace,
-            max_per_pass: 10,
-        },
-    );
-    let (events, events_rx) = mpsc::channel(4);
-    let (synced, shutdown) = (CancellationToken::new(), CancellationToken::new());
-    let task = tokio::spawn(informer.run(events_rx, synced.clone(), shutdown.clone()));
-
-    // The first full sync, its sweep included, ends before `synced`.
-    tokio::time::timeout(PASS_TIMEOUT, synced.cancelled())
-        .await
-        .expect("a first full sync");
+    let informer = RunningInformer::start(
+        ctx.with_clock(Arc::new(clock.clone())),
+        Arc::new(Plane::default()),
+        grace,
+    )
+    .await;
     let marked = s.compute.instances().remove(0);
     assert_eq!(marked.id, stray.id);
     assert_eq!(
@@ -843,10 +884,7 @@ async fn the_orphan_sweep_marks_and_terminates_by_the_contexts_clock() {
     assert_eq!(s.compute.calls("terminate"), 0);
 
     clock.advance(grace);
-    events
-        .send(Event::Connected)
-        .await
-        .expect("the informer listens");
+    informer.send(Event::Connected).await;
     tokio::time::timeout(PASS_TIMEOUT, async {
         while s.compute.calls("terminate") == 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -854,44 +892,7 @@ async fn the_orphan_sweep_marks_and_terminates_by_the_contexts_clock() {
     })
     .await
     .expect("terminated once the clock passed the grace period");
-    shutdown.cancel();
-    task.await.expect("the informer ends");
-}
-
-/// A control plane whose answer about one environment never comes; it
-/// knows `known` and counts the fetches of each id.
-struct StuckOn {
-    stuck: EnvironmentId,
-    known: Environment,
-    fetched: Mutex<Vec<EnvironmentId>>,
-}
-
-#[async_trait]
-impl ControlPlane for StuckOn {
-    async fn list_environments(&self) -> Result<Vec<Environment>, ControlPlaneError> {
-        Ok(Vec::new())
-    }
-    async fn get_environment(
-        &self,
-        id: EnvironmentId,
-    ) -> Result<Option<Environment>, ControlPlaneError> {
-        self.fetched.lock().expect("lock").push(id);
-        if id == self.stuck {
-            std::future::pending::<()>().await;
-        }
-        Ok((id == self.known.id).then(|| self.known.clone()))
-    }
-    async fn list_classes(&self) -> Result<Vec<EnvironmentClass>, ControlPlaneError> {
-        Ok(Vec::new())
-    }
-    async fn update_status(
-        &self,
-        _: EnvironmentId,
-        _: u64,
-        _: &Status,
-    ) -> Result<(), ControlPlaneError> {
-        unreachable!("the informer sends no status")
-    }
+    informer.stop().await;
 }
 
 /// A watch event never waits for another environment's fetch: with the
@@ -906,39 +907,16 @@ async fn a_hanging_fetch_delays_only_its_own_environment() {
         spec: s.spec.clone(),
         accepted_status_version: 0,
     };
-    let plane = Arc::new(StuckOn {
-        stuck,
-        known: known.clone(),
-        fetched: Mutex::new(Vec::new()),
+    let plane = Arc::new(Plane {
+        stuck: Some(stuck),
+        known: Some(known.clone()),
+        ..Plane::default()
     });
     let (desired, _, ctx) =
         Scenario::context(&s.store, &s.compute, &s.checkout, &s.class, &s.allowed);
-    let controller = Controller::new(
-        Arc::new(ctx),
-        Arc::new(Leadership::always()),
-        Arc::new(()),
-        4,
-        Duration::from_secs(1),
-    );
-    let informer = controller.informer(
-        plane.clone(),
-        Duration::from_secs(24 * 3600),
-        OrphanPolicy {
-            grace: Duration::from_secs(1800),
-            max_per_pass: 10,
-        },
-    );
-    let (events, events_rx) = mpsc::channel(4);
-    let (synced, shutdown) = (CancellationToken::new(), CancellationToken::new());
-    let task = tokio::spawn(informer.run(events_rx, synced.clone(), shutdown.clone()));
-    tokio::time::timeout(PASS_TIMEOUT, synced.cancelled())
-        .await
-        .expect("a first full sync");
+    let informer = RunningInformer::start(ctx, plane.clone(), Duration::from_secs(1800)).await;
     for id in [stuck, stuck, known.id] {
-        events
-            .send(Event::EnvironmentChanged(id))
-            .await
-            .expect("the informer listens");
+        informer.send(Event::EnvironmentChanged(id)).await;
     }
     tokio::time::timeout(Duration::from_secs(60), async {
         while desired.get(known.id).is_none() {
@@ -958,6 +936,5 @@ async fn a_hanging_fetch_delays_only_its_own_environment() {
         1,
         "a second event during a fetch does not fetch twice at once"
     );
-    shutdown.cancel();
-    task.await.expect("the informer ends");
+    informer.stop().await;
 }
