@@ -463,9 +463,9 @@ async fn nothing_is_created_or_terminated_before_the_first_full_sync() {
         0,
         "marked an orphan before it"
     );
+    // Readiness is the session and leadership, not the first full sync.
     let (code, body) = http_get(runner.health, "/readyz").await;
-    assert_eq!(code, 503, "{body}");
-    assert!(body.contains("first full sync not finished"), "{body}");
+    assert_eq!(code, 200, "{body}");
 
     // Lists work again: the environment runs, the stray is handled as an orphan.
     plane.set_list_fault(control_plane::ListFault::None);
@@ -475,5 +475,62 @@ async fn nothing_is_created_or_terminated_before_the_first_full_sync() {
                 .any(|e| id(e) == env && settled(e, Phase::Running))
         })
         .await;
+    runner.stop().await.expect("clean stop");
+}
+
+/// Readiness does not grow with the fleet: with every full describe held, a
+/// restarted runner is ready, reports its known environments from lookups by
+/// id, and launches a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_is_ready_and_launches_before_its_first_full_describe_ends() {
+    let world = World::new().await;
+    let first = world.start_runner().await;
+    let mut known = Vec::new();
+    for _ in 0..5 {
+        known.push(world.create_env().await);
+    }
+    world
+        .wait_for("known RUNNING", Duration::from_secs(30), |envs| {
+            known.iter().all(|k| {
+                envs.iter()
+                    .any(|e| id(e) == *k && settled(e, Phase::Running))
+            })
+        })
+        .await;
+    first.stop().await.expect("clean stop");
+
+    world.compute.hold_full_describes(true);
+    let described = world.compute.calls("observe");
+    let stopped = known.pop().expect("five");
+    world.set_phase(&stopped, Phase::Stopped).await;
+    let runner = world.start_runner().await;
+    for _ in 0..400 {
+        if http_get(runner.health, "/readyz").await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (code, body) = http_get(runner.health, "/readyz").await;
+    assert_eq!(code, 200, "ready before the full describe: {body}");
+    let fresh = world.create_env().await;
+    world
+        .wait_for(
+            "new RUNNING, one STOPPED",
+            Duration::from_secs(30),
+            |envs| {
+                envs.iter()
+                    .any(|e| id(e) == fresh && settled(e, Phase::Running))
+                    && envs
+                        .iter()
+                        .any(|e| id(e) == stopped && settled(e, Phase::Stopped))
+            },
+        )
+        .await;
+    assert_eq!(
+        world.compute.calls("observe"),
+        described,
+        "no full describe ended meanwhile"
+    );
+    world.compute.hold_full_describes(false);
     runner.stop().await.expect("clean stop");
 }

@@ -33,6 +33,43 @@ pub async fn sdk_config(region: &str) -> SdkConfig {
         .await
 }
 
+/// `sdk` with an HTTP client of its own (its own connection pool), the
+/// SDK's default one otherwise: requests on it never wait behind the
+/// others' connections.
+fn with_own_http_client(sdk: &SdkConfig) -> SdkConfig {
+    use aws_smithy_http_client::proxy::ProxyConfig;
+    use aws_smithy_http_client::{Builder, ConnectorBuilder, tls};
+    let client = Builder::new().build_with_connector_fn(|settings, components| {
+        let mut connector = ConnectorBuilder::default().tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ));
+        connector.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            connector.set_sleep_impl(components.sleep_impl());
+        }
+        connector.set_proxy_config(Some(ProxyConfig::from_env()));
+        connector.build()
+    });
+    sdk.to_builder().http_client(client).build()
+}
+
+/// The leader lease on its own DynamoDB client and connection pool, so that
+/// renewals never queue behind bulk work; the same table and holder as
+/// [`Adapters::store`].
+pub fn lease(
+    sdk: &SdkConfig,
+    settings: &AdapterSettings,
+    leadership: &Arc<Leadership>,
+) -> Arc<dynamo::DynamoStore> {
+    Arc::new(dynamo::DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&with_own_http_client(sdk)),
+        &settings.table,
+        &settings.runner_id,
+        &settings.holder,
+        leadership.clone(),
+    ))
+}
+
 /// Where the runner's AWS resources are.
 #[derive(Debug, Clone)]
 pub struct AdapterSettings {

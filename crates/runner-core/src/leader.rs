@@ -48,6 +48,7 @@ struct Held {
 pub struct Leadership {
     held: Mutex<Option<Held>>,
     changed: watch::Sender<Option<u64>>,
+    decided: CancellationToken,
 }
 
 impl Default for Leadership {
@@ -55,6 +56,7 @@ impl Default for Leadership {
         Self {
             held: Mutex::new(None),
             changed: watch::channel(None).0,
+            decided: CancellationToken::new(),
         }
     }
 }
@@ -67,7 +69,14 @@ impl Leadership {
             1,
             Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
         );
+        leadership.decided.cancel();
         leadership
+    }
+
+    /// Whether the store has answered once who leads (this replica or
+    /// another): part of readiness.
+    pub fn is_decided(&self) -> bool {
+        self.decided.is_cancelled()
     }
 
     /// The epoch, if this replica leads right now.
@@ -165,8 +174,9 @@ pub async fn run_lease(
                     tracing::info!(epoch = term.epoch, "acquired the leader lease");
                     held = Some(term.epoch);
                     leadership.set(term.epoch, started + timing.ttl - margin);
+                    leadership.decided.cancel();
                 }
-                Ok(None) => {}
+                Ok(None) => leadership.decided.cancel(),
                 Err(err) => tracing::warn!(error = %err, "cannot acquire the leader lease"),
             },
             Some(epoch) => match lease.renew(epoch, timing.ttl).await {
@@ -285,5 +295,45 @@ mod tests {
         leadership.lapsed().await;
         assert_eq!(started.elapsed(), Duration::from_secs(3));
         clearer.await.expect("clearer");
+    }
+
+    /// Answers `acquire` from a script, then says someone else holds it.
+    struct Scripted(Mutex<Vec<Result<Option<Term>, StoreError>>>);
+
+    #[async_trait]
+    impl Lease for Scripted {
+        async fn acquire(&self, _: Duration) -> Result<Option<Term>, StoreError> {
+            self.0.lock().expect("lock").pop().unwrap_or(Ok(None))
+        }
+        async fn renew(&self, _: u64, _: Duration) -> Result<Term, StoreError> {
+            Err(StoreError::Fenced)
+        }
+        async fn release(&self, _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leadership_is_decided_once_the_store_answers_who_leads() {
+        let lease = Arc::new(Scripted(Mutex::new(vec![Err(StoreError::Unavailable(
+            "down".into(),
+        ))])));
+        let leadership = Arc::new(Leadership::default());
+        let timing = LeaseTiming {
+            ttl: Duration::from_secs(10),
+            renew_every: Duration::from_secs(2),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (lease, leadership, stop) = (lease.clone(), leadership.clone(), stop.clone());
+            async move { run_lease(lease.as_ref(), &leadership, timing, stop).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!leadership.is_decided(), "a failed attempt decides nothing");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(leadership.is_decided(), "another replica holds it");
+        assert!(!leadership.is_leader());
+        stop.cancel();
+        task.await.expect("the lease task ends");
     }
 }

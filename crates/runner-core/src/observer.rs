@@ -44,6 +44,9 @@ impl Default for Batching {
 struct Snapshot {
     /// When the full describe that produced it started; `None` before the first.
     taken_at: Option<Instant>,
+    /// When the view was last expired: a describe that started before
+    /// does not renew it.
+    expired_at: Option<Instant>,
     by_environment: HashMap<EnvironmentId, Vec<Instance>>,
     /// Instance ids looked up by id since then, with when their lookup started.
     seen_at: HashMap<String, Instant>,
@@ -127,9 +130,31 @@ impl Observer {
         self.pending.lock().expect("pending lock is never poisoned")
     }
 
-    /// When the current full view was taken.
+    /// When the current full view was taken; `None` before the first, and
+    /// after [`Observer::expire`] until the next.
     pub fn taken_at(&self) -> Option<Instant> {
         self.snapshot().taken_at
+    }
+
+    /// Stops trusting the full view for "no instance exists" (a view taken
+    /// as a standby may predate the old leader's last launches), keeping
+    /// what it shows; lookups by id and the next full describe renew it.
+    pub fn expire(&self) {
+        let mut snapshot = self.snapshot();
+        snapshot.taken_at = None;
+        snapshot.expired_at = Some(Instant::now());
+    }
+
+    /// Starts a full describe in the background unless the view was taken
+    /// after `since` (one in flight counts once it ends); failures are
+    /// logged, and the next caller tries again.
+    pub fn refresh_in_background(self: &Arc<Self>, since: Instant) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(err) = this.refresh_after(since).await {
+                tracing::warn!(error = %chain(&err), "cannot refresh the view of instances");
+            }
+        });
     }
 
     /// The instances of `environment` in the current view.
@@ -160,19 +185,22 @@ impl Observer {
     /// Makes sure the full view was taken after `since`: waits for a refresh
     /// in flight, or starts one (no sooner than `min_interval` after the last).
     pub async fn refresh_after(&self, since: Instant) -> Result<(), ComputeError> {
-        if self.taken_at().is_some_and(|t| t >= since) {
-            return Ok(());
+        // Again when the view was expired while a describe ran.
+        loop {
+            if self.taken_at().is_some_and(|t| t >= since) {
+                return Ok(());
+            }
+            let _turn = self.refresh.lock().await;
+            // Someone else refreshed while this call waited for its turn.
+            let last = self.taken_at();
+            if last.is_some_and(|t| t >= since) {
+                return Ok(());
+            }
+            if let Some(last) = last {
+                tokio::time::sleep_until(last + self.min_interval).await;
+            }
+            self.refresh_now_locked().await?;
         }
-        let _turn = self.refresh.lock().await;
-        // Someone else refreshed while this call waited for its turn.
-        let last = self.taken_at();
-        if last.is_some_and(|t| t >= since) {
-            return Ok(());
-        }
-        if let Some(last) = last {
-            tokio::time::sleep_until(last + self.min_interval).await;
-        }
-        self.refresh_now_locked().await
     }
 
     /// Refreshes the full view now (one describe), for a resync pass.
@@ -207,7 +235,9 @@ impl Observer {
             snapshot.insert(instance);
         }
         snapshot.seen_at = newer;
-        snapshot.taken_at = Some(started);
+        if snapshot.expired_at.is_none_or(|expired| expired <= started) {
+            snapshot.taken_at = Some(started);
+        }
         Ok(())
     }
 

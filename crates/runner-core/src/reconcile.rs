@@ -262,7 +262,14 @@ impl Context {
     }
 
     /// The instances of `id`, from a view taken after its last mutation.
-    async fn instances(&self, id: EnvironmentId) -> Result<Vec<Instance>, ReconcileError> {
+    /// Before this term's full view, its known instances are looked up by
+    /// id; only `full` (the answer must show that no other instance exists)
+    /// waits for the full view.
+    async fn instances(
+        &self,
+        id: EnvironmentId,
+        full: bool,
+    ) -> Result<Vec<Instance>, ReconcileError> {
         let since = self
             .mutated
             .lock()
@@ -270,7 +277,27 @@ impl Context {
             .get(&id)
             .copied();
         match (since, self.observer.taken_at()) {
-            (_, None) => self.observer.refresh_after(Instant::now()).await?,
+            (_, None) if full => self.observer.refresh_after(Instant::now()).await?,
+            (_, None) => {
+                let mut ids: Vec<String> = self
+                    .observer
+                    .instances(id)
+                    .into_iter()
+                    .map(|i| i.id)
+                    .collect();
+                let recorded = self.record(id).and_then(|r| {
+                    r.launch
+                        .as_ref()
+                        .and_then(|l| l.instance_id().map(str::to_owned))
+                });
+                ids.extend(recorded.filter(|r| !ids.contains(r)));
+                // None known: a new environment (its intent write guards
+                // against a second launch).
+                if !ids.is_empty() {
+                    let since = since.unwrap_or_else(Instant::now);
+                    self.observer.refresh_ids(&ids, since).await?;
+                }
+            }
             // Its own instances, looked up by id with others' in one batch.
             (Some(since), Some(taken)) if taken < since => {
                 let ids: Vec<String> = self
@@ -410,7 +437,7 @@ pub async fn reconcile(ctx: &Context, id: EnvironmentId) -> Result<Action, Recon
 
 /// The control plane does not know the environment: remove what is ours.
 async fn teardown(ctx: &Context, id: EnvironmentId) -> Result<Action, ReconcileError> {
-    let instances = ctx.instances(id).await?;
+    let instances = ctx.instances(id, true).await?;
     let mut waiting = false;
     for instance in instances.iter().filter(|i| !lost(i)) {
         ctx.compute.terminate(&instance.id).await?;
@@ -475,7 +502,9 @@ async fn converge(ctx: &Context, env: &Environment) -> Result<Action, ReconcileE
         ctx.observer.record(found);
     }
 
-    let mut instances = ctx.instances(id).await?;
+    // Deleting ends in "no instance left": that needs the full view.
+    let full = valid.desired == DesiredPhase::Deleted;
+    let mut instances = ctx.instances(id, full).await?;
     let current_id = record
         .launch
         .as_ref()
@@ -537,7 +566,7 @@ async fn invalid(
         .as_ref()
         .and_then(|l| l.instance_id().map(str::to_owned));
     let instances = if current_id.is_some() {
-        ctx.instances(env.id).await?
+        ctx.instances(env.id, false).await?
     } else {
         Vec::new()
     };

@@ -25,7 +25,7 @@ use crate::scm::Scm;
 use crate::session::Session;
 use crate::shutdown::{Stages, run_until_stopped};
 pub use crate::startup::BoundAddr;
-use crate::startup::{health_port, until_done};
+use crate::startup::{health_port, on_own_thread, until_done};
 use crate::supervisor::Supervisor;
 use crate::telemetry::{InstrumentedCompute, Metrics};
 use crate::update::Updater;
@@ -50,7 +50,7 @@ pub async fn run_with(
     bound: Option<BoundAddr>,
 ) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::default());
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::default().with_leadership(deps.leadership.clone()));
     let (supervisor, failures) = Supervisor::new(shutdown.clone(), health.clone());
     let stop = shutdown.clone();
 
@@ -109,6 +109,21 @@ pub async fn run_with(
     if let Some(doctor) = extras.doctor {
         supervisor.spawn("setup-checks", doctor.watch(health.clone(), stop.clone()));
     }
+    // The lease is released last, after the outbox's last delivery: a
+    // status is only ever sent while leading. It is campaigned for before
+    // the records load, since readiness waits for it and not for them, and
+    // on its own thread and DynamoDB client: bulk work never delays a renewal.
+    let lease_stop = CancellationToken::new();
+    let stopped = lease_stop.clone();
+    let released_on_early_return = lease_stop.drop_guard();
+    let (lease, leadership, timing) = (
+        deps.lease.clone(),
+        deps.leadership.clone(),
+        config.engine.lease,
+    );
+    let lease_task = async move { run_lease(lease.as_ref(), &leadership, timing, stopped).await };
+    supervisor.spawn_critical("lease", on_own_thread("lease", lease_task));
+
     let placement = "check the VPC, subnets and security group";
     let subnet_ids = &config.placement.subnet_ids;
     let Some(subnets) = until_done(placement, &health, &stop, || compute.subnets(subnet_ids)).await
@@ -145,14 +160,6 @@ pub async fn run_with(
     let scm_sync = crate::scm::scm_sync(scm, client.clone(), scm_events, resync, stop.clone());
     supervisor.spawn_critical("scm-sync", scm_sync);
 
-    // The lease is released last, after the outbox's last delivery: a
-    // status is only ever sent while leading.
-    let lease_stop = CancellationToken::new();
-    let (lease, leadership, timing) = (deps.lease.clone(), deps.leadership.clone(), engine.lease);
-    let stopped = lease_stop.clone();
-    let lease_task = async move { run_lease(lease.as_ref(), &leadership, timing, stopped).await };
-    supervisor.spawn_critical("lease", lease_task);
-
     let (events_tx, events_rx) = mpsc::channel(1024);
     supervisor.spawn_critical("watch", session.watch(events_tx, stop.clone()));
 
@@ -165,7 +172,8 @@ pub async fn run_with(
         engine.concurrency,
         grace,
     );
-    let synced = health.first_sync();
+    // The informer's first full sync of what the control plane wants.
+    let synced = CancellationToken::new();
     let control_plane = Arc::new(client);
     let informer = controller.informer(control_plane.clone(), resync, engine.orphans);
     let informer = informer.run(events_rx, synced.clone(), stop.clone());
@@ -185,7 +193,7 @@ pub async fn run_with(
         calls,
         outbox_stop,
         outbox_done,
-        lease_stop,
+        lease_stop: released_on_early_return.disarm(),
     };
     run_until_stopped(&shutdown, failures, &health, &supervisor, stages).await
 }

@@ -12,6 +12,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use runner_core::leader::Leadership;
 use runner_core::traits::{Compute, StateStore};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +23,7 @@ use crate::telemetry::events::ReadinessProbed;
 /// The runner's readiness and degradation.
 #[derive(Debug)]
 pub struct Health {
-    synced: CancellationToken,
+    leadership: Option<Arc<Leadership>>,
     session: AtomicBool,
     store: AtomicBool,
     stopping: AtomicBool,
@@ -37,7 +38,7 @@ pub const MAX_DETAIL_BYTES: usize = 256;
 impl Default for Health {
     fn default() -> Self {
         Self {
-            synced: CancellationToken::new(),
+            leadership: None,
             session: AtomicBool::new(false),
             store: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
@@ -49,10 +50,12 @@ impl Default for Health {
 }
 
 impl Health {
-    /// Cancelled once the first full sync finished: the informer cancels
-    /// it, and readiness and the controller wait for it.
-    pub fn first_sync(&self) -> CancellationToken {
-        self.synced.clone()
+    /// Readiness that also waits until `leadership` is decided (this
+    /// replica leads, or the store said another one does).
+    #[must_use]
+    pub fn with_leadership(mut self, leadership: Arc<Leadership>) -> Self {
+        self.leadership = Some(leadership);
+        self
     }
 
     /// The control-plane session works (or not).
@@ -72,8 +75,9 @@ impl Health {
         if self.stopping.load(Ordering::SeqCst) {
             reasons.push("stopping");
         }
-        if !self.synced.is_cancelled() {
-            reasons.push("first full sync not finished");
+        // Not the first full sync: readiness does not grow with the fleet.
+        if self.leadership.as_ref().is_some_and(|l| !l.is_decided()) {
+            reasons.push("leadership not decided");
         }
         if !self.session.load(Ordering::SeqCst) {
             reasons.push("control-plane session down");

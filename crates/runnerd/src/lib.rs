@@ -80,6 +80,7 @@ pub fn aws_deps_with(sdk: &runner_aws::SdkConfig, config: &config::Config) -> de
         },
     };
     let adapters = runner_aws::adapters(sdk, &settings, &leadership);
+    let lease = runner_aws::lease(sdk, &settings, &leadership);
     deps::Deps {
         store: adapters.store.clone(),
         compute: adapters.compute,
@@ -87,7 +88,7 @@ pub fn aws_deps_with(sdk: &runner_aws::SdkConfig, config: &config::Config) -> de
         tokens: adapters.tokens,
         environment_secrets: adapters.environment_secrets,
         claim: std::sync::Arc::new(adapters.store.credential_claim()),
-        lease: adapters.store,
+        lease,
         leadership,
     }
 }

@@ -65,3 +65,32 @@ where
     health.set_problem("setup", None);
     Some(value)
 }
+
+/// Runs `task` on a thread with a runtime of its own (the leader lease), so
+/// that no burst of other work on the main runtime delays it. Returns when
+/// the task does; a task that cannot start, or panics, returns at once,
+/// which the supervisor treats as any critical task ending.
+pub async fn on_own_thread<F>(name: &str, task: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(task),
+                Err(err) => tracing::error!(error = %err, "cannot start a runtime"),
+            }
+            let _ = done.send(());
+        });
+    if let Err(err) = thread {
+        tracing::error!(error = %err, thread = name, "cannot start a thread");
+        return;
+    }
+    // A panic on the thread drops `done`: this returns as well.
+    let _ = finished.await;
+}

@@ -147,8 +147,8 @@ mod tests {
     async fn a_task_that_panics_or_returns_before_shutdown_is_fatal_and_unready() {
         for (name, dies) in [("panics", true), ("returns", false)] {
             let shutdown = CancellationToken::new();
-            let health = Arc::new(Health::default());
-            health.first_sync().cancel();
+            let leadership = Arc::new(runner_core::leader::Leadership::always());
+            let health = Arc::new(Health::default().with_leadership(leadership));
             health.set_session(true);
             assert!(health.not_ready().is_empty());
             let (supervisor, mut failures) = Supervisor::new(shutdown.clone(), health.clone());

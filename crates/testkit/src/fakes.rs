@@ -193,6 +193,19 @@ pub struct MemoryCompute {
     zones: Mutex<Vec<String>>,
     on_launch: Mutex<Hook>,
     latency: Mutex<Duration>,
+    /// While `true`, full describes (`observe`) wait, as a describe of a
+    /// large fleet takes long.
+    full_held: Gate,
+}
+
+/// A gate calls wait at while it is closed.
+#[derive(Debug)]
+struct Gate(tokio::sync::watch::Sender<bool>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(false).0)
+    }
 }
 
 impl MemoryCompute {
@@ -222,6 +235,12 @@ impl MemoryCompute {
     /// test) before it is answered, as a real cloud's calls take time.
     pub fn set_latency(&self, latency: Duration) {
         *self.latency.lock().expect("lock") = latency;
+    }
+
+    /// Holds every full describe (`observe`) until released (`false`);
+    /// lookups by id still answer.
+    pub fn hold_full_describes(&self, held: bool) {
+        self.full_held.0.send_replace(held);
     }
 
     async fn answer_after_latency(&self) {
@@ -428,6 +447,16 @@ impl Compute for MemoryCompute {
     }
 
     async fn observe(&self) -> Result<Vec<Instance>, ComputeError> {
+        *self
+            .cloud
+            .lock()
+            .expect("lock")
+            .calls
+            .entry("observe_started")
+            .or_insert(0) += 1;
+        let mut held = self.full_held.0.subscribe();
+        // The sender lives as long as `self`.
+        let _ = held.wait_for(|held| !held).await;
         self.answer_after_latency().await;
         let mut cloud = self.enter("observe")?;
         cloud.settle(None);

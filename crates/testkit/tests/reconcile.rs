@@ -822,7 +822,8 @@ impl RunningInformer {
         let (events, events_rx) = mpsc::channel(4);
         let (synced, shutdown) = (CancellationToken::new(), CancellationToken::new());
         let task = tokio::spawn(informer.run(events_rx, synced.clone(), shutdown.clone()));
-        // The first full sync, its sweep included, ends before `synced`.
+        // The first full sync of the control plane ends before `synced`;
+        // the describe and orphan pass follow in the background.
         tokio::time::timeout(PASS_TIMEOUT, synced.cancelled())
             .await
             .expect("a first full sync");
@@ -874,6 +875,14 @@ async fn the_orphan_sweep_marks_and_terminates_by_the_contexts_clock() {
         grace,
     )
     .await;
+    // The orphan pass follows the sync's describe, in the background.
+    tokio::time::timeout(PASS_TIMEOUT, async {
+        while s.compute.instances()[0].quarantined_at.is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the stray is marked");
     let marked = s.compute.instances().remove(0);
     assert_eq!(marked.id, stray.id);
     assert_eq!(
@@ -937,4 +946,47 @@ async fn a_hanging_fetch_delays_only_its_own_environment() {
         "a second event during a fetch does not fetch twice at once"
     );
     informer.stop().await;
+}
+
+/// Before a term's first full describe ends, a new environment launches and
+/// a known one is looked up by id and reported; only a deletion, which must
+/// see that no instance is left, waits for the full view.
+#[tokio::test(start_paused = true)]
+async fn before_the_first_full_describe_only_a_deletion_waits_for_it() {
+    let mut s = Scenario::new();
+    s.compute.hold_full_describes(true);
+    s.want(DesiredPhase::Running);
+    let action = s.ok().await;
+    assert_eq!(
+        s.compute.calls("launch"),
+        1,
+        "launched without the full view"
+    );
+    s.honour(action).await;
+    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+    assert_eq!(s.status().phase, Phase::Running);
+
+    // A new process: its instance is looked up by id.
+    s.restart();
+    s.want(DesiredPhase::Running);
+    let by_id = s.compute.calls("observe_ids");
+    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+    assert!(s.compute.calls("observe_ids") > by_id, "looked up by id");
+    assert_eq!(s.status().phase, Phase::Running);
+    assert_eq!(s.compute.calls("observe"), 0, "no full describe ended");
+
+    s.want(DesiredPhase::Deleted);
+    let deletion = reconcile(&s.ctx, s.id);
+    tokio::pin!(deletion);
+    let waited = tokio::time::timeout(Duration::from_secs(600), &mut deletion).await;
+    assert!(waited.is_err(), "the deletion waits for the full view");
+    assert_eq!(s.compute.calls("terminate"), 0);
+    assert_eq!(s.compute.calls("observe_started"), 1, "one full describe");
+    s.compute.hold_full_describes(false);
+    let action = tokio::time::timeout(PASS_TIMEOUT, deletion)
+        .await
+        .expect("the deletion goes on")
+        .expect("the pass succeeds");
+    assert_eq!(action, Action::Requeue(SETTINGS.poll));
+    assert_eq!(s.compute.calls("terminate"), 1);
 }

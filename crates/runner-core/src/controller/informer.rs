@@ -2,8 +2,9 @@
 //! the work queue.
 //!
 //! A full sync (on every stream (re)connect and every resync interval) lists
-//! all environments and classes, refreshes the observation, and enqueues
-//! everything. An environment missing from a list is only treated as gone
+//! all environments and classes and enqueues everything; the full describe
+//! of instances, and the orphan pass after it, run in the background, so
+//! neither the first sync nor any reconcile waits on the size of the fleet. An environment missing from a list is only treated as gone
 //! after a direct `GetEnvironment` says NOT_FOUND: a partial or empty list
 //! never causes a teardown. A watch event re-fetches the one environment.
 
@@ -21,7 +22,7 @@ use crate::orphans::{OrphanPolicy, sweep};
 use crate::reconcile::Context;
 use crate::retry::{Failures, Policy};
 use crate::scheduler::Queue;
-use crate::traits::{ComputeError, ControlPlane, ControlPlaneError};
+use crate::traits::{ControlPlane, ControlPlaneError};
 
 /// What the control-plane stream tells the informer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,8 +115,6 @@ enum SyncError {
     Classes(#[source] ControlPlaneError),
     #[error("list environments")]
     Environments(#[source] ControlPlaneError),
-    #[error("observe instances")]
-    Observe(#[source] ComputeError),
 }
 
 impl Informer {
@@ -133,13 +132,24 @@ impl Informer {
         let mut due = true;
         let mut failures = Failures::new(RETRY);
         let mut next_resync = tokio::time::Instant::now();
+        let mut observing: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             if due {
+                let started = tokio::time::Instant::now();
                 match this.full_sync().await {
                     Ok(count) => {
                         failures.reset();
                         due = false;
                         next_resync = tokio::time::Instant::now() + this.resync;
+                        // One describe (and orphan pass) at a time.
+                        if observing
+                            .as_ref()
+                            .is_none_or(tokio::task::JoinHandle::is_finished)
+                        {
+                            let this = Arc::clone(&this);
+                            observing =
+                                Some(tokio::spawn(async move { this.observe(started).await }));
+                        }
                         if !synced.is_cancelled() {
                             tracing::info!(environments = count, "first full sync done");
                             synced.cancel();
@@ -152,7 +162,12 @@ impl Informer {
                 }
             }
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    if let Some(observing) = observing {
+                        observing.abort();
+                    }
+                    return;
+                }
                 () = tokio::time::sleep_until(next_resync) => due = true,
                 Some(done) = fetches.running.join_next() => {
                     if let Ok(id) = done {
@@ -184,11 +199,6 @@ impl Informer {
             .list_environments()
             .await
             .map_err(SyncError::Environments)?;
-        self.context
-            .observer
-            .refresh()
-            .await
-            .map_err(SyncError::Observe)?;
         self.context.desired.set_classes(classes);
         let listed: HashSet<EnvironmentId> = environments.iter().map(|e| e.id).collect();
         let count = environments.len();
@@ -204,20 +214,32 @@ impl Informer {
         for id in unlisted.difference(&listed) {
             self.refetch(*id).await;
         }
-        if self.leadership.is_leader() {
-            match sweep(&self.context, self.orphans, self.context.clock.now()).await {
-                Ok(done) if done.quarantined + done.terminated > 0 => {
-                    tracing::info!(
-                        quarantined = done.quarantined,
-                        terminated = done.terminated,
-                        "orphan pass"
-                    );
-                }
-                Ok(_) => {}
-                Err(err) => tracing::warn!(error = %chain(&err), "orphan pass failed"),
-            }
-        }
         Ok(count)
+    }
+
+    /// The full describe of a sync that started at `since`, then, while
+    /// leading and with a view taken in this term, the orphan pass.
+    async fn observe(&self, since: tokio::time::Instant) {
+        if let Err(err) = self.context.observer.refresh_after(since).await {
+            tracing::warn!(error = %chain(&err), "cannot refresh the view of instances");
+            return;
+        }
+        // A term that started since expired the view: the orphan pass waits
+        // for the next one.
+        if !self.leadership.is_leader() || self.context.observer.taken_at().is_none() {
+            return;
+        }
+        match sweep(&self.context, self.orphans, self.context.clock.now()).await {
+            Ok(done) if done.quarantined + done.terminated > 0 => {
+                tracing::info!(
+                    quarantined = done.quarantined,
+                    terminated = done.terminated,
+                    "orphan pass"
+                );
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %chain(&err), "orphan pass failed"),
+        }
     }
 
     /// Standbys keep `Desired` warm but queue nothing: a new leader

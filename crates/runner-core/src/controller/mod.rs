@@ -12,12 +12,12 @@
 //! failed one runs again.
 //!
 //! A term: when leadership is gained, reload the records, start the outbox's
-//! term, refresh the view of instances, enqueue every known environment and
-//! run the queue; when it lapses ([`Leadership::lapsed`]), take no new work,
+//! term, expire the full view of instances (a new one is taken in the
+//! background), enqueue every known environment and run the queue; when it lapses ([`Leadership::lapsed`]), take no new work,
 //! let in-flight reconciles finish within the grace period and drop the
 //! statuses not yet delivered (the next leader's to report). Nothing is
-//! created or terminated before the first full sync, and statuses are sent
-//! only while leading.
+//! created or terminated before the first full sync of the control plane's
+//! environments, and statuses are sent only while leading.
 
 pub mod informer;
 
@@ -30,7 +30,6 @@ use tracing::Instrument as _;
 
 pub use self::informer::Informer;
 use crate::backoff::Backoff;
-use crate::error::chain;
 use crate::leader::Leadership;
 use crate::model::EnvironmentId;
 use crate::orphans::OrphanPolicy;
@@ -220,10 +219,14 @@ impl Controller {
             }
         }
         context.outbox.start_term(epoch);
-        // The standby's view of instances may predate the old leader's last launches.
-        if let Err(err) = context.observer.refresh().await {
-            tracing::warn!(error = %chain(&err), "cannot refresh the view of instances");
-        }
+        // The standby's view of instances may predate the old leader's last
+        // launches: until a full describe of this term ends, reconciles look
+        // up their own instances by id, and what needs "no instance exists"
+        // waits for it. Nothing here waits on a describe of the whole fleet.
+        context.observer.expire();
+        context
+            .observer
+            .refresh_in_background(tokio::time::Instant::now());
         for id in context
             .desired
             .present()
