@@ -6,6 +6,7 @@
 //! the other way round.
 
 pub mod backoff;
+pub mod batch;
 pub mod controller;
 pub mod desired;
 pub mod error;

@@ -1,44 +1,34 @@
 //! The batched view of the runner's instances.
 //!
 //! A full view comes from one `Compute::observe` call (a paged, tag-filtered
-//! describe), at the start of a term and on resync; refreshes are spaced by
-//! at least `min_interval`. A reconcile that needs to see its own mutation
-//! asks for its instance ids instead: requests arriving within a short window
-//! (100 ms without a new one, 1 s at most) share one `Compute::observe_ids`
-//! call per 200 ids, so the describe cost follows what changed, not the size
-//! of the fleet.
+//! describe), taken in the background on resync and at the start of a term;
+//! refreshes are spaced by at least `min_interval`. A reconcile that needs
+//! to see its own mutation asks for its instance ids instead: requests
+//! arriving within a short window ([`LOOKUPS`], through a
+//! [`Batcher`](crate::batch::Batcher)) share one `Compute::observe_ids` call
+//! per 200 ids, so the describe cost follows what changed, not the size of
+//! the fleet.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::batch::Batcher;
 use crate::error::chain;
 use crate::model::{EnvironmentId, Instance};
 use crate::traits::{Compute, ComputeError};
 
-/// How lookups by id are batched.
-#[derive(Debug, Clone, Copy)]
-pub struct Batching {
-    /// A batch goes out when no id joined it for this long...
-    pub idle: Duration,
-    /// ...or when its first id has waited this long.
-    pub max_wait: Duration,
-    /// Ids per call.
-    pub max_ids: usize,
-}
+pub use crate::batch::Batching;
 
-impl Default for Batching {
-    fn default() -> Self {
-        Self {
-            idle: Duration::from_millis(100),
-            max_wait: Duration::from_secs(1),
-            max_ids: 200,
-        }
-    }
-}
+/// How lookups by id are batched: 100 ms without a new id, 1 s at most,
+/// 200 ids per call.
+pub const LOOKUPS: Batching = Batching {
+    idle: Duration::from_millis(100),
+    max_wait: Duration::from_secs(1),
+    max_ids: 200,
+};
 
 #[derive(Debug, Default)]
 struct Snapshot {
@@ -73,29 +63,21 @@ impl Snapshot {
     }
 }
 
-/// Ids waiting for the next lookup, and where its outcome is announced.
-struct Pending {
-    ids: HashSet<String>,
-    opened: Instant,
-    last_added: Instant,
-    done: watch::Sender<Option<Result<(), String>>>,
-}
-
 /// The latest observation of all instances.
 pub struct Observer {
     compute: Arc<dyn Compute>,
     min_interval: Duration,
-    batching: Batching,
     snapshot: Mutex<Snapshot>,
     refresh: tokio::sync::Mutex<()>,
-    pending: Mutex<Option<Pending>>,
+    /// Lookups by id; a batch's outcome is the error of its failed call.
+    lookups: Arc<Batcher<(), Result<(), String>>>,
 }
 
 impl std::fmt::Debug for Observer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Observer")
             .field("min_interval", &self.min_interval)
-            .field("batching", &self.batching)
+            .field("lookups", &self.lookups)
             .finish_non_exhaustive()
     }
 }
@@ -106,17 +88,16 @@ impl Observer {
         Self {
             compute,
             min_interval,
-            batching: Batching::default(),
             snapshot: Mutex::new(Snapshot::default()),
             refresh: tokio::sync::Mutex::new(()),
-            pending: Mutex::new(None),
+            lookups: Batcher::new(LOOKUPS),
         }
     }
 
     /// The same with other batching.
     #[must_use]
     pub fn with_batching(mut self, batching: Batching) -> Self {
-        self.batching = batching;
+        self.lookups = Batcher::new(batching);
         self
     }
 
@@ -124,10 +105,6 @@ impl Observer {
         self.snapshot
             .lock()
             .expect("snapshot lock is never poisoned")
-    }
-
-    fn pending(&self) -> std::sync::MutexGuard<'_, Option<Pending>> {
-        self.pending.lock().expect("pending lock is never poisoned")
     }
 
     /// When the current full view was taken; `None` before the first, and
@@ -260,82 +237,37 @@ impl Observer {
         if stale.is_empty() {
             return Ok(());
         }
-        let mut done = {
-            let mut pending = self.pending();
-            let now = Instant::now();
-            if let Some(batch) = pending.as_mut() {
-                batch.ids.extend(stale);
-                batch.last_added = now;
-                batch.done.subscribe()
-            } else {
-                let (tx, rx) = watch::channel(None);
-                *pending = Some(Pending {
-                    ids: stale.into_iter().collect(),
-                    opened: now,
-                    last_added: now,
-                    done: tx,
-                });
-                // Its own task: a caller that gives up does not strand the others.
-                tokio::spawn(Arc::clone(self).collect_and_look_up());
-                rx
-            }
-        };
-        let outcome = done
-            .wait_for(Option::is_some)
+        let this = Arc::clone(self);
+        let outcome = self
+            .lookups
+            .submit((), stale, move |ids| async move { this.look_up(ids).await })
             .await
-            .map_err(|_| ComputeError::Unavailable("the lookup by id ended unanswered".into()))?
-            .clone();
-        match outcome {
-            Some(Err(message)) => Err(ComputeError::Unavailable(message.into())),
-            _ => Ok(()),
-        }
+            .ok_or_else(|| ComputeError::Unavailable("the lookup by id ended unanswered".into()))?;
+        outcome.map_err(|message| ComputeError::Unavailable(message.into()))
     }
 
-    async fn collect_and_look_up(self: Arc<Self>) {
-        let batch = loop {
-            let due = {
-                let pending = self.pending();
-                let Some(batch) = pending.as_ref() else {
-                    return;
-                };
-                (batch.last_added + self.batching.idle).min(batch.opened + self.batching.max_wait)
-            };
-            tokio::time::sleep_until(due).await;
-            let mut pending = self.pending();
-            let now = Instant::now();
-            let ready = pending.as_ref().is_some_and(|b| {
-                now >= b.last_added + self.batching.idle
-                    || now >= b.opened + self.batching.max_wait
-                    || b.ids.len() >= self.batching.max_ids
-            });
-            if ready && let Some(batch) = pending.take() {
-                break batch;
-            }
-        };
+    /// One batch's lookup, a call per `max_ids`; the view learns what it
+    /// found, and that the ids it did not find are gone.
+    async fn look_up(&self, ids: Vec<String>) -> Result<(), String> {
         let started = Instant::now();
-        let ids: Vec<String> = batch.ids.into_iter().collect();
         let mut found = Vec::new();
-        let mut outcome = Ok(());
-        for chunk in ids.chunks(self.batching.max_ids.max(1)) {
-            match self.compute.observe_ids(chunk).await {
-                Ok(instances) => found.extend(instances),
-                Err(err) => {
-                    outcome = Err(chain(&err));
-                    break;
-                }
-            }
+        for chunk in ids.chunks(self.lookups.batching().max_ids.max(1)) {
+            found.extend(
+                self.compute
+                    .observe_ids(chunk)
+                    .await
+                    .map_err(|e| chain(&e))?,
+            );
         }
-        if outcome.is_ok() {
-            let mut snapshot = self.snapshot();
-            for id in &ids {
-                snapshot.remove(id);
-                snapshot.seen_at.insert(id.clone(), started);
-            }
-            for instance in found {
-                snapshot.insert(instance);
-            }
+        let mut snapshot = self.snapshot();
+        for id in &ids {
+            snapshot.remove(id);
+            snapshot.seen_at.insert(id.clone(), started);
         }
-        batch.done.send_replace(Some(outcome));
+        for instance in found {
+            snapshot.insert(instance);
+        }
+        Ok(())
     }
 }
 

@@ -9,16 +9,14 @@
 //! whole batch.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use governor::DefaultDirectRateLimiter;
+use runner_core::batch::{Batcher, Batching};
 use runner_core::leader::Leadership;
-use runner_core::observer::Batching;
 use runner_core::traits::ComputeError;
-use tokio::sync::watch;
-use tokio::time::Instant;
 
 use super::{Gate, classify, gated, transient};
 
@@ -60,26 +58,18 @@ impl Answer {
 
 type Answers = Arc<HashMap<String, Answer>>;
 
-struct Pending {
-    ids: Vec<String>,
-    opened: Instant,
-    last_added: Instant,
-    done: watch::Sender<Option<Answers>>,
-}
-
 /// The batches being collected, one per operation.
 pub(super) struct Mutations {
     client: Client,
     bucket: Arc<DefaultDirectRateLimiter>,
     leadership: Arc<Leadership>,
-    batching: Batching,
-    pending: Mutex<HashMap<Op, Pending>>,
+    batches: Arc<Batcher<Op, Answers>>,
 }
 
 impl std::fmt::Debug for Mutations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mutations")
-            .field("batching", &self.batching)
+            .field("batches", &self.batches)
             .finish_non_exhaustive()
     }
 }
@@ -102,13 +92,8 @@ impl Mutations {
             client,
             bucket,
             leadership,
-            batching: BATCHING,
-            pending: Mutex::new(HashMap::new()),
+            batches: Batcher::new(BATCHING),
         })
-    }
-
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Op, Pending>> {
-        self.pending.lock().expect("pending lock is never poisoned")
     }
 
     /// Applies `op` to `instance_id` in the next batch and waits for its answer.
@@ -120,37 +105,13 @@ impl Mutations {
         if !self.leadership.is_leader() {
             return Err(ComputeError::Fenced);
         }
-        let mut done = {
-            let mut pending = self.pending();
-            let now = Instant::now();
-            if let Some(batch) = pending.get_mut(&op) {
-                if !batch.ids.iter().any(|id| id == instance_id) {
-                    batch.ids.push(instance_id.to_owned());
-                }
-                batch.last_added = now;
-                batch.done.subscribe()
-            } else {
-                let (tx, rx) = watch::channel(None);
-                pending.insert(
-                    op,
-                    Pending {
-                        ids: vec![instance_id.to_owned()],
-                        opened: now,
-                        last_added: now,
-                        done: tx,
-                    },
-                );
-                // Its own task: a caller that gives up does not strand the others.
-                tokio::spawn(Arc::clone(self).collect_and_send(op));
-                rx
-            }
-        };
-        let answers = done
-            .wait_for(Option::is_some)
+        let this = Arc::clone(self);
+        let flush = move |ids| async move { Arc::new(this.send(op, ids).await) };
+        let answers = self
+            .batches
+            .submit(op, [instance_id.to_owned()], flush)
             .await
-            .map_err(|_| ComputeError::Unavailable("the batch ended unanswered".into()))?
-            .clone()
-            .unwrap_or_default();
+            .ok_or_else(|| ComputeError::Unavailable("the batch ended unanswered".into()))?;
         answers
             .get(instance_id)
             .cloned()
@@ -158,35 +119,10 @@ impl Mutations {
             .into_result()
     }
 
-    async fn collect_and_send(self: Arc<Self>, op: Op) {
-        let batch = loop {
-            let due = {
-                let pending = self.pending();
-                let Some(batch) = pending.get(&op) else {
-                    return;
-                };
-                (batch.last_added + self.batching.idle).min(batch.opened + self.batching.max_wait)
-            };
-            tokio::time::sleep_until(due).await;
-            let mut pending = self.pending();
-            let now = Instant::now();
-            let ready = pending.get(&op).is_some_and(|b| {
-                now >= b.last_added + self.batching.idle
-                    || now >= b.opened + self.batching.max_wait
-                    || b.ids.len() >= self.batching.max_ids
-            });
-            if ready && let Some(batch) = pending.remove(&op) {
-                break batch;
-            }
-        };
-        let answers = self.send(op, batch.ids).await;
-        batch.done.send_replace(Some(Arc::new(answers)));
-    }
-
     async fn send(&self, op: Op, ids: Vec<String>) -> HashMap<String, Answer> {
         let mut answers = HashMap::new();
         let mut batches: Vec<Vec<String>> = ids
-            .chunks(self.batching.max_ids.max(1))
+            .chunks(self.batches.batching().max_ids.max(1))
             .map(<[String]>::to_vec)
             .collect();
         while let Some(batch) = batches.pop() {
