@@ -224,6 +224,11 @@ impl Context {
                     .lock()
                     .expect("records lock is never poisoned")
                     .remove(&record.environment);
+                // Nothing of a removed environment stays in memory.
+                self.mutated
+                    .lock()
+                    .expect("mutated lock is never poisoned")
+                    .remove(&record.environment);
                 Ok(())
             }
             Err(err) => {
