@@ -273,3 +273,56 @@ async fn zones_exhausted_before_a_restart_are_not_tried_again_after_it() {
     );
     runner.stop().await.expect("clean stop");
 }
+
+/// The lease runs on a thread of its own: with both of the runtime's workers
+/// blocked for longer than the lease's TTL (2 s; a huge describe being
+/// parsed, say), renewals go on and leadership never lapses, not even
+/// locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starved_runtime_does_not_lapse_the_lease() {
+    let world = World::new().await;
+    let leadership = std::sync::Arc::new(runner_core::leader::Leadership::default());
+    let runner = world.start_runner_with(leadership.clone()).await;
+    let env = world.create_env().await;
+    world
+        .wait_for("RUNNING", Duration::from_secs(30), |envs| {
+            envs.iter()
+                .any(|e| id(e) == env && settled(e, Phase::Running))
+        })
+        .await;
+    assert!(leadership.is_leader());
+
+    // Watched from a thread of its own, which the blocked workers cannot stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = std::thread::spawn({
+        let (leadership, stop) = (leadership.clone(), stop.clone());
+        move || {
+            let mut lapses = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if !leadership.is_leader() {
+                    lapses += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            lapses
+        }
+    });
+    // Spawned from outside the runtime: each worker takes one.
+    let blockers: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(async {
+                std::thread::sleep(Duration::from_secs(3));
+            })
+        })
+        .collect();
+    for blocker in blockers {
+        blocker.await.expect("blocker");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lapses = watcher.join().expect("watcher");
+    assert_eq!(
+        lapses, 0,
+        "leadership lapsed while the workers were blocked"
+    );
+    runner.stop().await.expect("clean stop");
+}

@@ -177,13 +177,22 @@ impl World {
     }
 
     pub(crate) async fn start_runner(&self) -> Runner {
+        self.start_runner_with(Arc::new(runner_core::leader::Leadership::default()))
+            .await
+    }
+
+    /// A runner whose leadership the test can watch.
+    pub(crate) async fn start_runner_with(
+        &self,
+        leadership: Arc<runner_core::leader::Leadership>,
+    ) -> Runner {
         let deps = Deps {
             store: self.store.clone(),
             compute: self.compute.clone(),
             secrets: self.secrets.clone(),
             lease: Arc::new(self.lease.handle(&uuid::Uuid::new_v4().to_string())),
             claim: Arc::new(self.claim.handle(&uuid::Uuid::new_v4().to_string())),
-            leadership: Arc::new(runner_core::leader::Leadership::default()),
+            leadership,
             tokens: self.tokens.clone(),
             environment_secrets: self.environment_secrets.clone(),
         };
