@@ -486,7 +486,7 @@ async fn a_restart_is_ready_and_launches_before_its_first_full_describe_ends() {
     let world = World::new().await;
     let first = world.start_runner().await;
     let mut known = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..40 {
         known.push(world.create_env().await);
     }
     world
@@ -501,7 +501,7 @@ async fn a_restart_is_ready_and_launches_before_its_first_full_describe_ends() {
 
     world.compute.hold_full_describes(true);
     let described = world.compute.calls("observe");
-    let stopped = known.pop().expect("five");
+    let stopped = known.pop().expect("forty");
     world.set_phase(&stopped, Phase::Stopped).await;
     let runner = world.start_runner().await;
     for _ in 0..400 {
