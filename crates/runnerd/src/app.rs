@@ -27,6 +27,8 @@ use crate::shutdown::{Stages, run_until_stopped};
 pub use crate::startup::BoundAddr;
 use crate::startup::{health_port, until_done};
 use crate::supervisor::Supervisor;
+use crate::telemetry::emf;
+use crate::telemetry::sample::{Sources, watch_leadership};
 use crate::telemetry::{InstrumentedCompute, Metrics};
 use crate::update::Updater;
 
@@ -142,6 +144,16 @@ pub async fn run_with(
     )
     .with_checkout(scm.clone())
     .with_instance_types(types);
+    let sources = Sources {
+        health: health.clone(),
+        leadership: deps.leadership.clone(),
+        outbox: context.outbox.clone(),
+    };
+    let (id, every) = (config.runner_id.clone(), config.metrics_interval);
+    let records = emf::run(metrics.clone(), sources, id, every, stop.clone());
+    supervisor.spawn("metrics-records", records);
+    let changes = watch_leadership(deps.leadership.clone(), metrics.clone(), stop.clone());
+    supervisor.spawn("leadership-metrics", changes);
     let scm_sync = crate::scm::scm_sync(scm, client.clone(), scm_events, resync, stop.clone());
     supervisor.spawn_critical("scm-sync", scm_sync);
 

@@ -4,11 +4,14 @@
 //! emitted as typed events ([`events`]): one struct per occurrence, whose
 //! `emit` moves its series and writes its log line when it has one, so the
 //! two cannot drift apart. [`InstrumentedCompute`] emits one per compute
-//! call.
+//! call; [`sample`] reads the runner's states into gauges; [`emf`] writes
+//! the same series as CloudWatch embedded metric format records.
 
 mod compute;
+pub mod emf;
 pub mod events;
 mod metrics;
+pub mod sample;
 
 pub use compute::InstrumentedCompute;
 pub use metrics::Metrics;
