@@ -152,7 +152,7 @@ pub async fn run_with(
     let (id, every) = (config.runner_id.clone(), config.metrics_interval);
     let records = emf::run(metrics.clone(), sources, id, every, stop.clone());
     supervisor.spawn("metrics-records", records);
-    let changes = watch_leadership(deps.leadership.clone(), metrics.clone(), stop.clone());
+    let changes = watch_leadership(&deps.leadership, metrics.clone(), stop.clone());
     supervisor.spawn("leadership-metrics", changes);
     let scm_sync = crate::scm::scm_sync(scm, client.clone(), scm_events, resync, stop.clone());
     supervisor.spawn_critical("scm-sync", scm_sync);

@@ -211,7 +211,7 @@ pub struct DaemonArgs {
     pub health_listen: SocketAddr,
     /// How often key metrics go to standard output as CloudWatch embedded
     /// metric format records (one JSON line each, aggregated over the
-    /// interval); 0s: never.
+    /// interval); 0s: none (/metrics still has them).
     #[arg(long, env = "RUNNER_METRICS_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
     pub metrics_interval: Duration,
     /// Log format.

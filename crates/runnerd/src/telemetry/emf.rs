@@ -475,9 +475,12 @@ fn write(records: &[Value]) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
+/// How often the states are read when no records are written.
+const SAMPLE_ONLY: Duration = Duration::from_secs(60);
+
 /// Every `interval` until `shutdown` (and once more then), samples the
 /// runner's states and writes the interval's records; a zero interval
-/// writes none.
+/// writes none and samples every minute, for `/metrics`.
 pub async fn run(
     metrics: Arc<Metrics>,
     sources: Sources,
@@ -485,12 +488,10 @@ pub async fn run(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    if interval.is_zero() {
-        return;
-    }
+    let records = !interval.is_zero();
+    let every = if records { interval } else { SAMPLE_ONLY };
     let mut emf = Emf::new(&runner_id);
-    let start = tokio::time::Instant::now() + interval;
-    let mut ticks = tokio::time::interval_at(start, interval);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let last = tokio::select! {
@@ -498,7 +499,9 @@ pub async fn run(
             _ = ticks.tick() => false,
         };
         sources.sample(&metrics);
-        write(&emf.records(&metrics.encode(), now_ms()));
+        if records {
+            write(&emf.records(&metrics.encode(), now_ms()));
+        }
         if last {
             return;
         }
