@@ -270,3 +270,46 @@ where
     }
     out
 }
+
+/// What EC2's throttling looks like to the runner's metrics: a call that
+/// stays throttled through the retries counts as `throttled` (a 5xx as
+/// `unavailable`), and the CloudWatch record counts it by operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_call_is_counted_as_throttled_by_operation() {
+    use runnerd::telemetry::emf::Emf;
+    use runnerd::telemetry::{InstrumentedCompute, Metrics};
+
+    let proxy = FaultProxy::start(&moto_url()).await.expect("proxy");
+    let direct = sdk(&moto_url()).await;
+    let infra = Infra::create(&direct).await;
+    let through = sdk(&proxy.url()).await;
+    let metrics = std::sync::Arc::new(Metrics::default());
+    let compute = infra.adapters(&through, "a", &leading()).compute;
+    let compute = InstrumentedCompute::new(compute, metrics.clone());
+    for fault in [Fault::Throttle, Fault::Status(503)] {
+        proxy.set_rules(vec![rule(&["StopInstances"], 1.0, fault)]);
+        let stopped = compute.stop("i-0123456789abcdef0").await;
+        assert!(matches!(stopped, Err(ComputeError::Unavailable(_))));
+    }
+    let exposition = metrics.encode();
+    for line in [
+        "runner_compute_calls_total{operation=\"stop\",outcome=\"throttled\"} 1",
+        "runner_compute_calls_total{operation=\"stop\",outcome=\"unavailable\"} 1",
+    ] {
+        assert!(
+            exposition.lines().any(|l| l == line),
+            "{line}\n{exposition}"
+        );
+    }
+    let records = Emf::new("r-1").records(&exposition, 1_700_000_000_000);
+    let by_operation = records
+        .iter()
+        .find(|r| r["Operation"] == "stop")
+        .expect("a record for the stop operation");
+    assert_eq!(by_operation["AwsThrottled"].as_u64(), Some(1));
+    let runner = records
+        .iter()
+        .find(|r| r.get("AwsThrottled").is_some() && r.get("Operation").is_none())
+        .expect("the runner-level record");
+    assert_eq!(runner["AwsThrottled"].as_u64(), Some(1));
+}
