@@ -132,6 +132,17 @@ def main():
         services = ecs.describe_services(cluster=outputs["ClusterName"], services=[resources["Service"]])["services"]
         check("the ECS service exists in the cluster", len(services) == 1, services)
         check("the instance profile exists", outputs["EnvironmentInstanceProfileArn"].startswith("arn:"), outputs)
+        # moto's CloudFormation creates the dashboard (not the alarms or the
+        # saved queries): its body, substituted, is JSON naming every alarm.
+        dashboard = client("cloudwatch", args.moto).get_dashboard(DashboardName=f"aws-runner-{runner['id']}")
+        widgets = json.loads(dashboard["DashboardBody"])["widgets"]
+        alarm_arns = [a for w in widgets if w["type"] == "alarm" for a in w["properties"]["alarms"]]
+        template = metrics_check.cfn_yaml.loads(body)["Resources"]
+        alarm_names = {r["Properties"]["AlarmName"]["Fn::Sub"].replace("${RunnerId}", runner["id"])
+                       for r in template.values() if r["Type"] == "AWS::CloudWatch::Alarm"}
+        check("the dashboard exists and shows every alarm of the stack",
+              len(alarm_names) == 8 and all(a.startswith(f"arn:aws:cloudwatch:{REGION}:") for a in alarm_arns)
+              and {a.rsplit(":", 1)[1] for a in alarm_arns} == alarm_names, (alarm_arns, alarm_names))
 
         # moto's CloudFormation does not create AWS::SecretsManager::Secret:
         # create them as the stack would, the exchange token's and the
