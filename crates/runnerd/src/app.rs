@@ -12,7 +12,7 @@ use runner_core::controller::Controller;
 use runner_core::leader::run_lease;
 use runner_core::observer::Observer;
 use runner_core::reconcile::{Context, ReconcileSettings};
-use runner_core::traits::Compute;
+use runner_core::traits::{Compute, StateStore};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +29,7 @@ use crate::startup::{health_port, until_done};
 use crate::supervisor::Supervisor;
 use crate::telemetry::emf;
 use crate::telemetry::sample::{Sources, watch_leadership};
-use crate::telemetry::{InstrumentedCompute, Metrics};
+use crate::telemetry::{InstrumentedCompute, InstrumentedStore, Metrics};
 use crate::update::Updater;
 
 /// Runs the daemon until `shutdown` is cancelled (Ok) or a critical task
@@ -61,7 +61,9 @@ pub async fn run_with(
     supervisor.spawn_critical("health-port", port.map_err(AppError::Listen)?);
     let instrumented = InstrumentedCompute::new(deps.compute.clone(), metrics.clone());
     let compute: Arc<dyn Compute> = Arc::new(instrumented);
-    let (store, every) = (deps.store.clone(), config.engine.health_check_interval);
+    let store: Arc<dyn StateStore> =
+        Arc::new(InstrumentedStore::new(deps.store.clone(), metrics.clone()));
+    let every = config.engine.health_check_interval;
     let monitor = health
         .clone()
         .monitor(store.clone(), compute.clone(), every, stop.clone());

@@ -109,10 +109,6 @@ fn failed_launch(labels: &Labels) -> bool {
     launch(labels) && !matches!(label(labels, "outcome"), "ok" | "fenced")
 }
 
-fn throttled(labels: &Labels) -> bool {
-    label(labels, "outcome") == "throttled"
-}
-
 fn undelivered(labels: &Labels) -> bool {
     label(labels, "outcome") != "delivered"
 }
@@ -230,21 +226,17 @@ pub const METRICS: &[Metric] = &[
             Source::Mean("runner_compute_call_duration_seconds"),
         )
     },
+    total(
+        "AwsThrottled",
+        Unit::Count,
+        Source::Counter("runner_aws_throttled_total"),
+    ),
     Metric {
-        only: throttled,
-        ..total(
-            "AwsThrottled",
-            Unit::Count,
-            Source::Counter("runner_compute_calls_total"),
-        )
-    },
-    Metric {
-        only: throttled,
         by: Some(("operation", "Operation")),
         ..total(
             "AwsThrottled",
             Unit::Count,
-            Source::Counter("runner_compute_calls_total"),
+            Source::Counter("runner_aws_throttled_total"),
         )
     },
     total(

@@ -13,7 +13,7 @@ use runner_core::error::chain;
 use runner_core::model::Phase;
 use runner_core::outbox::{Round, Snapshot};
 use runner_core::reconcile::ReconcileError;
-use runner_core::traits::ComputeError;
+use runner_core::traits::{ComputeError, StoreError};
 
 use super::metrics::{Call, Metrics, Operation, Outcome, PhaseLabel, StateLabel, gauge_value};
 
@@ -65,8 +65,8 @@ impl QueueDepth {
 /// A compute call returned: `runner_compute_calls_total{operation,outcome}`
 /// and `runner_compute_call_duration_seconds{operation}`. An `Unavailable`
 /// error that EC2 throttled (`RequestLimitExceeded`, `Throttling...`) is
-/// `throttled`. Not logged here: the caller logs a failure with what it was
-/// doing.
+/// `throttled`, and counted in `runner_aws_throttled_total{operation}` too.
+/// Not logged here: the caller logs a failure with what it was doing.
 #[derive(Debug)]
 pub struct ComputeCallFinished<'a> {
     /// The `Compute` method (`launch`, `observe`, ...).
@@ -93,6 +93,12 @@ impl ComputeCallFinished<'_> {
             .compute_calls
             .get_or_create(&Call { operation, outcome })
             .inc();
+        if outcome == "throttled" {
+            metrics
+                .aws_throttled
+                .get_or_create(&Operation { operation })
+                .inc();
+        }
         metrics
             .compute_seconds
             .get_or_create(&Operation { operation })
@@ -101,17 +107,56 @@ impl ComputeCallFinished<'_> {
 }
 
 /// Whether `err` says the service throttled the call (its error code in
-/// the chain, as the README's Logs Insights query looks for it).
-fn throttled(err: &ComputeError) -> bool {
+/// the chain, as the README's Logs Insights query looks for it: EC2's
+/// `RequestLimitExceeded`, DynamoDB's `ThrottlingException` and
+/// `ProvisionedThroughputExceededException`, ...).
+fn throttled(err: &dyn std::error::Error) -> bool {
     let text = chain(err);
     [
         "RequestLimitExceeded",
         "Throttl",
+        "ProvisionedThroughputExceeded",
         "TooManyRequests",
         "SlowDown",
     ]
     .iter()
     .any(|code| text.contains(code))
+}
+
+/// A state store call returned: `runner_store_calls_total{operation,outcome}`
+/// (`ok`, `conflict`, `fenced`, `throttled`, `unavailable`); a throttled
+/// one is counted in `runner_aws_throttled_total{operation}` too. Not
+/// logged here: the caller logs a failure with what it was doing.
+#[derive(Debug)]
+pub struct StoreCallFinished<'a> {
+    /// The `StateStore` method, as `store_put`.
+    pub operation: &'static str,
+    /// Why it failed; `None`: it succeeded.
+    pub error: Option<&'a StoreError>,
+}
+
+impl StoreCallFinished<'_> {
+    /// Counts.
+    pub fn emit(self, metrics: &Metrics) {
+        let outcome = match self.error {
+            None => "ok",
+            Some(StoreError::Conflict(_)) => "conflict",
+            Some(StoreError::Fenced) => "fenced",
+            Some(err @ StoreError::Unavailable(_)) if throttled(err) => "throttled",
+            Some(StoreError::Unavailable(_)) => "unavailable",
+        };
+        let operation = self.operation;
+        metrics
+            .store_calls
+            .get_or_create(&Call { operation, outcome })
+            .inc();
+        if outcome == "throttled" {
+            metrics
+                .aws_throttled
+                .get_or_create(&Operation { operation })
+                .inc();
+        }
+    }
 }
 
 /// A status delivery round ended: `runner_status_updates_total{outcome}`

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub(super) status_lag: Gauge,
     pub(super) update_state: Family<StateLabel, Gauge>,
     pub(super) update_failing: Gauge,
+    pub(super) store_calls: Family<Call, Counter>,
+    pub(super) aws_throttled: Family<Operation, Counter>,
 }
 
 impl Default for Metrics {
@@ -194,6 +196,18 @@ impl Default for Metrics {
             "1 while self-update is held back, refused, failed or in error",
             update_failing.clone(),
         );
+        let store_calls = Family::<Call, Counter>::default();
+        registry.register(
+            "store_calls",
+            "State store calls by operation and outcome",
+            store_calls.clone(),
+        );
+        let aws_throttled = Family::<Operation, Counter>::default();
+        registry.register(
+            "aws_throttled",
+            "AWS calls still throttled after the retries, by operation",
+            aws_throttled.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -217,6 +231,8 @@ impl Default for Metrics {
             status_lag,
             update_state,
             update_failing,
+            store_calls,
+            aws_throttled,
         }
     }
 }
