@@ -2,7 +2,7 @@
 //! errors reach the adapters as the SDK and EC2 would present them.
 
 use runner_core::model::{EnvironmentId, Revision, Subnet, client_token};
-use runner_core::traits::{Compute as _, ComputeError, LaunchRequest};
+use runner_core::traits::{Compute as _, ComputeError, LaunchRequest, StoreError};
 use testkit::proxy::{Fault, FaultProxy, Rule};
 
 use crate::{Infra, leading, moto_url, sdk};
@@ -269,4 +269,65 @@ where
         out.push(task.await.expect("joined"));
     }
     out
+}
+
+/// What EC2's and DynamoDB's throttling look like to the runner's metrics:
+/// a call that stays throttled through the retries counts as `throttled` (a
+/// 5xx as `unavailable`), and the CloudWatch records count it by operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_call_is_counted_as_throttled_by_operation() {
+    use runner_core::traits::StateStore as _;
+    use runnerd::telemetry::emf::Emf;
+    use runnerd::telemetry::{InstrumentedCompute, InstrumentedStore, Metrics};
+
+    let proxy = FaultProxy::start(&moto_url()).await.expect("proxy");
+    let direct = sdk(&moto_url()).await;
+    let infra = Infra::create(&direct).await;
+    let through = sdk(&proxy.url()).await;
+    let metrics = std::sync::Arc::new(Metrics::default());
+    let adapters = infra.adapters(&through, "a", &leading());
+    let compute = InstrumentedCompute::new(adapters.compute, metrics.clone());
+    let store = InstrumentedStore::new(adapters.store, metrics.clone());
+    let environment = EnvironmentId(uuid::Uuid::new_v4());
+    for fault in [Fault::Throttle, Fault::Status(503)] {
+        proxy.set_rules(vec![
+            rule(&["StopInstances"], 1.0, fault.clone()),
+            rule(&["DynamoDB_20120810.GetItem"], 1.0, fault),
+        ]);
+        let stopped = compute.stop("i-0123456789abcdef0").await;
+        assert!(matches!(stopped, Err(ComputeError::Unavailable(_))));
+        let read = store.get(environment).await;
+        assert!(matches!(read, Err(StoreError::Unavailable(_))), "{read:?}");
+    }
+    let exposition = metrics.encode();
+    for line in [
+        "runner_compute_calls_total{operation=\"stop\",outcome=\"throttled\"} 1",
+        "runner_compute_calls_total{operation=\"stop\",outcome=\"unavailable\"} 1",
+        "runner_store_calls_total{operation=\"store_get\",outcome=\"throttled\"} 1",
+        "runner_store_calls_total{operation=\"store_get\",outcome=\"unavailable\"} 1",
+        "runner_aws_throttled_total{operation=\"stop\"} 1",
+        "runner_aws_throttled_total{operation=\"store_get\"} 1",
+    ] {
+        assert!(
+            exposition.lines().any(|l| l == line),
+            "{line}\n{exposition}"
+        );
+    }
+    let records = Emf::new("r-1").records(&exposition, 1_700_000_000_000);
+    for operation in ["stop", "store_get"] {
+        let by_operation = records
+            .iter()
+            .find(|r| r["Operation"] == operation)
+            .expect("a record for the operation");
+        assert_eq!(
+            by_operation["AwsThrottled"].as_u64(),
+            Some(1),
+            "{operation}"
+        );
+    }
+    let runner = records
+        .iter()
+        .find(|r| r.get("AwsThrottled").is_some() && r.get("Operation").is_none())
+        .expect("the runner-level record");
+    assert_eq!(runner["AwsThrottled"].as_u64(), Some(2));
 }

@@ -7,8 +7,10 @@ exchange token's and the runner's empty credential), starts the reference
 control plane and runnerd with the stack's outputs, and waits for an
 environment to run on an instance tagged as the runner's, in one of the
 stack's subnets; the runner refuses a class outside AllowedInstanceTypes and
-keeps its credential apart from the exchange token. Prints one line per check
-and 'stack: N passed, N failed'.
+keeps its credential apart from the exchange token. The run's metrics
+records (one a second here) are then checked by metrics_check.py: their
+format, and every metric the stack's alarms and dashboard name. Prints one
+line per check and 'stack: N passed, N failed'.
 """
 
 import argparse
@@ -23,6 +25,8 @@ import time
 import uuid
 
 import boto3
+
+import metrics_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REGION = "us-east-1"
@@ -128,6 +132,17 @@ def main():
         services = ecs.describe_services(cluster=outputs["ClusterName"], services=[resources["Service"]])["services"]
         check("the ECS service exists in the cluster", len(services) == 1, services)
         check("the instance profile exists", outputs["EnvironmentInstanceProfileArn"].startswith("arn:"), outputs)
+        # moto's CloudFormation creates the dashboard (not the alarms or the
+        # saved queries): its body, substituted, is JSON naming every alarm.
+        dashboard = client("cloudwatch", args.moto).get_dashboard(DashboardName=f"aws-runner-{runner['id']}")
+        widgets = json.loads(dashboard["DashboardBody"])["widgets"]
+        alarm_arns = [a for w in widgets if w["type"] == "alarm" for a in w["properties"]["alarms"]]
+        template = metrics_check.cfn_yaml.loads(body)["Resources"]
+        alarm_names = {r["Properties"]["AlarmName"]["Fn::Sub"].replace("${RunnerId}", runner["id"])
+                       for r in template.values() if r["Type"] == "AWS::CloudWatch::Alarm"}
+        check("the dashboard exists and shows every alarm of the stack",
+              len(alarm_names) == 8 and all(a.startswith(f"arn:aws:cloudwatch:{REGION}:") for a in alarm_arns)
+              and {a.rsplit(":", 1)[1] for a in alarm_arns} == alarm_names, (alarm_arns, alarm_names))
 
         # moto's CloudFormation does not create AWS::SecretsManager::Secret:
         # create them as the stack would, the exchange token's and the
@@ -164,6 +179,7 @@ def main():
             "RUNNER_HEALTH_LISTEN": "127.0.0.1:0",
             "RUNNER_POLL_INTERVAL": "500ms",
             "RUNNER_LOG_FORMAT": "json",
+            "RUNNER_METRICS_INTERVAL": "1s",
         }
         runnerd = subprocess.Popen([args.runnerd], env=env, stdout=log, stderr=subprocess.STDOUT)
         cls = ctl(args.runnerctl, cp_url, "class", "create", "--runner", runner["id"], "--name", "Small",
@@ -205,6 +221,8 @@ def main():
             except subprocess.TimeoutExpired:
                 runnerd.kill()
                 check("runnerd exits 0 on SIGTERM", False, "still running after 30 s")
+            with open(log.name) as output:
+                metrics_check.check_run(output.readlines(), runner["id"], check)
         cp.terminate()
         cp.wait(timeout=10)
         if results and not all(results):

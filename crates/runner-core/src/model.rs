@@ -37,7 +37,7 @@ pub enum DesiredPhase {
 }
 
 /// The phase the runner reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Phase {
     /// Launching the first instance.
     Creating,

@@ -20,11 +20,12 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::error::chain;
-use crate::model::{EnvironmentId, Status};
+use crate::model::{EnvironmentId, Phase, Status};
 use crate::traits::{ControlPlane, ControlPlaneError};
 
 /// Versions of one leadership term lie in `[epoch · 2³², (epoch + 1) · 2³²)`.
@@ -38,6 +39,11 @@ struct Entry {
     pending: Option<(u64, Status)>,
     /// Consecutive failed deliveries.
     failures: u32,
+    /// Since when a status has been waiting (a newer one replacing it keeps
+    /// the time): `None` while nothing waits.
+    waiting_since: Option<Instant>,
+    /// Since when the last published status has been in its phase.
+    phase_since: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +80,20 @@ pub struct Outbox {
     wake: Notify,
 }
 
+/// What the outbox holds, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Environments by the phase last published for them.
+    pub phases: BTreeMap<Phase, usize>,
+    /// Statuses waiting for delivery.
+    pub pending: usize,
+    /// How long the oldest waiting status has waited.
+    pub oldest_pending: Option<Duration>,
+    /// How long the environment longest in `Creating` or `Starting` has been
+    /// there.
+    pub oldest_starting: Option<Duration>,
+}
+
 /// What one delivery round did, for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Round {
@@ -101,6 +121,11 @@ impl Outbox {
             }
             let version = state.next(accepted);
             let entry = state.entries.entry(id).or_default();
+            let now = Instant::now();
+            if entry.last.as_ref().map(|s| s.phase) != Some(status.phase) {
+                entry.phase_since = Some(now);
+            }
+            entry.waiting_since.get_or_insert(now);
             entry.last = Some(status.clone());
             entry.pending = Some((version, status));
             version
@@ -141,6 +166,27 @@ impl Outbox {
             .count()
     }
 
+    /// Phases, what waits and since when.
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let state = self.state();
+        let mut snapshot = Snapshot::default();
+        for entry in state.entries.values() {
+            if entry.pending.is_some() {
+                snapshot.pending += 1;
+                let waited = entry.waiting_since.map(|since| now - since);
+                snapshot.oldest_pending = snapshot.oldest_pending.max(waited);
+            }
+            let Some(last) = &entry.last else { continue };
+            *snapshot.phases.entry(last.phase).or_default() += 1;
+            if matches!(last.phase, Phase::Creating | Phase::Starting) {
+                let since = entry.phase_since.map(|since| now - since);
+                snapshot.oldest_starting = snapshot.oldest_starting.max(since);
+            }
+        }
+        snapshot
+    }
+
     /// The last status published for `id`.
     pub fn last(&self, id: EnvironmentId) -> Option<Status> {
         self.state().entries.get(&id).and_then(|e| e.last.clone())
@@ -178,6 +224,7 @@ impl Outbox {
                     entry.failures = 0;
                     if still_pending {
                         entry.pending = None;
+                        entry.waiting_since = None;
                     }
                 }
                 Err(err @ ControlPlaneError::Rejected(_)) => {
@@ -227,6 +274,7 @@ impl Outbox {
                     // gone, or a newer term reports it: drop the status.
                     if let Some(entry) = state.entries.get_mut(&id) {
                         entry.pending = None;
+                        entry.waiting_since = None;
                         entry.last = None;
                     }
                 }
@@ -467,6 +515,45 @@ mod tests {
                 Err(ControlPlaneError::Rejected("stale status_version".into()))
             }
         }
+    }
+
+    /// The snapshot counts phases and measures waits on the clock: how long
+    /// the oldest undelivered status waited (a newer status replacing it
+    /// keeps its time, a delivery ends it) and how long the environment
+    /// longest in `Creating` or `Starting` has been there.
+    #[tokio::test(start_paused = true)]
+    async fn the_snapshot_counts_phases_and_the_oldest_waits() {
+        let outbox = Outbox::default();
+        let (a, b) = (
+            EnvironmentId(uuid::Uuid::from_u128(1)),
+            EnvironmentId(uuid::Uuid::from_u128(2)),
+        );
+        outbox.start_term(1);
+        outbox.publish(a, 0, status(Phase::Creating));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        outbox.publish(b, 0, status(Phase::Running));
+        let mut waiting = status(Phase::Creating);
+        waiting.warning_message = "still waiting".into();
+        outbox.publish(a, 0, waiting);
+        let snapshot = outbox.snapshot();
+        assert_eq!(
+            snapshot.phases,
+            BTreeMap::from([(Phase::Creating, 1), (Phase::Running, 1)])
+        );
+        assert_eq!(snapshot.pending, 2);
+        assert_eq!(snapshot.oldest_pending, Some(Duration::from_secs(10)));
+        assert_eq!(snapshot.oldest_starting, Some(Duration::from_secs(10)));
+
+        outbox.deliver_once(&Plane::default(), 4).await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let snapshot = outbox.snapshot();
+        assert_eq!((snapshot.pending, snapshot.oldest_pending), (0, None));
+        assert_eq!(snapshot.oldest_starting, Some(Duration::from_secs(15)));
+        outbox.publish(a, 0, status(Phase::Running));
+        let snapshot = outbox.snapshot();
+        assert_eq!(snapshot.phases, BTreeMap::from([(Phase::Running, 2)]));
+        assert_eq!(snapshot.oldest_pending, Some(Duration::ZERO));
+        assert_eq!(snapshot.oldest_starting, None);
     }
 
     /// Random interleavings of publish, clear, forget, new terms (new and

@@ -12,7 +12,7 @@ use runner_core::controller::Controller;
 use runner_core::leader::run_lease;
 use runner_core::observer::Observer;
 use runner_core::reconcile::{Context, ReconcileSettings};
-use runner_core::traits::Compute;
+use runner_core::traits::{Compute, StateStore};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +27,9 @@ use crate::shutdown::{Stages, run_until_stopped};
 pub use crate::startup::BoundAddr;
 use crate::startup::{health_port, on_own_thread, until_done};
 use crate::supervisor::Supervisor;
-use crate::telemetry::{InstrumentedCompute, Metrics};
+use crate::telemetry::emf;
+use crate::telemetry::sample::{Sources, watch_leadership};
+use crate::telemetry::{InstrumentedCompute, InstrumentedStore, Metrics};
 use crate::update::Updater;
 
 /// Runs the daemon until `shutdown` is cancelled (Ok) or a critical task
@@ -59,7 +61,9 @@ pub async fn run_with(
     supervisor.spawn_critical("health-port", port.map_err(AppError::Listen)?);
     let instrumented = InstrumentedCompute::new(deps.compute.clone(), metrics.clone());
     let compute: Arc<dyn Compute> = Arc::new(instrumented);
-    let (store, every) = (deps.store.clone(), config.engine.health_check_interval);
+    let store: Arc<dyn StateStore> =
+        Arc::new(InstrumentedStore::new(deps.store.clone(), metrics.clone()));
+    let every = config.engine.health_check_interval;
     let monitor = health
         .clone()
         .monitor(store.clone(), compute.clone(), every, stop.clone());
@@ -157,6 +161,16 @@ pub async fn run_with(
     )
     .with_checkout(scm.clone())
     .with_instance_types(types);
+    let sources = Sources {
+        health: health.clone(),
+        leadership: deps.leadership.clone(),
+        outbox: context.outbox.clone(),
+    };
+    let (id, every) = (config.runner_id.clone(), config.metrics_interval);
+    let records = emf::run(metrics.clone(), sources, id, every, stop.clone());
+    supervisor.spawn("metrics-records", records);
+    let changes = watch_leadership(&deps.leadership, metrics.clone(), stop.clone());
+    supervisor.spawn("leadership-metrics", changes);
     let scm_sync = crate::scm::scm_sync(scm, client.clone(), scm_events, resync, stop.clone());
     supervisor.spawn_critical("scm-sync", scm_sync);
 

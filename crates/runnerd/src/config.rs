@@ -209,6 +209,11 @@ pub struct DaemonArgs {
     /// Address of the health and metrics port (/healthz, /readyz, /metrics).
     #[arg(long, env = "RUNNER_HEALTH_LISTEN", default_value = "127.0.0.1:9090")]
     pub health_listen: SocketAddr,
+    /// How often key metrics go to standard output as CloudWatch embedded
+    /// metric format records (one JSON line each, aggregated over the
+    /// interval); 0s: none (/metrics still has them).
+    #[arg(long, env = "RUNNER_METRICS_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub metrics_interval: Duration,
     /// Log format.
     #[arg(long, env = "RUNNER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
@@ -266,6 +271,8 @@ pub struct Config {
     pub update: UpdateConfig,
     /// The health port.
     pub health_listen: SocketAddr,
+    /// How often metrics records are written; zero: never.
+    pub metrics_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -715,6 +722,7 @@ impl DaemonArgs {
             engine,
             update,
             health_listen: self.health_listen,
+            metrics_interval: self.metrics_interval,
             log_format: self.log_format,
             log: self.log.clone(),
         })

@@ -63,6 +63,19 @@ impl Health {
         self.session.store(up, Ordering::SeqCst);
     }
 
+    /// Whether the control-plane session works.
+    pub fn session_up(&self) -> bool {
+        self.session.load(Ordering::SeqCst)
+    }
+
+    /// Whether `part` has a problem now.
+    pub fn has_problem(&self, part: &str) -> bool {
+        self.problems
+            .lock()
+            .expect("problems lock is never poisoned")
+            .contains_key(part)
+    }
+
     /// The process is stopping (a critical task ended, or shutdown): never
     /// ready again.
     pub fn set_stopping(&self) {

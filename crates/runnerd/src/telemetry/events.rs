@@ -2,17 +2,20 @@
 //! occurrence the runner counts, whose `emit` moves its series and, when the
 //! occurrence has one, writes its log line. Series names and labels are the
 //! README's list; log messages and field names are what operators query in
-//! CloudWatch Logs Insights. Occurrences that are only logged (leadership,
-//! launches, self-update, setup checks) log where they happen.
+//! CloudWatch Logs Insights. Occurrences logged elsewhere (leadership,
+//! launches, self-update, setup checks) log where they happen; their series
+//! move here ([`LeadershipChanged`], and [`RunnerSampled`] for states read
+//! once per metrics interval).
 
 use std::time::Duration;
 
 use runner_core::error::chain;
-use runner_core::outbox::Round;
+use runner_core::model::Phase;
+use runner_core::outbox::{Round, Snapshot};
 use runner_core::reconcile::ReconcileError;
-use runner_core::traits::ComputeError;
+use runner_core::traits::{ComputeError, StoreError};
 
-use super::metrics::{Call, Metrics, Operation, Outcome, gauge_value};
+use super::metrics::{Call, Metrics, Operation, Outcome, PhaseLabel, StateLabel, gauge_value};
 
 /// A reconcile ended, inside its `reconcile` span (which carries `env.id`):
 /// `runner_reconciles_total{outcome}` (`ok` or the error's metric label) and
@@ -60,8 +63,10 @@ impl QueueDepth {
 }
 
 /// A compute call returned: `runner_compute_calls_total{operation,outcome}`
-/// and `runner_compute_call_duration_seconds{operation}`. Not logged here:
-/// the caller logs a failure with what it was doing.
+/// and `runner_compute_call_duration_seconds{operation}`. An `Unavailable`
+/// error that EC2 throttled (`RequestLimitExceeded`, `Throttling...`) is
+/// `throttled`, and counted in `runner_aws_throttled_total{operation}` too.
+/// Not logged here: the caller logs a failure with what it was doing.
 #[derive(Debug)]
 pub struct ComputeCallFinished<'a> {
     /// The `Compute` method (`launch`, `observe`, ...).
@@ -79,6 +84,7 @@ impl ComputeCallFinished<'_> {
             None => "ok",
             Some(ComputeError::NoCapacity { .. }) => "no_capacity",
             Some(ComputeError::Rejected(_)) => "rejected",
+            Some(err @ ComputeError::Unavailable(_)) if throttled(err) => "throttled",
             Some(ComputeError::Unavailable(_)) => "unavailable",
             Some(ComputeError::Fenced) => "fenced",
         };
@@ -87,10 +93,69 @@ impl ComputeCallFinished<'_> {
             .compute_calls
             .get_or_create(&Call { operation, outcome })
             .inc();
+        if outcome == "throttled" {
+            metrics
+                .aws_throttled
+                .get_or_create(&Operation { operation })
+                .inc();
+        }
         metrics
             .compute_seconds
             .get_or_create(&Operation { operation })
             .observe(self.took.as_secs_f64());
+    }
+}
+
+/// Whether `err` says the service throttled the call (its error code in
+/// the chain, as the README's Logs Insights query looks for it: EC2's
+/// `RequestLimitExceeded`, DynamoDB's `ThrottlingException` and
+/// `ProvisionedThroughputExceededException`, ...).
+fn throttled(err: &dyn std::error::Error) -> bool {
+    let text = chain(err);
+    [
+        "RequestLimitExceeded",
+        "Throttl",
+        "ProvisionedThroughputExceeded",
+        "TooManyRequests",
+        "SlowDown",
+    ]
+    .iter()
+    .any(|code| text.contains(code))
+}
+
+/// A state store call returned: `runner_store_calls_total{operation,outcome}`
+/// (`ok`, `conflict`, `fenced`, `throttled`, `unavailable`); a throttled
+/// one is counted in `runner_aws_throttled_total{operation}` too. Not
+/// logged here: the caller logs a failure with what it was doing.
+#[derive(Debug)]
+pub struct StoreCallFinished<'a> {
+    /// The `StateStore` method, as `store_put`.
+    pub operation: &'static str,
+    /// Why it failed; `None`: it succeeded.
+    pub error: Option<&'a StoreError>,
+}
+
+impl StoreCallFinished<'_> {
+    /// Counts.
+    pub fn emit(self, metrics: &Metrics) {
+        let outcome = match self.error {
+            None => "ok",
+            Some(StoreError::Conflict(_)) => "conflict",
+            Some(StoreError::Fenced) => "fenced",
+            Some(err @ StoreError::Unavailable(_)) if throttled(err) => "throttled",
+            Some(StoreError::Unavailable(_)) => "unavailable",
+        };
+        let operation = self.operation;
+        metrics
+            .store_calls
+            .get_or_create(&Call { operation, outcome })
+            .inc();
+        if outcome == "throttled" {
+            metrics
+                .aws_throttled
+                .get_or_create(&Operation { operation })
+                .inc();
+        }
     }
 }
 
@@ -169,6 +234,98 @@ impl ReadinessProbed {
     /// Sets the gauge.
     pub fn emit(self, metrics: &Metrics) {
         metrics.ready.set(i64::from(self.ready));
+    }
+}
+
+/// This replica gained or lost leadership: `runner_leader` and
+/// `runner_leadership_changes_total{outcome}` (`acquired`, `lost`). The
+/// lease logs the change itself.
+#[derive(Debug, Clone, Copy)]
+pub struct LeadershipChanged {
+    /// Whether it leads now.
+    pub leading: bool,
+}
+
+impl LeadershipChanged {
+    /// Counts and sets the gauge.
+    pub fn emit(self, metrics: &Metrics) {
+        let outcome = if self.leading { "acquired" } else { "lost" };
+        metrics
+            .leadership_changes
+            .get_or_create(&Outcome { outcome })
+            .inc();
+        metrics.leader.set(i64::from(self.leading));
+    }
+}
+
+/// The states the runner holds, read once per metrics interval: connection,
+/// degradation, setup checks, leadership, environments by phase, how long
+/// the oldest status and the oldest start have waited, self-update. Sets
+/// gauges only; each change is logged where it happens.
+#[derive(Debug, Clone)]
+pub struct RunnerSampled {
+    /// The control-plane session works.
+    pub connected: bool,
+    /// The runner reports itself DEGRADED.
+    pub degraded: bool,
+    /// Setup checks fail.
+    pub setup_checks_failing: bool,
+    /// This replica leads.
+    pub leading: bool,
+    /// What the status outbox holds (empty on a standby).
+    pub outbox: Snapshot,
+    /// The self-update state, when self-update reported one.
+    pub update_state: Option<String>,
+}
+
+/// Every phase, by its name in metrics.
+pub const PHASES: [(Phase, &str); 7] = [
+    (Phase::Creating, "creating"),
+    (Phase::Starting, "starting"),
+    (Phase::Running, "running"),
+    (Phase::Stopping, "stopping"),
+    (Phase::Stopped, "stopped"),
+    (Phase::Deleting, "deleting"),
+    (Phase::Deleted, "deleted"),
+];
+
+/// Self-update states that need an operator.
+const UPDATE_FAILING: [&str; 4] = ["held_back", "refused", "failed", "error"];
+
+impl RunnerSampled {
+    /// Sets the gauges.
+    pub fn emit(self, metrics: &Metrics) {
+        metrics.connected.set(i64::from(self.connected));
+        metrics.degraded.set(i64::from(self.degraded));
+        metrics
+            .setup_checks_failing
+            .set(i64::from(self.setup_checks_failing));
+        metrics.leader.set(i64::from(self.leading));
+        for (phase, name) in PHASES {
+            let count = self.outbox.phases.get(&phase).copied().unwrap_or(0);
+            metrics
+                .environments
+                .get_or_create(&PhaseLabel { phase: name })
+                .set(gauge_value(count));
+        }
+        let seconds = |wait: Option<Duration>| {
+            i64::try_from(wait.unwrap_or_default().as_secs()).unwrap_or(i64::MAX)
+        };
+        metrics
+            .oldest_starting
+            .set(seconds(self.outbox.oldest_starting));
+        metrics.status_lag.set(seconds(self.outbox.oldest_pending));
+        metrics.status_pending.set(gauge_value(self.outbox.pending));
+        if let Some(state) = self.update_state {
+            let failing = UPDATE_FAILING.contains(&state.as_str());
+            metrics.update_failing.set(i64::from(failing));
+            // One series: the current state.
+            metrics.update_state.clear();
+            metrics
+                .update_state
+                .get_or_create(&StateLabel { state })
+                .set(1);
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Every series the runner exports, registered once under the `runner`
-//! prefix; the events of [`super::events`] are what move them.
+//! prefix; the events of [`super::events`] are what move them. The
+//! CloudWatch records of [`super::emf`] are read from the same exposition.
 
 use std::time::Duration;
 
@@ -34,6 +35,16 @@ pub(super) struct Operation {
     pub(super) operation: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct PhaseLabel {
+    pub(super) phase: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct StateLabel {
+    pub(super) state: String,
+}
+
 fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
@@ -53,6 +64,18 @@ pub struct Metrics {
     pub(super) compute_seconds: Family<Operation, Histogram>,
     pub(super) requests: Family<Operation, Counter>,
     pub(super) ready: Gauge,
+    pub(super) leader: Gauge,
+    pub(super) leadership_changes: Family<Outcome, Counter>,
+    pub(super) connected: Gauge,
+    pub(super) degraded: Gauge,
+    pub(super) setup_checks_failing: Gauge,
+    pub(super) environments: Family<PhaseLabel, Gauge>,
+    pub(super) oldest_starting: Gauge,
+    pub(super) status_lag: Gauge,
+    pub(super) update_state: Family<StateLabel, Gauge>,
+    pub(super) update_failing: Gauge,
+    pub(super) store_calls: Family<Call, Counter>,
+    pub(super) aws_throttled: Family<Operation, Counter>,
 }
 
 impl Default for Metrics {
@@ -117,6 +140,74 @@ impl Default for Metrics {
         );
         let ready = Gauge::default();
         registry.register("ready", "1 when /readyz answers ready", ready.clone());
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica leads", leader.clone());
+        let leadership_changes = Family::<Outcome, Counter>::default();
+        registry.register(
+            "leadership_changes",
+            "Leadership gained (acquired) or lost (lost) by this replica",
+            leadership_changes.clone(),
+        );
+        let connected = Gauge::default();
+        registry.register(
+            "control_plane_connected",
+            "1 while the control-plane session works",
+            connected.clone(),
+        );
+        let degraded = Gauge::default();
+        registry.register(
+            "degraded",
+            "1 while the runner reports itself DEGRADED",
+            degraded.clone(),
+        );
+        let setup_checks_failing = Gauge::default();
+        registry.register(
+            "setup_checks_failing",
+            "Setup checks failing at the last run",
+            setup_checks_failing.clone(),
+        );
+        let environments = Family::<PhaseLabel, Gauge>::default();
+        registry.register(
+            "environments",
+            "Environments by the phase last reported (by the leader)",
+            environments.clone(),
+        );
+        let oldest_starting = Gauge::default();
+        registry.register(
+            "environment_oldest_starting_seconds",
+            "How long the environment longest in creating or starting has been there",
+            oldest_starting.clone(),
+        );
+        let status_lag = Gauge::default();
+        registry.register(
+            "status_delivery_lag_seconds",
+            "How long the oldest undelivered status has waited",
+            status_lag.clone(),
+        );
+        let update_state = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "self_update_state",
+            "1 for the current self-update state",
+            update_state.clone(),
+        );
+        let update_failing = Gauge::default();
+        registry.register(
+            "self_update_failing",
+            "1 while self-update is held back, refused, failed or in error",
+            update_failing.clone(),
+        );
+        let store_calls = Family::<Call, Counter>::default();
+        registry.register(
+            "store_calls",
+            "State store calls by operation and outcome",
+            store_calls.clone(),
+        );
+        let aws_throttled = Family::<Operation, Counter>::default();
+        registry.register(
+            "aws_throttled",
+            "AWS calls still throttled after the retries, by operation",
+            aws_throttled.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -130,6 +221,18 @@ impl Default for Metrics {
             compute_seconds,
             requests,
             ready,
+            leader,
+            leadership_changes,
+            connected,
+            degraded,
+            setup_checks_failing,
+            environments,
+            oldest_starting,
+            status_lag,
+            update_state,
+            update_failing,
+            store_calls,
+            aws_throttled,
         }
     }
 }

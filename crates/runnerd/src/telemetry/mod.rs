@@ -4,14 +4,19 @@
 //! emitted as typed events ([`events`]): one struct per occurrence, whose
 //! `emit` moves its series and writes its log line when it has one, so the
 //! two cannot drift apart. [`InstrumentedCompute`] emits one per compute
-//! call.
+//! call, [`InstrumentedStore`] one per state store call; [`sample`] reads the runner's states into gauges; [`emf`] writes
+//! the same series as CloudWatch embedded metric format records.
 
 mod compute;
+pub mod emf;
 pub mod events;
 mod metrics;
+pub mod sample;
+mod store;
 
 pub use compute::InstrumentedCompute;
 pub use metrics::Metrics;
+pub use store::InstrumentedStore;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
