@@ -17,6 +17,15 @@
 # the clone is done or has failed, the secret itself is deleted (a failed
 # delete is logged and does not fail the bootstrap: runnerd deletes it with
 # the environment).
+#
+# Progress is reported to runnerd in tags on this instance itself (the only
+# instance the environment role may tag, and only with aws-runner:report:*
+# keys): the stage (credential, clone, checkout, ready), whether it failed
+# and a short reason (printable ASCII, at most 200 characters; never a
+# credential: git's messages carry none, the URL has no user info), when,
+# and the commit once ready. runnerd reads them with the DescribeInstances
+# it makes anyway, and treats them as untrusted text. The instance's id
+# comes from IMDSv2 (AWS_RUNNER_INSTANCE_ID overrides it, for tests).
 set -euo pipefail
 umask 077
 
@@ -25,6 +34,66 @@ etc="${AWS_RUNNER_ETC:-/etc/aws-runner}"
 attempts="${AWS_RUNNER_SECRET_ATTEMPTS:-40}"
 
 log() { printf 'aws-runner-bootstrap: %s\n' "$*" >&2; }
+
+imds() {
+  local token
+  token="$(curl -sf -m 5 -X PUT http://169.254.169.254/latest/api/token \
+    -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')" || return 1
+  curl -sf -m 5 -H "X-aws-ec2-metadata-token: $token" \
+    "http://169.254.169.254/latest/meta-data/$1"
+}
+
+instance_id="${AWS_RUNNER_INSTANCE_ID:-}"
+if [ -z "$instance_id" ]; then
+  instance_id="$(imds instance-id || true)"
+fi
+started_at="$(date +%s)"
+
+# A reason as a report may carry it: one line of printable ASCII without
+# quotes or backslashes, at most 200 characters.
+clean() { printf '%s' "$*" | tr '\n\t' '  ' | tr -cd '[:alnum:] ._:/(),=+-' | cut -c1-200; }
+
+# Writes the report tags: report STAGE ok|failed [DETAIL] [COMMIT]. Never
+# fails the script; tried a few times (the ready report is what matters).
+report() {
+  local stage="$1" result="$2" detail commit tags attempt
+  detail="$(clean "${3:-}")"
+  commit="${4:-}"
+  if [ -z "$instance_id" ]; then
+    log "no instance id: cannot report stage $stage ($result)"
+    return 0
+  fi
+  tags="[{\"Key\":\"aws-runner:report:stage\",\"Value\":\"$stage\"}"
+  tags="$tags,{\"Key\":\"aws-runner:report:result\",\"Value\":\"$result\"}"
+  tags="$tags,{\"Key\":\"aws-runner:report:detail\",\"Value\":\"$detail\"}"
+  tags="$tags,{\"Key\":\"aws-runner:report:at\",\"Value\":\"$(date +%s)\"}"
+  tags="$tags,{\"Key\":\"aws-runner:report:started-at\",\"Value\":\"$started_at\"}"
+  tags="$tags,{\"Key\":\"aws-runner:report:commit\",\"Value\":\"$commit\"}]"
+  for attempt in 1 2 3 4 5; do
+    if aws ec2 create-tags --region "$AWS_RUNNER_REGION" --resources "$instance_id" \
+      --tags "$tags" >/dev/null 2>&1; then
+      log "reported stage $stage ($result)"
+      return 0
+    fi
+    if [ "$attempt" -lt 5 ]; then
+      sleep "$attempt"
+    fi
+  done
+  log "could not report stage $stage ($result)"
+  return 0
+}
+
+# Reports the stage as failed, with the reason, and ends the bootstrap.
+fail() {
+  local stage="$1"
+  shift
+  log "$*"
+  report "$stage" failed "$*"
+  exit 1
+}
+
+# The last line git wrote on a failure (git never prints the header).
+last_line() { printf '%s\n' "$1" | grep -v '^[[:space:]]*$' | tail -n 1 || true; }
 
 # Deletes the checkout secret once; never fails (nor changes the exit status).
 secret_deleted=""
@@ -51,25 +120,25 @@ fi
 
 if [ -d "$workspace/.git" ]; then
   log "repository already checked out in $workspace"
+  report ready ok "" "$(git -C "$workspace" rev-parse HEAD 2>/dev/null || true)"
   exit 0
 fi
 
 origin="${AWS_RUNNER_REPOSITORY_ORIGIN:-}"
 authorization=""
 if [ -n "${AWS_RUNNER_SECRET_ID:-}" ]; then
+  report credential ok
   # The credential goes to the origin only, and the URL must be under it.
   case "$origin" in
   https://*/) ;;
   *)
-    log "the repository origin ${origin:-(none)} is not https://host[:port]/: not sending the credential"
-    exit 1
+    fail credential "the repository origin ${origin:-(none)} is not https://host[:port]/: not sending the credential"
     ;;
   esac
   case "$AWS_RUNNER_REPOSITORY_URL" in
   "$origin"?*) ;;
   *)
-    log "the repository URL is not under its origin ${origin:-(none)}: not sending the credential"
-    exit 1
+    fail credential "the repository URL is not under its origin ${origin:-(none)}: not sending the credential"
     ;;
   esac
   # The runner tags the secret for this instance right after launch: retry
@@ -86,8 +155,7 @@ if [ -n "${AWS_RUNNER_SECRET_ID:-}" ]; then
     fi
   done
   if [ -z "$authorization" ]; then
-    log "cannot read the checkout credential $AWS_RUNNER_SECRET_ID"
-    exit 1
+    fail credential "cannot read the checkout credential $AWS_RUNNER_SECRET_ID"
   fi
   # From here on, however the script ends, the secret is deleted.
   trap delete_secret EXIT
@@ -105,15 +173,34 @@ clone() {
 }
 
 log "cloning $AWS_RUNNER_REPOSITORY_URL into $workspace"
+report clone ok
+errors="$(mktemp)"
 if [ -n "${AWS_RUNNER_BRANCH:-}" ]; then
-  clone clone --branch "$AWS_RUNNER_BRANCH" -- "$AWS_RUNNER_REPOSITORY_URL" "$workspace"
+  cloned=(clone --quiet --branch "$AWS_RUNNER_BRANCH" -- "$AWS_RUNNER_REPOSITORY_URL" "$workspace")
 else
-  clone clone -- "$AWS_RUNNER_REPOSITORY_URL" "$workspace"
+  cloned=(clone --quiet -- "$AWS_RUNNER_REPOSITORY_URL" "$workspace")
+fi
+if ! clone "${cloned[@]}" 2>"$errors"; then
+  message="$(last_line "$(cat "$errors")")"
+  cat "$errors" >&2
+  rm -f "$errors"
+  authorization=""
+  delete_secret
+  fail clone "git clone failed: ${message:-no message}"
 fi
 authorization=""
 unset authorization
 delete_secret
 if [ -n "${AWS_RUNNER_COMMIT:-}" ]; then
-  git -C "$workspace" checkout --quiet --detach "$AWS_RUNNER_COMMIT"
+  report checkout ok
+  if ! git -C "$workspace" checkout --quiet --detach "$AWS_RUNNER_COMMIT" 2>"$errors"; then
+    message="$(last_line "$(cat "$errors")")"
+    cat "$errors" >&2
+    rm -f "$errors"
+    fail checkout "git checkout $AWS_RUNNER_COMMIT failed: ${message:-no message}"
+  fi
 fi
-log "checked out $(git -C "$workspace" rev-parse HEAD)"
+rm -f "$errors"
+commit="$(git -C "$workspace" rev-parse HEAD)"
+log "checked out $commit"
+report ready ok "" "$commit"

@@ -24,6 +24,7 @@ fn status(version: u64, spec_version: u64, phase: Phase) -> pb::EnvironmentStatu
         }),
         failure_message: String::new(),
         warning_message: String::new(),
+        ..Default::default()
     }
 }
 

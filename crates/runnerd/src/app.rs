@@ -134,6 +134,7 @@ pub async fn run_with(
         poll: engine.poll_interval,
         resync,
         auth_retry: engine.poll_interval * 5,
+        content_deadline: engine.content_deadline,
         ..ReconcileSettings::default()
     };
     let (outbox, desired) = (Arc::default(), Arc::default());

@@ -44,6 +44,7 @@ const SETTINGS: ReconcileSettings = ReconcileSettings {
     capacity_retry: Duration::from_secs(60),
     rejected_retry: Duration::from_secs(120),
     auth_retry: Duration::from_secs(90),
+    content_deadline: Duration::from_secs(600),
 };
 
 /// How long every compute call takes: the clock moves between a describe
@@ -186,6 +187,7 @@ impl Scenario {
             repository_url: "https://github.com/acme/api.git".to_owned(),
             revision: Revision::Branch("main".to_owned()),
             creator: "alice".to_owned(),
+            disconnected_timeout: None,
         };
         let allowed = AllowedInstanceTypes::default();
         let (desired, outbox, ctx) = Self::context(&store, &compute, &checkout, &class, &allowed);
