@@ -142,7 +142,8 @@ pub async fn run_with(
         store, compute, observer, outbox, desired, subnets, settings, records,
     )
     .with_checkout(scm.clone())
-    .with_instance_types(types);
+    .with_instance_types(types)
+    .with_start_observer(metrics.clone());
     let scm_sync = crate::scm::scm_sync(scm, client.clone(), scm_events, resync, stop.clone());
     supervisor.spawn_critical("scm-sync", scm_sync);
 
