@@ -26,6 +26,14 @@
 # and the commit once ready. runnerd reads them with the DescribeInstances
 # it makes anyway, and treats them as untrusted text. The instance's id
 # comes from IMDSv2 (AWS_RUNNER_INSTANCE_ID overrides it, for tests).
+#
+# Once the content is ready, the script installs a small service, started at
+# every boot, that reports since when no client (an established TCP
+# connection to one of AWS_RUNNER_CLIENT_PORTS, SSH's 22 by default: IDEs
+# connect through it) has been connected, in aws-runner:report:idle-since
+# (empty while one is). It looks every 30 s and writes the tag only when
+# that changes, never periodically: runnerd stops the environment once it
+# has been idle for the spec's timeout.disconnected.
 set -euo pipefail
 umask 077
 
@@ -92,6 +100,78 @@ fail() {
   exit 1
 }
 
+# The idle watcher: one look (AWS_RUNNER_IDLE_ONCE=1) or a loop. The state
+# it last wrote is kept in $etc/idle-state, which the service clears when it
+# starts: one write per boot, then one per change.
+idle_watcher() {
+  cat <<'WATCHER'
+#!/bin/bash
+set -uo pipefail
+state_file="${AWS_RUNNER_ETC:-/etc/aws-runner}/idle-state"
+ports="${AWS_RUNNER_CLIENT_PORTS:-22}"
+connected() {
+  local port
+  for port in ${ports//,/ }; do
+    if ss -Htn state established "( sport = :$port )" 2>/dev/null | grep -q .; then
+      return 0
+    fi
+  done
+  return 1
+}
+while true; do
+  if connected; then now=connected; value=""; else now=idle; value="$(date +%s)"; fi
+  if [ "$now" != "$(cat "$state_file" 2>/dev/null)" ]; then
+    if aws ec2 create-tags --region "$AWS_RUNNER_REGION" --resources "$AWS_RUNNER_INSTANCE_ID" \
+      --tags "Key=aws-runner:report:idle-since,Value=$value" >/dev/null 2>&1; then
+      printf '%s' "$now" >"$state_file"
+      printf 'aws-runner-idle: %s\n' "$now" >&2
+    fi
+  fi
+  if [ "${AWS_RUNNER_IDLE_ONCE:-}" = 1 ]; then
+    exit 0
+  fi
+  sleep 30
+done
+WATCHER
+}
+
+install_idle_watcher() {
+  if [ -z "$instance_id" ] || ! command -v systemctl >/dev/null 2>&1 || [ ! -d /etc/systemd/system ]; then
+    log "no systemd or no instance id: the idle watcher is not installed"
+    return 0
+  fi
+  idle_watcher >/usr/local/bin/aws-runner-idle
+  chmod 0755 /usr/local/bin/aws-runner-idle
+  cat >/etc/systemd/system/aws-runner-idle.service <<UNIT
+[Unit]
+Description=aws-runner: report since when no client is connected
+After=network-online.target
+
+[Service]
+Environment=AWS_RUNNER_REGION=$AWS_RUNNER_REGION
+Environment=AWS_RUNNER_INSTANCE_ID=$instance_id
+Environment=AWS_RUNNER_ETC=$etc
+ExecStartPre=/bin/rm -f $etc/idle-state
+ExecStart=/usr/local/bin/aws-runner-idle
+Restart=always
+RestartSec=30
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+  systemctl daemon-reload && systemctl enable --now aws-runner-idle.service ||
+    log "could not start the idle watcher"
+  return 0
+}
+
+# The watcher itself, for one look (tests): AWS_RUNNER_IDLE_ONCE=1.
+if [ "${AWS_RUNNER_IDLE_ONCE:-}" = 1 ]; then
+  mkdir -p "$etc"
+  AWS_RUNNER_REGION="$AWS_RUNNER_REGION" AWS_RUNNER_INSTANCE_ID="$instance_id" AWS_RUNNER_ETC="$etc" \
+    bash <(idle_watcher)
+  exit $?
+fi
+
 # The last line git wrote on a failure (git never prints the header).
 last_line() { printf '%s\n' "$1" | grep -v '^[[:space:]]*$' | tail -n 1 || true; }
 
@@ -121,6 +201,7 @@ fi
 if [ -d "$workspace/.git" ]; then
   log "repository already checked out in $workspace"
   report ready ok "" "$(git -C "$workspace" rev-parse HEAD 2>/dev/null || true)"
+  install_idle_watcher
   exit 0
 fi
 
@@ -204,3 +285,4 @@ rm -f "$errors"
 commit="$(git -C "$workspace" rev-parse HEAD)"
 log "checked out $commit"
 report ready ok "" "$commit"
+install_idle_watcher

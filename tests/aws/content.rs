@@ -314,3 +314,167 @@ async fn list(world: &World) -> Vec<admin::Environment> {
         .into_inner()
         .environments
 }
+
+/// Runs the bootstrap's idle watcher once as `instance_id` (one look at
+/// `ports`, a tag written if that changed), as its service would.
+fn watch_clients(user_data: &str, root: &Path, instance_id: &str, ports: &str) -> String {
+    let venv = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"))
+        .join("../.tools/venv/bin");
+    let script = root.join("user-data.sh");
+    std::fs::write(&script, user_data).expect("write user data");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .env_clear()
+        .env(
+            "PATH",
+            format!(
+                "{}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+                venv.display()
+            ),
+        )
+        .env("HOME", root)
+        .env("AWS_ENDPOINT_URL", moto_url())
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_RUNNER_ETC", root.join("etc"))
+        .env("AWS_RUNNER_INSTANCE_ID", instance_id)
+        .env("AWS_RUNNER_CLIENT_PORTS", ports)
+        .env("AWS_RUNNER_IDLE_ONCE", "1")
+        .output()
+        .expect("run bash");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_without_a_client_is_stopped_and_stays_stopped() {
+    let root: PathBuf = std::env::temp_dir().join(format!("idle-{}", uuid::Uuid::new_v4()));
+    let world = World::silent(&moto_url()).await;
+    let runner = Process::start_with(&world, "idle", &moto_url(), &[]);
+    let timeout = Some(pb::EnvironmentTimeout {
+        disconnected: Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
+    });
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let created = world
+            .admin
+            .clone()
+            .create_environment(admin::CreateEnvironmentRequest {
+                runner_id: world.infra.runner_id.clone(),
+                environment_class_id: world.class_id.clone(),
+                content: Some(pb::EnvironmentContent {
+                    repository_url: "https://github.com/acme/api.git".into(),
+                    revision: None,
+                }),
+                creator: "alice".into(),
+                name: String::new(),
+                timeout,
+                unchecked: false,
+            })
+            .await
+            .expect("create")
+            .into_inner();
+        ids.push(created.environment.expect("environment").id);
+    }
+    let (idle, busy) = (ids[0].clone(), ids[1].clone());
+    world
+        .wait_for("both instances running", Duration::from_secs(60), |envs| {
+            envs.iter()
+                .filter(|e| {
+                    e.status.as_ref().is_some_and(|s| {
+                        s.machine
+                            .as_ref()
+                            .is_some_and(|m| m.phase == pb::MachinePhase::Running as i32)
+                    })
+                })
+                .count()
+                == 2
+        })
+        .await;
+    let instances = world.instances().await;
+    let instance = |env: &str| {
+        instances
+            .iter()
+            .find(|(e, ..)| e == env)
+            .expect("an instance")
+            .1
+            .clone()
+    };
+    let ec2 = aws_sdk_ec2::Client::new(&world.sdk);
+    crate::daemon::report_ready(&ec2, vec![instance(&idle), instance(&busy)])
+        .await
+        .expect("ready");
+
+    // A client on the busy one: an established connection to its port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port().to_string();
+    let _client =
+        std::net::TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+    let _server = listener.accept().expect("accept");
+    for (env, ports, says) in [(&busy, &port, "connected"), (&idle, &port, "idle")] {
+        // The idle one is watched on another port, where nobody is.
+        let ports = if env == &idle { "1" } else { ports.as_str() };
+        let dir = root.join(env.as_str());
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let user_data = crate::user_data(&ec2, &instance(env)).await;
+        let out = watch_clients(&user_data, &dir, &instance(env), ports);
+        assert!(out.contains(&format!("aws-runner-idle: {says}")), "{out}");
+        // A second look with nothing changed writes nothing.
+        let again = watch_clients(&user_data, &dir, &instance(env), ports);
+        assert!(!again.contains("aws-runner-idle:"), "{again}");
+    }
+
+    world
+        .wait_for(
+            "the idle environment STOPPED for want of a client",
+            Duration::from_secs(90),
+            |envs| {
+                status_of(envs, &idle).is_some_and(|s| {
+                    s.phase == Phase::Stopped as i32
+                        && s.stop_reason == pb::StopReason::DisconnectedTimeout as i32
+                        && s.runner_ack.as_ref().is_some_and(|a| a.spec_version == 2)
+                })
+            },
+        )
+        .await;
+    let envs = list(&world).await;
+    let spec = |id: &str| {
+        envs.iter()
+            .find(|e| e.environment.as_ref().is_some_and(|x| x.id == id))
+            .and_then(|e| e.environment.as_ref()?.spec.clone())
+            .expect("spec")
+    };
+    // The control plane took the stop as the runner's: STOPPED is desired.
+    assert_eq!(
+        (spec(&idle).desired_phase, spec(&idle).spec_version),
+        (Phase::Stopped as i32, 2)
+    );
+    let busy_status = status_of(&envs, &busy).expect("status");
+    assert_eq!(busy_status.phase, Phase::Running as i32, "{busy_status:?}");
+    assert_eq!(spec(&busy).spec_version, 1);
+    assert!(
+        runner
+            .logged(
+                &["stopping the environment: no client connected"],
+                Duration::from_secs(1)
+            )
+            .await
+    );
+    let states: Vec<(String, String)> = world
+        .instances()
+        .await
+        .into_iter()
+        .map(|(e, _, _, state)| (e, state))
+        .collect();
+    assert!(
+        states.contains(&(idle.clone(), "stopped".into()))
+            && states.contains(&(busy.clone(), "running".into())),
+        "{states:?}"
+    );
+    assert_eq!(runner.stop().await, Some(0));
+    std::fs::remove_dir_all(&root).expect("clean up");
+}

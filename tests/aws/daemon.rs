@@ -81,23 +81,32 @@ async fn bootstraps_succeed(sdk: aws_config::SdkConfig, runner_id: String) {
         if silent.is_empty() {
             continue;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after 1970")
-            .as_secs()
-            .to_string();
-        let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
-        let _ = ec2
-            .create_tags()
-            .set_resources(Some(silent))
-            .tags(tag(report::TAG_STAGE, "ready"))
-            .tags(tag(report::TAG_RESULT, "ok"))
-            .tags(tag(report::TAG_AT, &now))
-            .tags(tag(report::TAG_STARTED_AT, &now))
-            .tags(tag(report::TAG_COMMIT, &"0".repeat(40)))
-            .send()
-            .await;
+        let _ = report_ready(&ec2, silent).await;
     }
+}
+
+/// Tags the instances as a bootstrap that checked out commit 0…0 would.
+pub(crate) async fn report_ready(
+    ec2: &aws_sdk_ec2::Client,
+    instance_ids: Vec<String>,
+) -> Result<(), String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        .to_string();
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    ec2.create_tags()
+        .set_resources(Some(instance_ids))
+        .tags(tag(report::TAG_STAGE, "ready"))
+        .tags(tag(report::TAG_RESULT, "ok"))
+        .tags(tag(report::TAG_AT, &now))
+        .tags(tag(report::TAG_STARTED_AT, &now))
+        .tags(tag(report::TAG_COMMIT, &"0".repeat(40)))
+        .send()
+        .await
+        .map(drop)
+        .map_err(|e| format!("{e:?}"))
 }
 
 impl World {
