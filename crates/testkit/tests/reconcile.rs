@@ -20,17 +20,17 @@ use runner_core::model::{
     Action, DesiredPhase, Environment, EnvironmentClass, EnvironmentId, InstanceState, LaunchState,
     Phase, Record, Revision, Spec, Status, Subnet, client_token,
 };
+use runner_core::model::{Content, StopReason};
 use runner_core::observer::Observer;
 use runner_core::orphans::OrphanPolicy;
 use runner_core::outbox::Outbox;
 use runner_core::reconcile::{Context, ReconcileError, ReconcileSettings, place, reconcile};
+use runner_core::report::{Report, Stage};
 use runner_core::traits::{
     Checkout, CheckoutError, Clock as _, Compute as _, ComputeError, ControlPlane,
     ControlPlaneError, LaunchRequest, ManualClock, StoreError,
 };
 use runner_core::validate::AllowedInstanceTypes;
-use runner_core::model::{Content, StopReason};
-use runner_core::report::{Report, Stage};
 use testkit::fakes::{FakeBootstrap, LaunchFault, MemoryCompute, MemoryStore};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -878,7 +878,14 @@ async fn the_orphan_sweep_marks_and_terminates_by_the_contexts_clock() {
         .await
         .expect("a stray instance");
     let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(4_000_000_000));
-    let (_, _, ctx) = Scenario::context(&s.store, &s.compute, &s.checkout, &s.class, &s.allowed, &s.clock);
+    let (_, _, ctx) = Scenario::context(
+        &s.store,
+        &s.compute,
+        &s.checkout,
+        &s.class,
+        &s.allowed,
+        &s.clock,
+    );
     let grace = Duration::from_secs(1800);
     let informer = RunningInformer::start(
         ctx.with_clock(Arc::new(clock.clone())),
@@ -924,8 +931,14 @@ async fn a_hanging_fetch_delays_only_its_own_environment() {
         known: Some(known.clone()),
         ..Plane::default()
     });
-    let (desired, _, ctx) =
-        Scenario::context(&s.store, &s.compute, &s.checkout, &s.class, &s.allowed, &s.clock);
+    let (desired, _, ctx) = Scenario::context(
+        &s.store,
+        &s.compute,
+        &s.checkout,
+        &s.class,
+        &s.allowed,
+        &s.clock,
+    );
     let informer = RunningInformer::start(ctx, plane.clone(), Duration::from_secs(1800)).await;
     for id in [stuck, stuck, known.id] {
         informer.send(Event::EnvironmentChanged(id)).await;
@@ -1047,7 +1060,8 @@ async fn an_instance_that_reports_nothing_fails_at_the_deadline() {
     s.want(DesiredPhase::Running);
     let action = s.ok().await;
     s.honour(action).await;
-    s.clock.advance(SETTINGS.content_deadline - Duration::from_secs(5));
+    s.clock
+        .advance(SETTINGS.content_deadline - Duration::from_secs(5));
     assert_eq!(s.ok().await, Action::Requeue(SETTINGS.poll));
     assert_eq!(s.status().failure_message, "", "not yet");
     s.clock.advance(Duration::from_secs(6));
@@ -1085,7 +1099,11 @@ async fn an_environment_idle_for_its_timeout_is_stopped_and_stays_stopped_until_
     report.idle_since = Some(s.clock.now());
     s.compute.set_report(&id, report);
     // A RUNNING instance's report is read on the resync's full describe.
-    s.ctx.observer.refresh().await.expect("the resync's describe");
+    s.ctx
+        .observer
+        .refresh()
+        .await
+        .expect("the resync's describe");
     s.clock.advance(Duration::from_secs(59));
     s.ok().await;
     assert_eq!(s.status().phase, Phase::Running, "idle for less than 60 s");
