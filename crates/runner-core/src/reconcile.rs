@@ -429,14 +429,25 @@ fn content(instance: &Instance) -> Content {
     let r = &instance.report;
     let ready_at = r.ready().then_some(r.at).flatten();
     let between = |from: Option<SystemTime>, to: Option<SystemTime>| to?.duration_since(from?).ok();
+    // A report from before the last start (the bootstrap runs on the first
+    // boot only) times that first boot, not this start: no timings. (The
+    // report's times are whole seconds.)
+    let this_start = !matches!(
+        (instance.launched_at, r.started_at),
+        (Some(l), Some(s)) if s + Duration::from_secs(1) < l
+    );
     Content {
         stage: r.stage,
         commit: r.commit.clone().filter(|_| r.ready()),
         ready_at,
-        timings: Timings {
-            launch_to_running: between(instance.launched_at, r.started_at),
-            running_to_ready: between(r.started_at, ready_at),
-            launch_to_ready: between(instance.launched_at, ready_at),
+        timings: if this_start {
+            Timings {
+                launch_to_running: between(instance.launched_at, r.started_at),
+                running_to_ready: between(r.started_at, ready_at),
+                launch_to_ready: between(instance.launched_at, ready_at),
+            }
+        } else {
+            Timings::default()
         },
     }
 }
@@ -474,14 +485,14 @@ fn bootstrap(instance: &Instance, now: SystemTime, deadline: Duration) -> Bootst
         );
         return Bootstrap::Failed(format!(
             "the environment's content is not ready: no report of it within {} of the instance's start ({last})",
-            humantime_like(deadline)
+            short_duration(deadline)
         ));
     }
     Bootstrap::Waiting
 }
 
 /// `deadline` as people write it: `15m`, `90s`, `1h30m`.
-fn humantime_like(d: Duration) -> String {
+fn short_duration(d: Duration) -> String {
     let secs = d.as_secs();
     let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
     let mut out = String::new();
@@ -894,9 +905,13 @@ fn idle_for(report: &Report, launched_at: Option<SystemTime>, now: SystemTime) -
 }
 
 /// The log line of a start that ended ready, with its stage durations, and
-/// the metrics.
+/// the metrics; only for a start the bootstrap timed (a restarted runner
+/// counts again the starts it sees end ready).
 fn started(ctx: &Context, instance: &Instance, status: &Status) {
     let t = &status.content.timings;
+    if *t == Timings::default() {
+        return;
+    }
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
     tracing::info!(
         instance.id = %instance.id,

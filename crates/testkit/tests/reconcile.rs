@@ -20,7 +20,7 @@ use runner_core::model::{
     Action, DesiredPhase, Environment, EnvironmentClass, EnvironmentId, InstanceState, LaunchState,
     Phase, Record, Revision, Spec, Status, Subnet, client_token,
 };
-use runner_core::model::{Content, StopReason};
+use runner_core::model::{Content, StopReason, Timings};
 use runner_core::observer::Observer;
 use runner_core::orphans::OrphanPolicy;
 use runner_core::outbox::Outbox;
@@ -1146,4 +1146,44 @@ async fn an_environment_idle_for_its_timeout_is_stopped_and_stays_stopped_until_
     s.ok().await;
     assert_eq!(s.compute.calls("start"), 1);
     assert_eq!(s.record().idle_stopped_at_spec, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_after_a_stop_is_running_at_once_without_the_first_boots_timings() {
+    let mut s = Scenario::new();
+    s.want(DesiredPhase::Running);
+    let action = s.ok().await;
+    s.honour(action).await;
+    s.ok().await;
+    let first = s.status();
+    assert_eq!(first.phase, Phase::Running);
+    let id = the_instance(&s);
+    // The first boot's report, as the bootstrap left it: ready a minute
+    // before this start (the bootstrap does not run again).
+    let boot = std::time::SystemTime::now() - Duration::from_secs(120);
+    s.compute.set_report(
+        &id,
+        Report {
+            stage: Some(Stage::Ready),
+            started_at: Some(boot),
+            at: Some(boot + Duration::from_secs(60)),
+            commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            ..Report::default()
+        },
+    );
+    s.want(DesiredPhase::Stopped);
+    for _ in 0..2 {
+        let action = s.ok().await;
+        s.honour(action).await;
+    }
+    assert_eq!(s.status().phase, Phase::Stopped);
+    s.want(DesiredPhase::Running);
+    for _ in 0..3 {
+        let action = s.ok().await;
+        s.honour(action).await;
+    }
+    let status = s.status();
+    assert_eq!(status.phase, Phase::Running);
+    assert_eq!(status.content.stage, Some(Stage::Ready));
+    assert_eq!(status.content.timings, Timings::default());
 }
