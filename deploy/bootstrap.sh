@@ -25,7 +25,8 @@
 # credential: git's messages carry none, the URL has no user info), when,
 # and the commit once ready. runnerd reads them with the DescribeInstances
 # it makes anyway, and treats them as untrusted text. The instance's id
-# comes from IMDSv2 (AWS_RUNNER_INSTANCE_ID overrides it, for tests).
+# comes from cloud-init's record of it (AWS_RUNNER_INSTANCE_ID overrides
+# it, for tests).
 #
 # Once the content is ready, the script installs a small service, started at
 # every boot, that reports since when no client (an established TCP
@@ -43,17 +44,10 @@ attempts="${AWS_RUNNER_SECRET_ATTEMPTS:-40}"
 
 log() { printf 'aws-runner-bootstrap: %s\n' "$*" >&2; }
 
-imds() {
-  local token
-  token="$(curl -sf -m 5 -X PUT http://169.254.169.254/latest/api/token \
-    -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')" || return 1
-  curl -sf -m 5 -H "X-aws-ec2-metadata-token: $token" \
-    "http://169.254.169.254/latest/meta-data/$1"
-}
-
+# This instance's id, as cloud-init (which runs this script) recorded it.
 instance_id="${AWS_RUNNER_INSTANCE_ID:-}"
-if [ -z "$instance_id" ]; then
-  instance_id="$(imds instance-id || true)"
+if [ -z "$instance_id" ] && [ -r /var/lib/cloud/data/instance-id ]; then
+  instance_id="$(cat /var/lib/cloud/data/instance-id)"
 fi
 started_at="$(date +%s)"
 
