@@ -27,6 +27,15 @@ const LONG: &str = "10m";
 const SHORT: &str = "30s";
 
 async fn create(world: &World, host: &str, revision: Revision) -> String {
+    create_with(world, host, Some(revision), None).await
+}
+
+async fn create_with(
+    world: &World,
+    host: &str,
+    revision: Option<Revision>,
+    timeout: Option<pb::EnvironmentTimeout>,
+) -> String {
     world
         .admin
         .clone()
@@ -35,11 +44,11 @@ async fn create(world: &World, host: &str, revision: Revision) -> String {
             environment_class_id: world.class_id.clone(),
             content: Some(pb::EnvironmentContent {
                 repository_url: format!("https://{host}/acme/api.git"),
-                revision: Some(revision),
+                revision,
             }),
             creator: "alice".into(),
             name: String::new(),
-            timeout: None,
+            timeout,
             unchecked: false,
         })
         .await
@@ -358,29 +367,8 @@ async fn an_environment_without_a_client_is_stopped_and_stays_stopped() {
             nanos: 0,
         }),
     });
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        let created = world
-            .admin
-            .clone()
-            .create_environment(admin::CreateEnvironmentRequest {
-                runner_id: world.infra.runner_id.clone(),
-                environment_class_id: world.class_id.clone(),
-                content: Some(pb::EnvironmentContent {
-                    repository_url: "https://github.com/acme/api.git".into(),
-                    revision: None,
-                }),
-                creator: "alice".into(),
-                name: String::new(),
-                timeout,
-                unchecked: false,
-            })
-            .await
-            .expect("create")
-            .into_inner();
-        ids.push(created.environment.expect("environment").id);
-    }
-    let (idle, busy) = (ids[0].clone(), ids[1].clone());
+    let idle = create_with(&world, "github.com", None, timeout).await;
+    let busy = create_with(&world, "github.com", None, timeout).await;
     world
         .wait_for("both instances running", Duration::from_secs(60), |envs| {
             envs.iter()

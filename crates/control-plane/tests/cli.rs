@@ -238,31 +238,7 @@ async fn token_add_seals_the_pat_to_the_runner_key() {
     let runner_id = s(&created["id"]).to_owned();
 
     // Play the runner: exchange, sign up, and answer store_host_token.
-    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let access = pb::identity_service_client::IdentityServiceClient::new(channel.clone())
-        .exchange_token(pb::ExchangeTokenRequest {
-            public_key: Vec::new(),
-            exchange_token: s(&created["exchange_token"]).to_owned(),
-        })
-        .await
-        .expect("exchange")
-        .into_inner()
-        .access_token;
-    let key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
-    let mut client = testkit_like_client(channel, &access);
-    client
-        .signup(pb::SignupRequest {
-            public_key: key.public_key().as_bytes().to_vec(),
-            version: "0.1.0".into(),
-            region: "eu-west-1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("signup");
+    let (mut client, key) = signed_up(&server, &created).await;
     let mut stream = client
         .watch_requests(pb::WatchRequestsRequest {})
         .await
@@ -356,6 +332,48 @@ async fn token_add_seals_the_pat_to_the_runner_key() {
     assert!(!tokens.to_string().contains("ghp_cli_secret"));
 }
 
+/// Plays the runner `created` (what `runner create` printed): trades its
+/// exchange token and signs up with a new key; its client and key.
+async fn signed_up(
+    server: &Server,
+    created: &Value,
+) -> (
+    pb::runner_service_client::RunnerServiceClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            impl tonic::service::Interceptor + use<>,
+        >,
+    >,
+    crypto_box::SecretKey,
+) {
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let access = pb::identity_service_client::IdentityServiceClient::new(channel.clone())
+        .exchange_token(pb::ExchangeTokenRequest {
+            public_key: Vec::new(),
+            exchange_token: s(&created["exchange_token"]).to_owned(),
+        })
+        .await
+        .expect("exchange")
+        .into_inner()
+        .access_token;
+    let key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
+    let mut client = testkit_like_client(channel, &access);
+    client
+        .signup(pb::SignupRequest {
+            public_key: key.public_key().as_bytes().to_vec(),
+            version: "0.1.0".into(),
+            region: "eu-west-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("signup");
+    (client, key)
+}
+
 fn testkit_like_client(
     channel: tonic::transport::Channel,
     token: &str,
@@ -406,31 +424,7 @@ async fn env_get_shows_the_content_its_timings_and_why_the_runner_stopped_it() {
     let env_id = s(&env["id"]).to_owned();
 
     // Play the runner: exchange, sign up, report.
-    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let access = pb::identity_service_client::IdentityServiceClient::new(channel.clone())
-        .exchange_token(pb::ExchangeTokenRequest {
-            public_key: Vec::new(),
-            exchange_token: s(&created["exchange_token"]).to_owned(),
-        })
-        .await
-        .expect("exchange")
-        .into_inner()
-        .access_token;
-    let mut client = testkit_like_client(channel, &access);
-    let key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
-    client
-        .signup(pb::SignupRequest {
-            public_key: key.public_key().as_bytes().to_vec(),
-            version: "0.1.0".into(),
-            region: "eu-west-1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("signup");
+    let (mut client, _key) = signed_up(&server, &created).await;
     let seconds = |s: i64| {
         Some(prost_types::Duration {
             seconds: s,
