@@ -204,8 +204,18 @@ def up(args):
     got = {}
     for _ in range(240):
         got = ctl(args.runnerctl, cp_url, "env", "get", state["env_id"])
-        if (got.get("status") or {}).get("phase") == "RUNNING":
+        status = got.get("status") or {}
+        if status.get("phase") == "RUNNING":
             break
+        if status.get("phase") == "STARTING" and status.get("content_stage") == "UNSPECIFIED":
+            # moto runs no user data (and the clone would need the internet):
+            # stand in for the instance's bootstrap, reporting its checkout
+            # ready in the tags deploy/bootstrap.sh writes.
+            now = str(int(time.time()))
+            tags = {"stage": "ready", "result": "ok", "at": now, "started-at": now, "commit": "0" * 40}
+            client("ec2", moto).create_tags(
+                Resources=[status["instance_id"]],
+                Tags=[{"Key": f"aws-runner:report:{k}", "Value": v} for k, v in tags.items()])
         time.sleep(0.25)
     status = got.get("status") or {}
     if status.get("phase") != "RUNNING":

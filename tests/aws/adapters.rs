@@ -571,6 +571,7 @@ async fn an_interrupted_launch_is_resolved_by_tags_although_moto_ignores_client_
             repository_url: "https://github.com/acme/api.git".into(),
             revision: Revision::Default,
             creator: "alice".into(),
+            disconnected_timeout: None,
         },
     });
     let records = store.list().await.expect("records");

@@ -328,7 +328,7 @@ async fn leader_pid(world: &World) -> Option<u32> {
 }
 
 /// The sum of a process's metric samples whose line contains `needle`.
-async fn metric_sum(port: u16, needle: &str) -> f64 {
+pub(crate) async fn metric_sum(port: u16, needle: &str) -> f64 {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return 0.0;
@@ -345,7 +345,7 @@ async fn metric_sum(port: u16, needle: &str) -> f64 {
 }
 
 /// Two distinct free loopback ports.
-fn free_ports() -> [u16; 2] {
+pub(crate) fn free_ports() -> [u16; 2] {
     let listeners = [0, 1].map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"));
     listeners.map(|l| l.local_addr().expect("address").port())
 }

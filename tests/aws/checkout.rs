@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use runner_core::model::{EnvironmentId, Revision, Subnet};
+use runner_core::report::{Report, Stage};
 use runner_core::scm::{self, AuthSource, Purpose, ScmKind};
 use runner_core::traits::{EnvironmentSecrets as _, LaunchRequest};
 use secrecy::SecretString;
@@ -29,7 +30,7 @@ fn git(dir: &Path, args: &[&str]) {
 }
 
 /// A bare repository with one commit on `main` holding README.md.
-fn bare_repository(root: &Path) -> PathBuf {
+pub(crate) fn bare_repository(root: &Path) -> PathBuf {
     let work = root.join("work");
     let bare = root.join("api.git");
     std::fs::create_dir_all(&work).expect("mkdir");
@@ -42,13 +43,14 @@ fn bare_repository(root: &Path) -> PathBuf {
     bare
 }
 
-struct Run {
-    ok: bool,
-    output: String,
+pub(crate) struct Run {
+    pub(crate) ok: bool,
+    pub(crate) output: String,
 }
 
-/// Runs the user data as the instance would, with the venv's AWS CLI.
-fn run_user_data(user_data: &str, root: &Path, ca: &Path) -> Run {
+/// Runs the user data as the instance `instance_id` would, with the venv's
+/// AWS CLI (its reports go to moto, on that instance).
+pub(crate) fn run_user_data(user_data: &str, root: &Path, ca: &Path, instance_id: &str) -> Run {
     let venv = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"))
         .join("../.tools/venv/bin");
     assert!(
@@ -73,6 +75,7 @@ fn run_user_data(user_data: &str, root: &Path, ca: &Path) -> Run {
         .env("AWS_RUNNER_WORKSPACE", root.join("workspace"))
         .env("AWS_RUNNER_ETC", root.join("etc"))
         .env("AWS_RUNNER_SECRET_ATTEMPTS", "2")
+        .env("AWS_RUNNER_INSTANCE_ID", instance_id)
         .env("GIT_SSL_CAINFO", ca)
         .output()
         .expect("run bash");
@@ -148,13 +151,29 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         "{user_data}"
     );
     let sm = aws_sdk_secretsmanager::Client::new(&sdk);
+    // The instance the script runs as: its reports are tags on it.
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    let instance = ec2
+        .run_instances()
+        .image_id(&infra.ami)
+        .instance_type(aws_sdk_ec2::types::InstanceType::M5Large)
+        .subnet_id(&infra.subnets[0].0)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("an instance")
+        .instances()[0]
+        .instance_id()
+        .expect("id")
+        .to_owned();
 
     // An origin that does not cover the URL: the credential is not even read.
     let elsewhere = user_data.replace(
         &format!("AWS_RUNNER_REPOSITORY_ORIGIN='https://{}/'", fake.host()),
         "AWS_RUNNER_REPOSITORY_ORIGIN='https://127.0.0.1:1/'",
     );
-    let refused = run_user_data(&elsewhere, &root, &ca);
+    let refused = run_user_data(&elsewhere, &root, &ca, &instance);
     assert!(!refused.ok, "{}", refused.output);
     assert!(
         refused
@@ -168,8 +187,14 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         secret_exists(&sm, &secret_id).await,
         "deleted without a clone"
     );
+    let r = report(&ec2, &instance).await;
+    assert_eq!(r.failure(), Some(Stage::Credential), "{r:?}");
+    assert_eq!(
+        r.detail,
+        "the repository URL is not under its origin https://127.0.0.1:1/: not sending the credential"
+    );
 
-    let run = run_user_data(&user_data, &root, &ca);
+    let run = run_user_data(&user_data, &root, &ca, &instance);
     assert!(run.ok, "bootstrap failed:\n{}", run.output);
     assert!(
         !secret_exists(&sm, &secret_id).await,
@@ -186,6 +211,11 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         std::fs::read_to_string(root.join("workspace/README.md")).expect("checked out"),
         "checked out by the bootstrap\n"
     );
+    let head = head(&bare);
+    let r = report(&ec2, &instance).await;
+    assert!(r.ready(), "{r:?}\n{}", run.output);
+    assert_eq!(r.commit.as_deref(), Some(head.as_str()));
+    assert!(r.started_at.is_some() && r.at >= r.started_at, "{r:?}");
     assert!(fake.calls("git") > 0);
     assert!(
         !run.output.contains(pat),
@@ -204,7 +234,7 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
     );
 
     // A second run finds the checkout and does nothing.
-    let again = run_user_data(&user_data, &root, &ca);
+    let again = run_user_data(&user_data, &root, &ca, &instance);
     assert!(
         again.ok && again.output.contains("already checked out"),
         "{}",
@@ -229,7 +259,7 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         secret_id
     );
     assert!(secret_exists(&sm, &secret_id).await);
-    let refused = run_user_data(&user_data, &root, &ca);
+    let refused = run_user_data(&user_data, &root, &ca, &instance);
     assert!(
         !refused.ok,
         "cloned with a wrong token:\n{}",
@@ -249,6 +279,10 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         !root.join("workspace/.git").exists(),
         "a failed clone left a checkout"
     );
+    let r = report(&ec2, &instance).await;
+    assert_eq!(r.failure(), Some(Stage::Clone), "{r:?}\n{}", refused.output);
+    assert!(r.detail.starts_with("git clone failed: "), "{r:?}");
+    assert!(!r.detail.contains("glpat-wrong"), "{r:?}");
 
     // The runner's own delete (environment removed) finds it gone: done.
     secrets
@@ -256,7 +290,7 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         .await
         .expect("delete of a deleted secret");
     // No secret: the script says so and fails.
-    let missing = run_user_data(&user_data, &root, &ca);
+    let missing = run_user_data(&user_data, &root, &ca, &instance);
     assert!(!missing.ok);
     assert!(
         missing
@@ -265,7 +299,43 @@ async fn the_bootstrap_clones_with_the_environment_secret_and_keeps_no_token() {
         "{}",
         missing.output
     );
+    let r = report(&ec2, &instance).await;
+    assert_eq!(r.failure(), Some(Stage::Credential), "{r:?}");
+    assert_eq!(
+        r.detail,
+        format!("cannot read the checkout credential {secret_id}")
+    );
     std::fs::remove_dir_all(&root).expect("clean up");
+}
+
+/// The commit `main` points at in the bare repository.
+pub(crate) fn head(bare: &Path) -> String {
+    let out = Command::new("git")
+        .args(["rev-parse", "main"])
+        .current_dir(bare)
+        .output()
+        .expect("git rev-parse");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}
+
+/// What the instance reported, read from its tags as the runner reads them.
+pub(crate) async fn report(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> Report {
+    let described = ec2
+        .describe_instances()
+        .instance_ids(instance_id)
+        .send()
+        .await
+        .expect("describe");
+    let instance = described.reservations()[0].instances()[0].clone();
+    Report::from_tags(
+        instance
+            .tags()
+            .iter()
+            .filter_map(|t| Some((t.key()?, t.value()?))),
+    )
 }
 
 async fn secret_exists(sm: &aws_sdk_secretsmanager::Client, id: &str) -> bool {

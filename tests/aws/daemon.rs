@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Parser as _;
 use control_plane::{ServerConfig, Settings, SystemClock};
 use runner_aws::ec2::{TAG_ENVIRONMENT, TAG_RUNNER};
+use runner_core::report;
 use runner_proto::admin::v1::{self as admin, admin_service_client::AdminServiceClient};
 use runner_proto::pb::{self, EnvironmentPhase as Phase};
 use testkit::proxy::{Fault, FaultProxy, Rule};
@@ -29,6 +30,83 @@ pub(crate) struct World {
     pub(crate) class_id: String,
     pub(crate) infra: Infra,
     pub(crate) sdk: aws_config::SdkConfig,
+    /// The stand-in for the instances' bootstrap, when there is one.
+    _bootstraps: Option<AbortOnDrop>,
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// moto runs no user data: this stands in for every instance's bootstrap
+/// finishing at once, tagging each running instance of the runner that has
+/// not reported yet as ready (what `deploy/bootstrap.sh` writes on a good
+/// clone), one `CreateTags` for all of them every 200 ms. The bootstrap
+/// itself runs for real in `checkout.rs` and `content.rs`.
+async fn bootstraps_succeed(sdk: aws_config::SdkConfig, runner_id: String) {
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(pages) = ec2
+            .describe_instances()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name(format!("tag:{TAG_RUNNER}"))
+                    .values(&runner_id)
+                    .build(),
+            )
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("instance-state-name")
+                    .values("running")
+                    .build(),
+            )
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let silent: Vec<String> = pages
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter(|i| !i.tags().iter().any(|t| t.key() == Some(report::TAG_STAGE)))
+            .filter_map(|i| i.instance_id().map(str::to_owned))
+            .collect();
+        if silent.is_empty() {
+            continue;
+        }
+        let _ = report_ready(&ec2, silent).await;
+    }
+}
+
+/// Tags the instances as a bootstrap that checked out commit 0…0 would.
+pub(crate) async fn report_ready(
+    ec2: &aws_sdk_ec2::Client,
+    instance_ids: Vec<String>,
+) -> Result<(), String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        .to_string();
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    ec2.create_tags()
+        .set_resources(Some(instance_ids))
+        .tags(tag(report::TAG_STAGE, "ready"))
+        .tags(tag(report::TAG_RESULT, "ok"))
+        .tags(tag(report::TAG_AT, &now))
+        .tags(tag(report::TAG_STARTED_AT, &now))
+        .tags(tag(report::TAG_COMMIT, &"0".repeat(40)))
+        .send()
+        .await
+        .map(drop)
+        .map_err(|e| format!("{e:?}"))
 }
 
 impl World {
@@ -36,8 +114,20 @@ impl World {
         Self::on(&moto_url()).await
     }
 
-    /// A world whose AWS is the emulator at `aws`.
+    /// A world whose AWS is the emulator at `aws`, where every instance's
+    /// bootstrap succeeds at once.
     pub(crate) async fn on(aws: &str) -> Self {
+        let mut world = Self::silent(aws).await;
+        let task = tokio::spawn(bootstraps_succeed(
+            world.sdk.clone(),
+            world.infra.runner_id.clone(),
+        ));
+        world._bootstraps = Some(AbortOnDrop(task.abort_handle()));
+        world
+    }
+
+    /// A world whose instances report nothing but what the test makes them.
+    pub(crate) async fn silent(aws: &str) -> Self {
         let plane = control_plane::ControlPlane::new(Settings::default(), Arc::new(SystemClock));
         let cp = testkit::ControlPlane::start(ServerConfig::default(), plane.clone())
             .await
@@ -84,6 +174,7 @@ impl World {
             class_id,
             infra,
             sdk,
+            _bootstraps: None,
         }
     }
 

@@ -5,6 +5,7 @@
 mod adapters;
 mod chaos;
 mod checkout;
+mod content;
 mod daemon;
 mod doctor;
 mod faults;

@@ -24,6 +24,7 @@ fn status(version: u64, spec_version: u64, phase: Phase) -> pb::EnvironmentStatu
         }),
         failure_message: String::new(),
         warning_message: String::new(),
+        ..Default::default()
     }
 }
 
@@ -595,4 +596,177 @@ async fn create_environment_accepts_only_canonical_repository_urls() {
         let content = spec(&created).content.expect("content");
         assert_eq!(content.repository_url, url, "stored as sent");
     }
+}
+
+#[tokio::test]
+async fn the_content_fields_are_stored_and_checked() {
+    let f = Fixture::new().await;
+    let runner = f.runner("content").await;
+    let class = f.class(&runner.id).await;
+    let id = env_id(&f.environment(&runner.id, &class.id).await);
+    let mut client = runner.client.clone();
+    let seconds = |s: i64| {
+        Some(prost_types::Duration {
+            seconds: s,
+            nanos: 0,
+        })
+    };
+
+    let mut ready = status(1, 1, Phase::Running);
+    ready.content_stage = pb::ContentStage::Ready as i32;
+    ready.content_commit = "0123456789abcdef0123456789abcdef01234567".into();
+    ready.content_ready_time = Some(prost_types::Timestamp {
+        seconds: 1_700_000_000,
+        nanos: 0,
+    });
+    ready.start_timings = Some(pb::StartTimings {
+        launch_to_running: seconds(40),
+        running_to_content_ready: seconds(25),
+        launch_to_content_ready: seconds(65),
+    });
+    client
+        .update_environment_status(report(&id, ready.clone()))
+        .await
+        .expect("a ready status");
+    let shown = f
+        .admin
+        .clone()
+        .get_environment(admin::GetEnvironmentRequest {
+            environment_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .status
+        .expect("status");
+    assert_eq!(shown, ready);
+
+    let mut version = 2;
+    let mut refused = |change: &dyn Fn(&mut pb::EnvironmentStatus)| {
+        let mut s = status(version, 1, Phase::Starting);
+        change(&mut s);
+        version += 1;
+        report(&id, s)
+    };
+    for (request, field) in [
+        (
+            refused(&|s| s.content_commit = "0123456789ABCDEF0123456789ABCDEF01234567".into()),
+            "status.content_commit",
+        ),
+        (
+            refused(&|s| s.content_commit = "main".into()),
+            "status.content_commit",
+        ),
+        (refused(&|s| s.content_stage = 99), "status.content_stage"),
+        (refused(&|s| s.stop_reason = 7), "status.stop_reason"),
+        (
+            refused(&|s| {
+                s.start_timings = Some(pb::StartTimings {
+                    launch_to_running: seconds(-1),
+                    ..Default::default()
+                });
+            }),
+            "status.start_timings.launch_to_running",
+        ),
+        (
+            refused(&|s| {
+                s.content_ready_time = Some(prost_types::Timestamp {
+                    seconds: 1,
+                    nanos: -5,
+                });
+            }),
+            "status.content_ready_time",
+        ),
+    ] {
+        assert_status(
+            client.update_environment_status(request).await,
+            Code::InvalidArgument,
+            field,
+        );
+    }
+    // A failed stage is a STARTING status with a failure message.
+    let mut failed = status(20, 1, Phase::Starting);
+    failed.content_stage = pb::ContentStage::Clone as i32;
+    failed.failure_message =
+        "the environment's content is not ready: checkout failed at stage clone: git clone failed"
+            .into();
+    client
+        .update_environment_status(report(&id, failed))
+        .await
+        .expect("a failed stage");
+}
+
+/// The desired phase and spec version the control plane holds for `id`.
+async fn desired(f: &Fixture, id: &str) -> (i32, u64) {
+    let env = f
+        .admin
+        .clone()
+        .get_environment(admin::GetEnvironmentRequest {
+            environment_id: id.into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    (spec(&env).desired_phase, spec(&env).spec_version)
+}
+
+#[tokio::test]
+async fn a_stop_for_want_of_a_client_moves_the_desired_phase_to_stopped() {
+    use tokio_stream::StreamExt as _;
+
+    let f = Fixture::new().await;
+    let runner = f.runner("idle").await;
+    let class = f.class(&runner.id).await;
+    let id = env_id(&f.environment(&runner.id, &class.id).await);
+    let mut client = runner.client.clone();
+    let mut stream = client
+        .watch_requests(pb::WatchRequestsRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+
+    // Stopped without a reason: the desired phase stays RUNNING.
+    client
+        .update_environment_status(report(&id, status(1, 1, Phase::Stopping)))
+        .await
+        .expect("v1");
+    assert_eq!(desired(&f, &id).await, (Phase::Running as i32, 1));
+
+    let mut idle = status(2, 1, Phase::Stopping);
+    idle.stop_reason = pb::StopReason::DisconnectedTimeout as i32;
+    client
+        .update_environment_status(report(&id, idle.clone()))
+        .await
+        .expect("v2");
+    assert_eq!(desired(&f, &id).await, (Phase::Stopped as i32, 2));
+    let event = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next())
+        .await
+        .expect("an event within 5 s")
+        .expect("open")
+        .expect("not an error");
+    assert!(
+        matches!(
+            &event.kind,
+            Some(pb::runner_request::Kind::EnvironmentChanged(c)) if c.environment_id == id
+        ),
+        "{event:?}"
+    );
+    // The same status again (a retried delivery) changes nothing more.
+    client
+        .update_environment_status(report(&id, idle))
+        .await
+        .expect("v2 again");
+    assert_eq!(desired(&f, &id).await, (Phase::Stopped as i32, 2));
+
+    // The user starts it again: a late idle status for an older spec does
+    // not stop it.
+    f.set_phase(&id, Phase::Running).await;
+    assert_eq!(desired(&f, &id).await, (Phase::Running as i32, 3));
+    let mut late = status(3, 2, Phase::Stopped);
+    late.stop_reason = pb::StopReason::DisconnectedTimeout as i32;
+    client
+        .update_environment_status(report(&id, late))
+        .await
+        .expect("v3");
+    assert_eq!(desired(&f, &id).await, (Phase::Running as i32, 3));
 }

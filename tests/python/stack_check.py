@@ -187,12 +187,25 @@ def main():
         created = ctl(args.runnerctl, cp_url, "env", "create", "--runner", runner["id"], "--class", cls["id"],
                       "--repo", "https://github.com/acme/api.git", "--branch", "main")
         got = {}
+        stood_in = False
         for _ in range(240):
             got = ctl(args.runnerctl, cp_url, "env", "get", created["id"])
-            if (got.get("status") or {}).get("phase") == "RUNNING":
+            status = got.get("status") or {}
+            if status.get("phase") == "RUNNING":
                 break
+            if status.get("phase") == "STARTING" and not stood_in:
+                # moto runs no user data: stand in for the instance's
+                # bootstrap, reporting its checkout ready as
+                # deploy/bootstrap.sh does (in tags on the instance).
+                now = str(int(time.time()))
+                report = {"stage": "ready", "result": "ok", "at": now, "started-at": now,
+                          "commit": "0" * 40}
+                ec2.create_tags(Resources=[status["instance_id"]],
+                                Tags=[{"Key": f"aws-runner:report:{k}", "Value": v} for k, v in report.items()])
+                stood_in = True
             time.sleep(0.25)
         status = got.get("status") or {}
+        check("it is STARTING until its instance reports its checkout", stood_in, json.dumps(got))
         if check("the environment reaches RUNNING", status.get("phase") == "RUNNING", json.dumps(got)):
             reservations = ec2.describe_instances(InstanceIds=[status["instance_id"]])["Reservations"]
             instance = reservations[0]["Instances"][0]

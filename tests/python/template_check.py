@@ -155,11 +155,23 @@ OPERATORS = {
 
 def condition_holds(condition, context):
     for operator, keys in condition.items():
+        # ForAllValues: every value of a multi-valued key (aws:TagKeys) must
+        # match; a missing key matches (IAM's rule).
+        for_all = operator.startswith("ForAllValues:")
+        operator = operator.removeprefix("ForAllValues:")
         if operator not in OPERATORS:
             raise SystemExit(f"template_check: condition operator {operator} is not evaluated here")
         test, negated = OPERATORS[operator]
         for key, patterns in keys.items():
             value = context.get(key.lower())
+            if for_all:
+                if negated:
+                    raise SystemExit("template_check: ForAllValues with a negated operator is not evaluated here")
+                patterns = [substitute(p, context) for p in listed(patterns)]
+                if value is not None and not all(
+                        any(p is not None and test(p, v) for p in patterns) for v in listed(value)):
+                    return False
+                continue
             if value is None:
                 if not negated:
                     return False
@@ -174,7 +186,10 @@ def condition_holds(condition, context):
 def matches(statement, action, resource, context):
     if not any(like(a.lower(), action.lower()) for a in listed(statement["Action"])):
         return False
-    if not any(like(r, resource) for r in listed(statement["Resource"])):
+    # A policy variable in Resource (${ec2:SourceInstanceARN}) is substituted
+    # from the request; a missing one matches nothing.
+    resources = [substitute(r, context) for r in listed(statement["Resource"])]
+    if not any(r is not None and like(r, resource) for r in resources):
         return False
     return condition_holds(statement.get("Condition", {}), context)
 
@@ -266,6 +281,31 @@ def main():
     check("an environment may not decrypt the runner's credential, even through Secrets Manager",
           not key_allows(key_policy, env_role, env_arn, "kms:Decrypt", key_arn,
                          {**via_sm, "kms:EncryptionContext:SecretARN": credential}))
+
+    # The report channel: an instance tags only itself, only report keys.
+    report = ["aws-runner:report:stage", "aws-runner:report:detail", "aws-runner:report:at"]
+    check("an environment may write its report in tags on its own instance",
+          identity_allows(env_role, "ec2:CreateTags", here,
+                          {"ec2:SourceInstanceARN": here, "aws:TagKeys": report}))
+    check("an environment may not write a report on another instance",
+          not identity_allows(env_role, "ec2:CreateTags", other,
+                              {"ec2:SourceInstanceARN": here, "aws:TagKeys": report}))
+    for keys in [["aws-runner:runner-id"], ["aws-runner:environment-id"], ["Name"],
+                 report + ["aws-runner:attempt"], ["aws-runner:reportx"]]:
+        check(f"an environment may not tag itself with {keys[-1]}",
+              not identity_allows(env_role, "ec2:CreateTags", here,
+                                  {"ec2:SourceInstanceARN": here, "aws:TagKeys": keys}))
+    check("a principal that is not an instance may not write a report",
+          not identity_allows(env_role, "ec2:CreateTags", here, {"aws:TagKeys": report}))
+    for action in ["ec2:DeleteTags", "ec2:StopInstances", "ec2:TerminateInstances"]:
+        check(f"an environment may not {action} (itself or another)",
+              not identity_allows(env_role, action, here, {"ec2:SourceInstanceARN": here}))
+    mine = {"ec2:ResourceTag/aws-runner:runner-id": RUNNER_ID}
+    check("the runner may read its instances' console output",
+          identity_allows(task_role, "ec2:GetConsoleOutput", here, mine))
+    check("the runner may not read the console output of an instance that is not its own",
+          not identity_allows(task_role, "ec2:GetConsoleOutput", here,
+                              {"ec2:ResourceTag/aws-runner:runner-id": "another-runner"}))
 
     # The task role: RunInstances only for the allowed instance types.
     tagged = {"aws:RequestTag/aws-runner:runner-id": RUNNER_ID}

@@ -155,10 +155,13 @@ impl RunnerService for RunnerApi {
             .state()
             .update_environment_status(runner_id, request.get_ref(), now);
         match &result {
-            Ok(_) => {
+            Ok(event) => {
                 self.0
                     .statuses_accepted
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if let Some((runner, kind)) = event.clone() {
+                    self.0.hub.notify(runner, kind);
+                }
             }
             Err(status)
                 if status.code() == tonic::Code::FailedPrecondition

@@ -744,13 +744,17 @@ impl State {
             .ok_or_else(|| Status::not_found(format!("environment {id} does not exist")))
     }
 
-    /// Records a status the runner reported.
+    /// Records a status the runner reported. A status saying the runner
+    /// stopped the environment for want of a client (`stop_reason`
+    /// DISCONNECTED_TIMEOUT), answering the current spec while RUNNING is
+    /// desired, moves the desired phase to STOPPED (a new spec version, and
+    /// the event saying so), so the runner does not start it again.
     pub fn update_environment_status(
         &mut self,
         runner_id: Uuid,
         req: &pb::UpdateEnvironmentStatusRequest,
         now: SystemTime,
-    ) -> Result<(), Status> {
+    ) -> Result<Option<Event>, Status> {
         let id = validate::uuid("environment_id", &req.environment_id).map_err(invalid)?;
         let status = req
             .status
@@ -777,6 +781,50 @@ impl State {
             validate::MAX_MESSAGE_LEN,
         )
         .map_err(invalid)?;
+        check_enum::<pb::ContentStage>("status.content_stage", status.content_stage)?;
+        let stop_reason = check_enum::<pb::StopReason>("status.stop_reason", status.stop_reason)?;
+        if !status.content_commit.is_empty()
+            && (status.content_commit.len() != 40
+                || !status
+                    .content_commit
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        {
+            return Err(Status::invalid_argument(
+                "status.content_commit: must be empty or 40 lowercase hex digits",
+            ));
+        }
+        if let Some(t) = &status.content_ready_time
+            && t.nanos.clamp(0, 999_999_999) != t.nanos
+        {
+            return Err(Status::invalid_argument(
+                "status.content_ready_time: nanos must be between 0 and 999999999",
+            ));
+        }
+        if let Some(timings) = &status.start_timings {
+            for (field, d) in [
+                (
+                    "status.start_timings.launch_to_running",
+                    &timings.launch_to_running,
+                ),
+                (
+                    "status.start_timings.running_to_content_ready",
+                    &timings.running_to_content_ready,
+                ),
+                (
+                    "status.start_timings.launch_to_content_ready",
+                    &timings.launch_to_content_ready,
+                ),
+            ] {
+                if d.as_ref()
+                    .is_some_and(|d| d.seconds < 0 || d.nanos < 0 || d.nanos > 999_999_999)
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "{field}: must not be negative"
+                    )));
+                }
+            }
+        }
         let ack = status
             .runner_ack
             .as_ref()
@@ -819,7 +867,7 @@ impl State {
             }
             if status.status_version == previous.status_version {
                 if previous == status {
-                    return Ok(());
+                    return Ok(None);
                 }
                 return Err(Status::failed_precondition(format!(
                     "status.status_version: {} was already stored with different content",
@@ -829,11 +877,20 @@ impl State {
         }
         let deleted = phase == pb::EnvironmentPhase::Deleted
             && spec.desired_phase == pb::EnvironmentPhase::Deleted as i32;
+        let idle_stop = stop_reason == pb::StopReason::DisconnectedTimeout
+            && ack.spec_version == spec.spec_version
+            && spec.desired_phase == pb::EnvironmentPhase::Running as i32;
         record.environment.accepted_status_version = status.status_version;
         record.status = Some(status.clone());
         record.status_updated_at = Some(now);
         record.purged = deleted;
-        Ok(())
+        if idle_stop {
+            let spec = record.spec_mut();
+            spec.desired_phase = pb::EnvironmentPhase::Stopped as i32;
+            spec.spec_version += 1;
+            return Ok(Some(changed(record.runner_id, id)));
+        }
+        Ok(None)
     }
 
     // ------------------------------------------------------------ SCM

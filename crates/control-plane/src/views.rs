@@ -123,7 +123,23 @@ pub(crate) struct StatusView {
     machine_phase: String,
     failure_message: String,
     warning_message: String,
+    content_stage: String,
+    content_commit: String,
+    content_ready_at: Option<String>,
+    launch_to_running: Option<String>,
+    running_to_content_ready: Option<String>,
+    launch_to_content_ready: Option<String>,
+    stop_reason: String,
     updated_at: Option<String>,
+}
+
+/// A duration as people read it (`1m 12s 300ms`); `None` when unset or
+/// negative.
+fn duration(d: Option<&prost_types::Duration>) -> Option<String> {
+    let d = std::time::Duration::try_from(*d?).ok()?;
+    // Milliseconds are enough for a person.
+    let d = std::time::Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Some(humantime::format_duration(d).to_string())
 }
 
 #[derive(Serialize)]
@@ -173,6 +189,29 @@ impl From<&admin::Environment> for EnvironmentView {
                 ),
                 failure_message: s.failure_message.clone(),
                 warning_message: s.warning_message.clone(),
+                content_stage: enum_name(
+                    s.content_stage,
+                    pb::ContentStage::as_str_name,
+                    "CONTENT_STAGE_",
+                ),
+                content_commit: s.content_commit.clone(),
+                content_ready_at: time(s.content_ready_time.as_ref()),
+                launch_to_running: duration(
+                    s.start_timings
+                        .as_ref()
+                        .and_then(|t| t.launch_to_running.as_ref()),
+                ),
+                running_to_content_ready: duration(
+                    s.start_timings
+                        .as_ref()
+                        .and_then(|t| t.running_to_content_ready.as_ref()),
+                ),
+                launch_to_content_ready: duration(
+                    s.start_timings
+                        .as_ref()
+                        .and_then(|t| t.launch_to_content_ready.as_ref()),
+                ),
+                stop_reason: enum_name(s.stop_reason, pb::StopReason::as_str_name, "STOP_REASON_"),
                 updated_at: time(e.status_updated_at.as_ref()),
             }
         });

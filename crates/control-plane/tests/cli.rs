@@ -238,31 +238,7 @@ async fn token_add_seals_the_pat_to_the_runner_key() {
     let runner_id = s(&created["id"]).to_owned();
 
     // Play the runner: exchange, sign up, and answer store_host_token.
-    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let access = pb::identity_service_client::IdentityServiceClient::new(channel.clone())
-        .exchange_token(pb::ExchangeTokenRequest {
-            public_key: Vec::new(),
-            exchange_token: s(&created["exchange_token"]).to_owned(),
-        })
-        .await
-        .expect("exchange")
-        .into_inner()
-        .access_token;
-    let key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
-    let mut client = testkit_like_client(channel, &access);
-    client
-        .signup(pb::SignupRequest {
-            public_key: key.public_key().as_bytes().to_vec(),
-            version: "0.1.0".into(),
-            region: "eu-west-1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("signup");
+    let (mut client, key) = signed_up(&server, &created).await;
     let mut stream = client
         .watch_requests(pb::WatchRequestsRequest {})
         .await
@@ -356,6 +332,48 @@ async fn token_add_seals_the_pat_to_the_runner_key() {
     assert!(!tokens.to_string().contains("ghp_cli_secret"));
 }
 
+/// Plays the runner `created` (what `runner create` printed): trades its
+/// exchange token and signs up with a new key; its client and key.
+async fn signed_up(
+    server: &Server,
+    created: &Value,
+) -> (
+    pb::runner_service_client::RunnerServiceClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            impl tonic::service::Interceptor + use<>,
+        >,
+    >,
+    crypto_box::SecretKey,
+) {
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let access = pb::identity_service_client::IdentityServiceClient::new(channel.clone())
+        .exchange_token(pb::ExchangeTokenRequest {
+            public_key: Vec::new(),
+            exchange_token: s(&created["exchange_token"]).to_owned(),
+        })
+        .await
+        .expect("exchange")
+        .into_inner()
+        .access_token;
+    let key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
+    let mut client = testkit_like_client(channel, &access);
+    client
+        .signup(pb::SignupRequest {
+            public_key: key.public_key().as_bytes().to_vec(),
+            version: "0.1.0".into(),
+            region: "eu-west-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("signup");
+    (client, key)
+}
+
 fn testkit_like_client(
     channel: tonic::transport::Channel,
     token: &str,
@@ -374,4 +392,105 @@ fn testkit_like_client(
             Ok(req)
         },
     )
+}
+
+#[tokio::test]
+async fn env_get_shows_the_content_its_timings_and_why_the_runner_stopped_it() {
+    let server = Server::start();
+    let created = server.ok(&["runner", "create", "--name", "st", "--region", "eu-west-1"]);
+    let runner_id = s(&created["id"]).to_owned();
+    let class = server.ok(&[
+        "class",
+        "create",
+        "--runner",
+        &runner_id,
+        "--name",
+        "Small",
+        "--instance-type",
+        "m7i.large",
+        "--disk-gib",
+        "50",
+    ]);
+    let env = server.ok(&[
+        "env",
+        "create",
+        "--runner",
+        &runner_id,
+        "--class",
+        s(&class["id"]),
+        "--repo",
+        "https://github.com/acme/api.git",
+    ]);
+    let env_id = s(&env["id"]).to_owned();
+
+    // Play the runner: exchange, sign up, report.
+    let (mut client, _key) = signed_up(&server, &created).await;
+    let seconds = |s: i64| {
+        Some(prost_types::Duration {
+            seconds: s,
+            nanos: 0,
+        })
+    };
+    let status = |version: u64, phase: pb::EnvironmentPhase| pb::EnvironmentStatus {
+        status_version: version,
+        runner_ack: Some(pb::RunnerAck {
+            spec_version: 1,
+            code: pb::RunnerAckCode::Ok as i32,
+            message: String::new(),
+        }),
+        phase: phase as i32,
+        content_stage: pb::ContentStage::Ready as i32,
+        content_commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        content_ready_time: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        }),
+        start_timings: Some(pb::StartTimings {
+            launch_to_running: seconds(40),
+            running_to_content_ready: seconds(25),
+            launch_to_content_ready: seconds(65),
+        }),
+        ..Default::default()
+    };
+    client
+        .update_environment_status(pb::UpdateEnvironmentStatusRequest {
+            environment_id: env_id.clone(),
+            status: Some(status(1, pb::EnvironmentPhase::Running)),
+        })
+        .await
+        .expect("a ready status");
+    let got = server.ok(&["env", "get", &env_id]);
+    let shown = &got["status"];
+    assert_eq!(shown["phase"], "RUNNING");
+    assert_eq!(shown["content_stage"], "READY");
+    assert_eq!(
+        shown["content_commit"],
+        "0123456789abcdef0123456789abcdef01234567"
+    );
+    assert_eq!(shown["content_ready_at"], "2023-11-14T22:13:20Z");
+    assert_eq!(
+        (
+            shown["launch_to_running"].clone(),
+            shown["running_to_content_ready"].clone(),
+            shown["launch_to_content_ready"].clone()
+        ),
+        ("40s".into(), "25s".into(), "1m 5s".into())
+    );
+    assert_eq!(shown["stop_reason"], "UNSPECIFIED");
+
+    let mut idle = status(2, pb::EnvironmentPhase::Stopping);
+    idle.stop_reason = pb::StopReason::DisconnectedTimeout as i32;
+    client
+        .update_environment_status(pb::UpdateEnvironmentStatusRequest {
+            environment_id: env_id.clone(),
+            status: Some(idle),
+        })
+        .await
+        .expect("stopped for want of a client");
+    let got = server.ok(&["env", "get", &env_id]);
+    assert_eq!(got["status"]["stop_reason"], "DISCONNECTED_TIMEOUT");
+    assert_eq!(
+        (got["desired_phase"].clone(), got["spec_version"].clone()),
+        ("STOPPED".into(), 2.into())
+    );
 }

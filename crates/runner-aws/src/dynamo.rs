@@ -143,6 +143,9 @@ impl DynamoStore {
                 ),
             );
         }
+        if let Some(spec) = record.idle_stopped_at_spec {
+            item.insert("idle_stopped_at_spec".into(), n(spec));
+        }
         if let Some(launch) = &record.launch {
             item.insert("launch_attempt".into(), n(u64::from(launch.attempt)));
             item.insert("launch_subnet_id".into(), s(&launch.subnet.id));
@@ -218,6 +221,7 @@ impl DynamoStore {
             spec_version: get_n(item, "spec_version").unwrap_or(0),
             launch,
             exhausted_zones,
+            idle_stopped_at_spec: get_n(item, "idle_stopped_at_spec"),
         })
     }
 

@@ -31,6 +31,7 @@ use base64::Engine as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use runner_core::leader::Leadership;
 use runner_core::model::{EnvironmentId, Instance, InstanceState, Revision, Subnet};
+use runner_core::report::Report;
 use runner_core::traits::{Compute, ComputeError, LaunchRequest};
 use runner_core::validate;
 
@@ -338,6 +339,9 @@ fn instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
         private_ip: i.private_ip_address().map(str::to_owned),
         state: state(i.state().and_then(|s| s.name())),
         quarantined_at,
+        launched_at: i.launch_time().and_then(|t| SystemTime::try_from(*t).ok()),
+        // What the instance wrote about itself: untrusted, parsed and scrubbed.
+        report: Report::from_tags(tags.iter().map(|(k, v)| (*k, *v))),
     })
 }
 
@@ -781,5 +785,26 @@ impl Compute for Ec2Compute {
             .await
             .map(drop)
             .map_err(classify)
+    }
+
+    /// `GetConsoleOutput` (the latest output, decoded from base64; invalid
+    /// UTF-8 replaced). Through the describe bucket: it mutates nothing.
+    async fn console_output(&self, instance_id: &str) -> Result<String, ComputeError> {
+        self.describes.until_ready().await;
+        let output = self
+            .client
+            .get_console_output()
+            .instance_id(instance_id)
+            .latest(true)
+            .send()
+            .await
+            .map_err(classify)?;
+        let encoded = output.output().unwrap_or_default();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .map_err(|err| {
+                ComputeError::Rejected(format!("console output is not base64: {err}"))
+            })?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 }

@@ -16,6 +16,7 @@ pub mod observer;
 pub mod orphans;
 pub mod outbox;
 pub mod reconcile;
+pub mod report;
 pub mod retry;
 pub mod scheduler;
 pub mod scm;

@@ -82,6 +82,9 @@ pub struct Spec {
     pub revision: Revision,
     /// The user whose tokens are used.
     pub creator: String,
+    /// Stop the environment once no client has been connected for this long
+    /// (`timeout.disconnected`); `None` means never.
+    pub disconnected_timeout: Option<Duration>,
 }
 
 /// An environment as the control plane describes it.
@@ -146,6 +149,10 @@ pub struct Instance {
     pub state: InstanceState,
     /// When the runner marked it as an orphan, if it did.
     pub quarantined_at: Option<std::time::SystemTime>,
+    /// When EC2 last launched or started it.
+    pub launched_at: Option<std::time::SystemTime>,
+    /// What the instance reported about itself (its tags; untrusted).
+    pub report: crate::report::Report,
 }
 
 /// A subnet environments may be placed in.
@@ -209,6 +216,10 @@ pub struct Record {
     /// Availability zones that said "no capacity" or "unsupported" for this
     /// environment's instance type, in order; cleared by a successful launch.
     pub exhausted_zones: Vec<String>,
+    /// The spec version the runner stopped the environment at because no
+    /// client was connected for `timeout.disconnected`: while the spec is
+    /// still that one, the instance stays stopped.
+    pub idle_stopped_at_spec: Option<u64>,
 }
 
 impl Record {
@@ -220,6 +231,7 @@ impl Record {
             spec_version: 0,
             launch: None,
             exhausted_zones: Vec::new(),
+            idle_stopped_at_spec: None,
         }
     }
 }
@@ -245,6 +257,43 @@ pub struct Status {
     pub failure_message: String,
     /// A problem that does not block; empty when none.
     pub warning_message: String,
+    /// How far the instance got in making its content ready.
+    pub content: Content,
+    /// Why the runner stopped the environment on its own, if it did.
+    pub stop_reason: Option<StopReason>,
+}
+
+/// The content of an environment (its repository checkout), as the
+/// instance reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Content {
+    /// The bootstrap's last stage (the failed one, with a failure message).
+    pub stage: Option<crate::report::Stage>,
+    /// The commit checked out, once ready.
+    pub commit: Option<String>,
+    /// When the content was ready.
+    pub ready_at: Option<std::time::SystemTime>,
+    /// How long the start took, stage by stage.
+    pub timings: Timings,
+}
+
+/// The durations users wait for, each known once both ends are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// From the launch (EC2's launch time) to the instance running (its
+    /// bootstrap started).
+    pub launch_to_running: Option<Duration>,
+    /// From the instance running to its content ready.
+    pub running_to_ready: Option<Duration>,
+    /// From the launch to the content ready.
+    pub launch_to_ready: Option<Duration>,
+}
+
+/// Why the runner stopped an environment on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StopReason {
+    /// No client was connected for the spec's `timeout.disconnected`.
+    DisconnectedTimeout,
 }
 
 /// What to do after a reconcile.

@@ -302,6 +302,8 @@ mod tests {
                     private_ip: None,
                     state: InstanceState::Running,
                     quarantined_at: None,
+                    launched_at: None,
+                    report: crate::report::Report::default(),
                 })
                 .collect();
             Self {
@@ -366,6 +368,9 @@ mod tests {
         }
         async fn check(&self) -> Result<(), ComputeError> {
             Ok(())
+        }
+        async fn console_output(&self, _: &str) -> Result<String, ComputeError> {
+            unreachable!()
         }
     }
 

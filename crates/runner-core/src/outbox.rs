@@ -380,6 +380,8 @@ mod tests {
             machine: None,
             failure_message: String::new(),
             warning_message: String::new(),
+            content: crate::model::Content::default(),
+            stop_reason: None,
         }
     }
 
@@ -482,6 +484,7 @@ mod tests {
                     repository_url: String::new(),
                     revision: Revision::Default,
                     creator: String::new(),
+                    disconnected_timeout: None,
                 },
                 accepted_status_version: self.accepted(id),
             }))

@@ -15,17 +15,19 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 use crate::desired::{Desired, Known};
 use crate::model::{
-    Action, DesiredPhase, Environment, EnvironmentClass, EnvironmentId, Instance, InstanceState,
-    LaunchIntent, LaunchState, Phase, Record, Revision, Spec, Status, Subnet, client_token,
+    Action, Content, DesiredPhase, Environment, EnvironmentClass, EnvironmentId, Instance,
+    InstanceState, LaunchIntent, LaunchState, Phase, Record, Revision, Spec, Status, StopReason,
+    Subnet, Timings, client_token,
 };
 use crate::observer::Observer;
 use crate::outbox::Outbox;
+use crate::report::{self, Report, Stage};
 use crate::traits::{
     AnonymousCheckout, Checkout, CheckoutError, Clock, Compute, ComputeError, LaunchRequest,
     StateStore, StoreError, SystemClock,
@@ -69,6 +71,12 @@ impl ReconcileError {
     }
 }
 
+/// Told when an environment's content is ready, once per start seen.
+pub trait StartObserver: Send + Sync + 'static {
+    /// The start's timings (each known once both its ends are).
+    fn content_ready(&self, timings: &Timings);
+}
+
 /// Timing of the reconcile loop.
 #[derive(Debug, Clone, Copy)]
 pub struct ReconcileSettings {
@@ -82,6 +90,9 @@ pub struct ReconcileSettings {
     pub rejected_retry: Duration,
     /// How soon to look again for the creator's token.
     pub auth_retry: Duration,
+    /// How long an instance has, from its launch (or start), to report its
+    /// content ready before its environment is failed.
+    pub content_deadline: Duration,
 }
 
 impl Default for ReconcileSettings {
@@ -92,6 +103,7 @@ impl Default for ReconcileSettings {
             capacity_retry: Duration::from_secs(60),
             rejected_retry: Duration::from_secs(300),
             auth_retry: Duration::from_secs(60),
+            content_deadline: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -116,8 +128,11 @@ pub struct Context {
     pub checkout: Arc<dyn Checkout>,
     /// The instance types classes may use.
     pub instance_types: crate::validate::AllowedInstanceTypes,
-    /// Wall-clock time (when an orphan is marked, and how long ago).
+    /// Wall-clock time (when an orphan is marked, and how long ago; an
+    /// instance's deadline and idleness).
     pub clock: Arc<dyn Clock>,
+    /// Told when an environment's content is ready (the daemon's metrics).
+    pub starts: Option<Arc<dyn StartObserver>>,
     records: Mutex<HashMap<EnvironmentId, Record>>,
     mutated: Mutex<HashMap<EnvironmentId, Instant>>,
 }
@@ -154,6 +169,7 @@ impl Context {
             checkout: Arc::new(AnonymousCheckout),
             instance_types: crate::validate::AllowedInstanceTypes::default(),
             clock: Arc::new(SystemClock),
+            starts: None,
             records: Mutex::new(records.into_iter().map(|r| (r.environment, r)).collect()),
             mutated: Mutex::new(HashMap::new()),
         }
@@ -178,6 +194,13 @@ impl Context {
     #[must_use]
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Tells `observer` the timings of every start that ends ready.
+    #[must_use]
+    pub fn with_start_observer(mut self, observer: Arc<dyn StartObserver>) -> Self {
+        self.starts = Some(observer);
         self
     }
 
@@ -428,7 +451,93 @@ fn status(
             .cloned(),
         failure_message,
         warning_message: String::new(),
+        content: machine.map(content).unwrap_or_default(),
+        stop_reason: None,
     }
+}
+
+/// The content as the instance reported it, with the start's timings.
+fn content(instance: &Instance) -> Content {
+    let r = &instance.report;
+    let ready_at = r.ready().then_some(r.at).flatten();
+    let between = |from: Option<SystemTime>, to: Option<SystemTime>| to?.duration_since(from?).ok();
+    // A report from before the last start (the bootstrap runs on the first
+    // boot only) times that first boot, not this start: no timings. (The
+    // report's times are whole seconds.)
+    let this_start = !matches!(
+        (instance.launched_at, r.started_at),
+        (Some(l), Some(s)) if s + Duration::from_secs(1) < l
+    );
+    Content {
+        stage: r.stage,
+        commit: r.commit.clone().filter(|_| r.ready()),
+        ready_at,
+        timings: if this_start {
+            Timings {
+                launch_to_running: between(instance.launched_at, r.started_at),
+                running_to_ready: between(r.started_at, ready_at),
+                launch_to_ready: between(instance.launched_at, ready_at),
+            }
+        } else {
+            Timings::default()
+        },
+    }
+}
+
+/// Where a running instance's bootstrap stands.
+enum Bootstrap {
+    Ready,
+    Failed(String),
+    Waiting,
+}
+
+fn bootstrap(instance: &Instance, now: SystemTime, deadline: Duration) -> Bootstrap {
+    let r = &instance.report;
+    if r.ready() {
+        return Bootstrap::Ready;
+    }
+    if let Some(stage) = r.failure() {
+        let detail = if r.detail.is_empty() {
+            "no reason given"
+        } else {
+            r.detail.as_str()
+        };
+        return Bootstrap::Failed(format!(
+            "the environment's content is not ready: checkout failed at stage {stage}: {detail}"
+        ));
+    }
+    let waited = instance
+        .launched_at
+        .and_then(|at| now.duration_since(at).ok())
+        .unwrap_or_default();
+    if waited >= deadline {
+        let last = r.stage.map_or_else(
+            || "the instance reported nothing".to_owned(),
+            |s| format!("last stage reported: {s}"),
+        );
+        return Bootstrap::Failed(format!(
+            "the environment's content is not ready: no report of it within {} of the instance's start ({last})",
+            short_duration(deadline)
+        ));
+    }
+    Bootstrap::Waiting
+}
+
+/// `deadline` as people write it: `15m`, `90s`, `1h30m`.
+fn short_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if s > 0 || out.is_empty() {
+        out.push_str(&format!("{s}s"));
+    }
+    out
 }
 
 /// Reconciles one environment.
@@ -544,7 +653,12 @@ async fn converge(ctx: &Context, env: &Environment) -> Result<Action, ReconcileE
 
     match valid.desired {
         DesiredPhase::Deleted => delete(ctx, env, record, &instances).await,
-        DesiredPhase::Stopped => stop(ctx, env, current.as_ref(), current_id.as_deref()).await,
+        DesiredPhase::Stopped => {
+            let reason = record
+                .idle_stopped_at_spec
+                .map(|_| StopReason::DisconnectedTimeout);
+            stop(ctx, env, current.as_ref(), current_id.as_deref(), reason).await
+        }
         DesiredPhase::Running => {
             run(
                 ctx,
@@ -632,6 +746,7 @@ async fn stop(
     env: &Environment,
     current: Option<&Instance>,
     current_id: Option<&str>,
+    reason: Option<StopReason>,
 ) -> Result<Action, ReconcileError> {
     let Some(instance_id) = current_id else {
         // Never launched: nothing to stop.
@@ -654,7 +769,9 @@ async fn stop(
             return Ok(lost_instance(ctx, env, Some(instance), &instance.id));
         }
     };
-    ctx.publish(env, status(&env.spec, phase, Some(instance), ""));
+    let mut s = status(&env.spec, phase, Some(instance), "");
+    s.stop_reason = reason;
+    ctx.publish(env, s);
     Ok(Action::Requeue(next))
 }
 
@@ -690,9 +807,20 @@ async fn run(
         let Some(instance) = current else {
             return Ok(lost_instance(ctx, env, None, instance_id));
         };
+        if record.idle_stopped_at_spec == Some(env.spec.spec_version) {
+            // Stopped for want of a client: stays stopped until a newer spec.
+            return stop(
+                ctx,
+                env,
+                current,
+                current_id,
+                Some(StopReason::DisconnectedTimeout),
+            )
+            .await;
+        }
         let last_phase = ctx.outbox.last(env.id).map(|s| s.phase);
         let (phase, next) = match instance.state {
-            InstanceState::Running => (Phase::Running, ctx.settings.resync),
+            InstanceState::Running => return running(ctx, env, record, instance).await,
             InstanceState::Pending if last_phase == Some(Phase::Starting) => {
                 (Phase::Starting, ctx.settings.poll)
             }
@@ -700,6 +828,11 @@ async fn run(
             InstanceState::Stopped => {
                 ctx.compute.start(&instance.id).await?;
                 ctx.mark_mutated(env.id);
+                if record.idle_stopped_at_spec.is_some() {
+                    let mut record = record;
+                    record.idle_stopped_at_spec = None;
+                    ctx.save(record).await?;
+                }
                 (Phase::Starting, ctx.settings.poll)
             }
             // Wait for the stop to finish, then start.
@@ -712,6 +845,142 @@ async fn run(
         return Ok(Action::Requeue(next));
     }
     launch(ctx, env, record, valid).await
+}
+
+/// A running instance: STARTING until it reports its content ready (looked
+/// up by id, batched, every poll), then RUNNING; failed on a reported
+/// failure or at the deadline; stopped once idle for the spec's
+/// `timeout.disconnected`.
+async fn running(
+    ctx: &Context,
+    env: &Environment,
+    mut record: Record,
+    instance: &Instance,
+) -> Result<Action, ReconcileError> {
+    let mut instance = instance.clone();
+    if !instance.report.ready() && instance.report.failure().is_none() {
+        // Waiting on the instance's report: its own lookup, in a batch.
+        ctx.observer
+            .refresh_ids(std::slice::from_ref(&instance.id), Instant::now())
+            .await?;
+        match ctx
+            .observer
+            .instances(env.id)
+            .into_iter()
+            .find(|i| i.id == instance.id)
+        {
+            Some(fresh) if fresh.state == InstanceState::Running => instance = fresh,
+            // It changed under us: the next pass sees what it became.
+            _ => return Ok(Action::Requeue(ctx.settings.poll)),
+        }
+    }
+    let last = ctx.outbox.last(env.id);
+    let now = ctx.clock.now();
+    match bootstrap(&instance, now, ctx.settings.content_deadline) {
+        Bootstrap::Ready => {
+            let s = status(&env.spec, Phase::Running, Some(&instance), "");
+            if last.as_ref().is_none_or(|l| l.phase != Phase::Running) {
+                started(ctx, &instance, &s);
+            }
+            if let Some(timeout) = env.spec.disconnected_timeout
+                && let Some(idle) = idle_for(&instance.report, instance.launched_at, now)
+                && idle >= timeout
+            {
+                tracing::info!(
+                    instance.id = %instance.id,
+                    idle_secs = idle.as_secs(),
+                    timeout_secs = timeout.as_secs(),
+                    "stopping the environment: no client connected for its timeout.disconnected"
+                );
+                record.idle_stopped_at_spec = Some(env.spec.spec_version);
+                ctx.save(record.clone()).await?;
+                return stop(
+                    ctx,
+                    env,
+                    Some(&instance),
+                    Some(&instance.id),
+                    Some(StopReason::DisconnectedTimeout),
+                )
+                .await;
+            }
+            ctx.publish(env, s);
+            Ok(Action::Requeue(ctx.settings.resync))
+        }
+        Bootstrap::Failed(message) => {
+            if last.as_ref().is_none_or(|l| l.failure_message != message) {
+                tracing::warn!(
+                    instance.id = %instance.id,
+                    stage = instance.report.stage.map_or("none", Stage::as_str),
+                    problem = %message,
+                    "the environment's start failed"
+                );
+                console_tail(ctx, &instance.id).await;
+            }
+            ctx.publish(
+                env,
+                status(&env.spec, Phase::Starting, Some(&instance), message),
+            );
+            Ok(Action::Requeue(ctx.settings.resync))
+        }
+        Bootstrap::Waiting => {
+            ctx.publish(env, status(&env.spec, Phase::Starting, Some(&instance), ""));
+            Ok(Action::Requeue(ctx.settings.poll))
+        }
+    }
+}
+
+/// How long no client has been connected: since the instance said so, or
+/// since it last started if that is later (a report from before a stop
+/// does not count).
+fn idle_for(report: &Report, launched_at: Option<SystemTime>, now: SystemTime) -> Option<Duration> {
+    let since = report.idle_since?;
+    let since = launched_at.map_or(since, |l| l.max(since));
+    now.duration_since(since).ok()
+}
+
+/// The log line of a start that ended ready, with its stage durations, and
+/// the metrics; only for a start the bootstrap timed (a restarted runner
+/// counts again the starts it sees end ready).
+fn started(ctx: &Context, instance: &Instance, status: &Status) {
+    let t = &status.content.timings;
+    if *t == Timings::default() {
+        return;
+    }
+    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+    tracing::info!(
+        instance.id = %instance.id,
+        commit = status.content.commit.as_deref().unwrap_or(""),
+        launch_to_running_ms = ms(t.launch_to_running),
+        running_to_ready_ms = ms(t.running_to_ready),
+        launch_to_ready_ms = ms(t.launch_to_ready),
+        "the environment's content is ready"
+    );
+    if let Some(observer) = &ctx.starts {
+        observer.content_ready(t);
+    }
+}
+
+/// Lines of console output logged after a failed start.
+const CONSOLE_LINES: usize = 40;
+
+/// The last lines of a failed instance's console output, scrubbed, into the
+/// runner's log (never into a status): the operator sees the boot error next
+/// to the environment id. A failure to read it is logged, never fatal.
+async fn console_tail(ctx: &Context, instance_id: &str) {
+    match ctx.compute.console_output(instance_id).await {
+        Ok(output) => {
+            let lines: Vec<&str> = output.lines().collect();
+            let tail = lines[lines.len().saturating_sub(CONSOLE_LINES)..]
+                .iter()
+                .map(|l| report::scrub(l, 300))
+                .collect::<Vec<_>>()
+                .join("\n");
+            tracing::warn!(instance.id = %instance_id, console = %tail, "console output of the failed instance (last lines, scrubbed)");
+        }
+        Err(err) => {
+            tracing::warn!(instance.id = %instance_id, error = %crate::error::chain(&err), "could not read the failed instance's console output");
+        }
+    }
 }
 
 async fn launch(

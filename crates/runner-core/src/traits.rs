@@ -125,6 +125,9 @@ pub trait Compute: Send + Sync + 'static {
     async fn offered_zones(&self, instance_type: &str) -> Result<Vec<String>, ComputeError>;
     /// A cheap call that proves compute works.
     async fn check(&self) -> Result<(), ComputeError>;
+    /// The instance's console output (its boot log), as text; read only
+    /// after a failed start, for the operator's log.
+    async fn console_output(&self, instance_id: &str) -> Result<String, ComputeError>;
 }
 
 /// The runner's credentials, kept in the secret store.

@@ -535,6 +535,7 @@ mod tests {
             repository_url: "https://github.com/acme/api".to_owned(),
             revision: Revision::Default,
             creator: "alice".to_owned(),
+            disconnected_timeout: None,
         };
         for display_name in ["\u{1}", "a\nb", &"\u{7f}".repeat(5000), &"é".repeat(3000)] {
             let class = EnvironmentClass {

@@ -153,6 +153,7 @@ pub async fn run_with(
         poll: engine.poll_interval,
         resync,
         auth_retry: engine.poll_interval * 5,
+        content_deadline: engine.content_deadline,
         ..ReconcileSettings::default()
     };
     let (outbox, desired) = (Arc::default(), Arc::default());
@@ -160,7 +161,8 @@ pub async fn run_with(
         store, compute, observer, outbox, desired, subnets, settings, records,
     )
     .with_checkout(scm.clone())
-    .with_instance_types(types);
+    .with_instance_types(types)
+    .with_start_observer(metrics.clone());
     let sources = Sources {
         health: health.clone(),
         leadership: deps.leadership.clone(),

@@ -161,6 +161,11 @@ pub struct DaemonArgs {
     /// How soon an environment in transition is looked at again.
     #[arg(long, env = "RUNNER_POLL_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
+    /// How long an environment's instance has, from its launch or start, to
+    /// report its content ready (repository checked out) before the
+    /// environment is failed with the last stage it reported.
+    #[arg(long, env = "RUNNER_CONTENT_DEADLINE", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub content_deadline: Duration,
     /// Shortest time between two describes of all instances.
     #[arg(long, env = "RUNNER_OBSERVE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub observe_interval: Duration,
@@ -349,6 +354,8 @@ pub struct EngineConfig {
     pub resync_interval: Duration,
     /// Poll interval for environments in transition.
     pub poll_interval: Duration,
+    /// How long an instance has to report its content ready.
+    pub content_deadline: Duration,
     /// Shortest time between describes.
     pub observe_interval: Duration,
     /// Drain time on shutdown.
@@ -623,6 +630,11 @@ impl DaemonArgs {
                 self.resync_interval,
             )?,
             poll_interval: positive("poll-interval", "RUNNER_POLL_INTERVAL", self.poll_interval)?,
+            content_deadline: positive(
+                "content-deadline",
+                "RUNNER_CONTENT_DEADLINE",
+                self.content_deadline,
+            )?,
             observe_interval: self.observe_interval,
             shutdown_grace: self.shutdown_grace,
             health_check_interval: positive(

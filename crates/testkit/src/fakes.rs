@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use runner_core::model::{EnvironmentId, Instance, InstanceState, Record, Subnet};
+use runner_core::report::{Report, Stage};
 use runner_core::scm::TokenKey;
 use runner_core::traits::{
     Compute, ComputeError, Credentials, EnvironmentSecrets, HostToken, LaunchRequest, SecretError,
@@ -148,6 +149,21 @@ struct Cloud {
     requests: Vec<LaunchRequest>,
     /// Instance ids asked for by `observe_ids`, in all.
     observed_ids: u64,
+    /// What instances report once they run for the first time.
+    bootstrap: FakeBootstrap,
+}
+
+/// What a fake instance's bootstrap reports (in its tags, on a real cloud)
+/// once the instance first runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FakeBootstrap {
+    /// Its content is ready at once, at a commit derived from its id.
+    #[default]
+    Ready,
+    /// Nothing, ever.
+    Silent,
+    /// The stage failed, for the reason given.
+    Fails(Stage, String),
 }
 
 impl Cloud {
@@ -157,6 +173,27 @@ impl Cloud {
         for instance in self.instances.values_mut() {
             if ids.is_some_and(|ids| !ids.contains(&instance.id)) {
                 continue;
+            }
+            if instance.state == InstanceState::Pending && instance.report == Report::default() {
+                let now = SystemTime::now();
+                instance.report = match &self.bootstrap {
+                    FakeBootstrap::Ready => Report {
+                        stage: Some(Stage::Ready),
+                        at: Some(now),
+                        started_at: Some(now),
+                        commit: Some(format!("{:0>40}", instance.id.trim_start_matches("i-"))),
+                        ..Report::default()
+                    },
+                    FakeBootstrap::Silent => Report::default(),
+                    FakeBootstrap::Fails(stage, detail) => Report {
+                        stage: Some(*stage),
+                        failed: true,
+                        detail: detail.clone(),
+                        at: Some(now),
+                        started_at: Some(now),
+                        ..Report::default()
+                    },
+                };
             }
             instance.state = match instance.state {
                 InstanceState::Pending => InstanceState::Running,
@@ -288,6 +325,24 @@ impl MemoryCompute {
             .unwrap_or(0)
     }
 
+    /// What instances launched from now on report once they first run.
+    pub fn set_bootstrap(&self, bootstrap: FakeBootstrap) {
+        self.cloud.lock().expect("lock").bootstrap = bootstrap;
+    }
+
+    /// Sets what an instance reports, as its bootstrap would.
+    pub fn set_report(&self, instance_id: &str, report: Report) {
+        if let Some(i) = self
+            .cloud
+            .lock()
+            .expect("lock")
+            .instances
+            .get_mut(instance_id)
+        {
+            i.report = report;
+        }
+    }
+
     /// Sets an instance's state, as someone outside the runner might.
     pub fn set_state(&self, instance_id: &str, state: InstanceState) {
         if let Some(i) = self
@@ -392,6 +447,8 @@ impl Compute for MemoryCompute {
                 )),
                 state: InstanceState::Pending,
                 quarantined_at: None,
+                launched_at: Some(SystemTime::now()),
+                report: Report::default(),
             };
             cloud.tokens.insert(key, instance.id.clone());
             cloud
@@ -482,7 +539,12 @@ impl Compute for MemoryCompute {
             instance_id,
             &[InstanceState::Stopped],
             InstanceState::Pending,
-        )
+        )?;
+        // EC2's launch time is that of the last start.
+        if let Some(i) = cloud.instances.get_mut(instance_id) {
+            i.launched_at = Some(SystemTime::now());
+        }
+        Ok(())
     }
 
     async fn stop(&self, instance_id: &str) -> Result<(), ComputeError> {
@@ -550,7 +612,25 @@ impl Compute for MemoryCompute {
         self.answer_after_latency().await;
         self.enter("check").map(drop)
     }
+
+    /// A boot log whose last line carries a credential, as a careless
+    /// script might print it (the runner must scrub it).
+    async fn console_output(&self, instance_id: &str) -> Result<String, ComputeError> {
+        self.answer_after_latency().await;
+        let cloud = self.enter("console_output")?;
+        if !cloud.instances.contains_key(instance_id) {
+            return Err(ComputeError::Rejected(format!(
+                "instance {instance_id} does not exist"
+            )));
+        }
+        Ok(format!(
+            "booting {instance_id}\ncloud-init: running user data\nfatal: https://alice:{FAKE_CONSOLE_SECRET}@git.example.com/acme/api.git refused\n"
+        ))
+    }
 }
+
+/// The credential the fake console output prints.
+pub const FAKE_CONSOLE_SECRET: &str = "glpat-consoleQ7x2Lk9Vm4";
 
 /// A secret store in memory.
 #[derive(Debug, Default)]

@@ -20,16 +20,18 @@ use runner_core::model::{
     Action, DesiredPhase, Environment, EnvironmentClass, EnvironmentId, InstanceState, LaunchState,
     Phase, Record, Revision, Spec, Status, Subnet, client_token,
 };
+use runner_core::model::{Content, StopReason, Timings};
 use runner_core::observer::Observer;
 use runner_core::orphans::OrphanPolicy;
 use runner_core::outbox::Outbox;
 use runner_core::reconcile::{Context, ReconcileError, ReconcileSettings, place, reconcile};
+use runner_core::report::{Report, Stage};
 use runner_core::traits::{
     Checkout, CheckoutError, Clock as _, Compute as _, ComputeError, ControlPlane,
     ControlPlaneError, LaunchRequest, ManualClock, StoreError,
 };
 use runner_core::validate::AllowedInstanceTypes;
-use testkit::fakes::{LaunchFault, MemoryCompute, MemoryStore};
+use testkit::fakes::{FakeBootstrap, LaunchFault, MemoryCompute, MemoryStore};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +46,7 @@ const SETTINGS: ReconcileSettings = ReconcileSettings {
     capacity_retry: Duration::from_secs(60),
     rejected_retry: Duration::from_secs(120),
     auth_retry: Duration::from_secs(90),
+    content_deadline: Duration::from_secs(600),
 };
 
 /// How long every compute call takes: the clock moves between a describe
@@ -140,6 +143,8 @@ struct Scenario {
     desired: Arc<Desired>,
     outbox: Arc<Outbox>,
     allowed: AllowedInstanceTypes,
+    /// The context's wall clock (instances' deadlines and idleness).
+    clock: ManualClock,
     ctx: Context,
     arrivals: Arc<Mutex<Vec<Arrival>>>,
 }
@@ -186,10 +191,14 @@ impl Scenario {
             repository_url: "https://github.com/acme/api.git".to_owned(),
             revision: Revision::Branch("main".to_owned()),
             creator: "alice".to_owned(),
+            disconnected_timeout: None,
         };
         let allowed = AllowedInstanceTypes::default();
-        let (desired, outbox, ctx) = Self::context(&store, &compute, &checkout, &class, &allowed);
+        let clock = ManualClock::new(std::time::SystemTime::now());
+        let (desired, outbox, ctx) =
+            Self::context(&store, &compute, &checkout, &class, &allowed, &clock);
         Self {
+            clock,
             id,
             class,
             spec,
@@ -212,6 +221,7 @@ impl Scenario {
         checkout: &Arc<RecordingCheckout>,
         class: &EnvironmentClass,
         allowed: &AllowedInstanceTypes,
+        clock: &ManualClock,
     ) -> (Arc<Desired>, Arc<Outbox>, Context) {
         let desired = Arc::new(Desired::default());
         desired.set_classes(vec![class.clone()]);
@@ -228,7 +238,8 @@ impl Scenario {
             store.records(),
         )
         .with_checkout(checkout.clone())
-        .with_instance_types(allowed.clone());
+        .with_instance_types(allowed.clone())
+        .with_clock(Arc::new(clock.clone()));
         (desired, outbox, ctx)
     }
 
@@ -240,6 +251,7 @@ impl Scenario {
             &self.checkout,
             &self.class,
             &self.allowed,
+            &self.clock,
         );
         self.desired = desired;
         self.outbox = outbox;
@@ -867,7 +879,14 @@ async fn the_orphan_sweep_marks_and_terminates_by_the_contexts_clock() {
         .await
         .expect("a stray instance");
     let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(4_000_000_000));
-    let (_, _, ctx) = Scenario::context(&s.store, &s.compute, &s.checkout, &s.class, &s.allowed);
+    let (_, _, ctx) = Scenario::context(
+        &s.store,
+        &s.compute,
+        &s.checkout,
+        &s.class,
+        &s.allowed,
+        &s.clock,
+    );
     let grace = Duration::from_secs(1800);
     let informer = RunningInformer::start(
         ctx.with_clock(Arc::new(clock.clone())),
@@ -921,8 +940,14 @@ async fn a_hanging_fetch_delays_only_its_own_environment() {
         known: Some(known.clone()),
         ..Plane::default()
     });
-    let (desired, _, ctx) =
-        Scenario::context(&s.store, &s.compute, &s.checkout, &s.class, &s.allowed);
+    let (desired, _, ctx) = Scenario::context(
+        &s.store,
+        &s.compute,
+        &s.checkout,
+        &s.class,
+        &s.allowed,
+        &s.clock,
+    );
     let informer = RunningInformer::start(ctx, plane.clone(), Duration::from_secs(1800)).await;
     for id in [stuck, stuck, known.id] {
         informer.send(Event::EnvironmentChanged(id)).await;
@@ -989,4 +1014,228 @@ async fn before_the_first_full_describe_only_a_deletion_waits_for_it() {
         .expect("the pass succeeds");
     assert_eq!(action, Action::Requeue(SETTINGS.poll));
     assert_eq!(s.compute.calls("terminate"), 1);
+}
+
+/// The scenario's one instance, as the fake cloud holds it.
+fn the_instance(s: &Scenario) -> String {
+    s.compute.instances()[0].id.clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_environment_is_starting_until_its_instance_reports_its_content_ready() {
+    let mut s = Scenario::new();
+    s.compute.set_bootstrap(FakeBootstrap::Silent);
+    s.want(DesiredPhase::Running);
+    let action = s.ok().await;
+    s.honour(action).await;
+    // EC2 runs the instance; it has reported nothing: STARTING, looked at
+    // again after the poll interval.
+    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.poll));
+    let status = s.status();
+    assert_eq!(status.phase, Phase::Starting);
+    assert_eq!(status.content, Content::default());
+    assert_eq!(status.failure_message, "");
+
+    let id = the_instance(&s);
+    let started = std::time::SystemTime::now();
+    s.compute.set_report(
+        &id,
+        Report {
+            stage: Some(Stage::Clone),
+            started_at: Some(started),
+            at: Some(started),
+            ..Report::default()
+        },
+    );
+    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.poll));
+    assert_eq!(
+        (s.status().phase, s.status().content.stage),
+        (Phase::Starting, Some(Stage::Clone))
+    );
+
+    let commit = "0123456789abcdef0123456789abcdef01234567".to_owned();
+    let ready_at = started + Duration::from_secs(25);
+    s.compute.set_report(
+        &id,
+        Report {
+            stage: Some(Stage::Ready),
+            started_at: Some(started),
+            at: Some(ready_at),
+            commit: Some(commit.clone()),
+            ..Report::default()
+        },
+    );
+    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+    let status = s.status();
+    assert_eq!(status.phase, Phase::Running);
+    assert_eq!(status.content.stage, Some(Stage::Ready));
+    assert_eq!(status.content.commit, Some(commit));
+    assert_eq!(status.content.ready_at, Some(ready_at));
+    assert_eq!(
+        status.content.timings.running_to_ready,
+        Some(Duration::from_secs(25))
+    );
+    assert!(status.content.timings.launch_to_ready.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reported_failure_names_its_stage_and_the_console_is_read_once() {
+    let mut s = Scenario::new();
+    s.compute.set_bootstrap(FakeBootstrap::Fails(
+        Stage::Checkout,
+        "git checkout 0123 failed: fatal: reference is not a tree".into(),
+    ));
+    s.want(DesiredPhase::Running);
+    let action = s.ok().await;
+    s.honour(action).await;
+    for _ in 0..2 {
+        assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+        let status = s.status();
+        assert_eq!(status.phase, Phase::Starting);
+        assert_eq!(status.content.stage, Some(Stage::Checkout));
+        assert_eq!(
+            status.failure_message,
+            "the environment's content is not ready: checkout failed at stage checkout: git checkout 0123 failed: fatal: reference is not a tree"
+        );
+    }
+    assert_eq!(
+        s.compute.calls("console_output"),
+        1,
+        "read once, on the failure"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_that_reports_nothing_fails_at_the_deadline() {
+    let mut s = Scenario::new();
+    s.compute.set_bootstrap(FakeBootstrap::Silent);
+    s.want(DesiredPhase::Running);
+    let action = s.ok().await;
+    s.honour(action).await;
+    s.clock
+        .advance(SETTINGS.content_deadline - Duration::from_secs(5));
+    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.poll));
+    assert_eq!(s.status().failure_message, "", "not yet");
+    s.clock.advance(Duration::from_secs(6));
+    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+    let status = s.status();
+    assert_eq!(status.phase, Phase::Starting);
+    assert_eq!(
+        status.failure_message,
+        "the environment's content is not ready: no report of it within 10m of the instance's start (the instance reported nothing)"
+    );
+    // A restarted runner reads the same from the instance, not from memory.
+    s.restart();
+    s.desired.upsert(Environment {
+        id: s.id,
+        spec: s.spec.clone(),
+        accepted_status_version: 0,
+    });
+    s.ok().await;
+    assert_eq!(s.status().failure_message, status.failure_message);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_environment_idle_for_its_timeout_is_stopped_and_stays_stopped_until_started() {
+    let mut s = Scenario::new();
+    s.edit(|spec| {
+        spec.desired = Some(DesiredPhase::Running);
+        spec.disconnected_timeout = Some(Duration::from_secs(60));
+    });
+    let action = s.ok().await;
+    s.honour(action).await;
+    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+    assert_eq!(s.status().phase, Phase::Running);
+    let id = the_instance(&s);
+    let mut report = s.compute.instances()[0].report.clone();
+    report.idle_since = Some(s.clock.now());
+    s.compute.set_report(&id, report);
+    // A RUNNING instance's report is read on the resync's full describe.
+    s.ctx
+        .observer
+        .refresh()
+        .await
+        .expect("the resync's describe");
+    s.clock.advance(Duration::from_secs(59));
+    s.ok().await;
+    assert_eq!(s.status().phase, Phase::Running, "idle for less than 60 s");
+    assert_eq!(s.compute.calls("stop"), 0);
+
+    // (The fake's launch time is the real clock's, a little after this one's start.)
+    s.clock.advance(Duration::from_secs(2));
+    s.ok().await;
+    assert_eq!(s.compute.calls("stop"), 1);
+    let status = s.status();
+    assert_eq!(
+        (status.phase, status.stop_reason),
+        (Phase::Stopping, Some(StopReason::DisconnectedTimeout))
+    );
+    assert_eq!(s.record().idle_stopped_at_spec, Some(s.spec.spec_version));
+    // Still RUNNING desired at that spec: it stays stopped (a restart too).
+    s.restart();
+    s.desired.upsert(Environment {
+        id: s.id,
+        spec: s.spec.clone(),
+        accepted_status_version: 0,
+    });
+    for _ in 0..2 {
+        let action = s.ok().await;
+        s.honour(action).await;
+    }
+    assert_eq!(
+        (s.status().phase, s.status().stop_reason),
+        (Phase::Stopped, Some(StopReason::DisconnectedTimeout))
+    );
+    assert_eq!(s.compute.calls("start"), 0);
+    // The control plane's STOPPED keeps the reason; a new start starts.
+    s.want(DesiredPhase::Stopped);
+    s.ok().await;
+    assert_eq!(
+        s.status().stop_reason,
+        Some(StopReason::DisconnectedTimeout)
+    );
+    s.want(DesiredPhase::Running);
+    s.ok().await;
+    assert_eq!(s.compute.calls("start"), 1);
+    assert_eq!(s.record().idle_stopped_at_spec, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_after_a_stop_is_running_at_once_without_the_first_boots_timings() {
+    let mut s = Scenario::new();
+    s.want(DesiredPhase::Running);
+    let action = s.ok().await;
+    s.honour(action).await;
+    s.ok().await;
+    let first = s.status();
+    assert_eq!(first.phase, Phase::Running);
+    let id = the_instance(&s);
+    // The first boot's report, as the bootstrap left it: ready a minute
+    // before this start (the bootstrap does not run again).
+    let boot = std::time::SystemTime::now() - Duration::from_secs(120);
+    s.compute.set_report(
+        &id,
+        Report {
+            stage: Some(Stage::Ready),
+            started_at: Some(boot),
+            at: Some(boot + Duration::from_secs(60)),
+            commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            ..Report::default()
+        },
+    );
+    s.want(DesiredPhase::Stopped);
+    for _ in 0..2 {
+        let action = s.ok().await;
+        s.honour(action).await;
+    }
+    assert_eq!(s.status().phase, Phase::Stopped);
+    s.want(DesiredPhase::Running);
+    for _ in 0..3 {
+        let action = s.ok().await;
+        s.honour(action).await;
+    }
+    let status = s.status();
+    assert_eq!(status.phase, Phase::Running);
+    assert_eq!(status.content.stage, Some(Stage::Ready));
+    assert_eq!(status.content.timings, Timings::default());
 }

@@ -93,6 +93,9 @@ impl Compute for NoInstances {
     async fn check(&self) -> Result<(), ComputeError> {
         Ok(())
     }
+    async fn console_output(&self, _: &str) -> Result<String, ComputeError> {
+        unreachable!("no failed start")
+    }
 }
 
 /// A controller over one environment the control plane no longer knows,

@@ -4,8 +4,9 @@
 
 use runner_core::model::{
     DesiredPhase, Environment, EnvironmentClass, EnvironmentId, Instance, InstanceState, Phase,
-    Revision, Spec, Status,
+    Revision, Spec, Status, StopReason, Timings,
 };
+use runner_core::report::Stage;
 use runner_proto::pb::{self, environment_content};
 
 /// Reads an environment from the wire; the error names what is malformed.
@@ -39,7 +40,37 @@ pub fn environment_from_proto(env: pb::RunnerEnvironment) -> Result<Environment,
             repository_url: content.repository_url,
             revision,
             creator: env.metadata.map(|m| m.creator).unwrap_or_default(),
+            disconnected_timeout: disconnected_timeout(spec.timeout.as_ref()),
         },
+    })
+}
+
+/// `timeout.disconnected`: unset, zero or negative means never.
+fn disconnected_timeout(timeout: Option<&pb::EnvironmentTimeout>) -> Option<std::time::Duration> {
+    let d = timeout?.disconnected?;
+    let d = std::time::Duration::try_from(d).ok()?;
+    (!d.is_zero()).then_some(d)
+}
+
+fn duration(d: Option<std::time::Duration>) -> Option<prost_types::Duration> {
+    d.and_then(|d| prost_types::Duration::try_from(d).ok())
+}
+
+fn stage_to_proto(stage: Option<Stage>) -> pb::ContentStage {
+    match stage {
+        None => pb::ContentStage::Unspecified,
+        Some(Stage::Credential) => pb::ContentStage::Credential,
+        Some(Stage::Clone) => pb::ContentStage::Clone,
+        Some(Stage::Checkout) => pb::ContentStage::Checkout,
+        Some(Stage::Ready) => pb::ContentStage::Ready,
+    }
+}
+
+fn timings_to_proto(t: &Timings) -> Option<pb::StartTimings> {
+    (*t != Timings::default()).then(|| pb::StartTimings {
+        launch_to_running: duration(t.launch_to_running),
+        running_to_content_ready: duration(t.running_to_ready),
+        launch_to_content_ready: duration(t.launch_to_ready),
     })
 }
 
@@ -105,5 +136,13 @@ pub fn status_to_proto(version: u64, status: &Status) -> pb::EnvironmentStatus {
         machine: status.machine.as_ref().map(machine_to_proto),
         failure_message: status.failure_message.chars().take(4096).collect(),
         warning_message: status.warning_message.chars().take(4096).collect(),
+        content_stage: stage_to_proto(status.content.stage) as i32,
+        content_commit: status.content.commit.clone().unwrap_or_default(),
+        content_ready_time: status.content.ready_at.map(prost_types::Timestamp::from),
+        start_timings: timings_to_proto(&status.content.timings),
+        stop_reason: match status.stop_reason {
+            None => pb::StopReason::Unspecified,
+            Some(StopReason::DisconnectedTimeout) => pb::StopReason::DisconnectedTimeout,
+        } as i32,
     }
 }

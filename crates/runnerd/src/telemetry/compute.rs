@@ -104,4 +104,9 @@ impl Compute for InstrumentedCompute {
     async fn check(&self) -> Result<(), ComputeError> {
         self.timed("check", self.inner.check()).await
     }
+
+    async fn console_output(&self, instance_id: &str) -> Result<String, ComputeError> {
+        self.timed("console_output", self.inner.console_output(instance_id))
+            .await
+    }
 }

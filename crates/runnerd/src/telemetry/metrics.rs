@@ -11,8 +11,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use runner_core::controller::ReconcileObserver;
+use runner_core::model::Timings;
 use runner_core::outbox::Round;
-use runner_core::reconcile::ReconcileError;
+use runner_core::reconcile::{ReconcileError, StartObserver};
 use runner_core::scheduler::QueueObserver;
 
 use super::events::{
@@ -76,6 +77,17 @@ pub struct Metrics {
     pub(super) update_failing: Gauge,
     pub(super) store_calls: Family<Call, Counter>,
     pub(super) aws_throttled: Family<Operation, Counter>,
+    pub(super) start_seconds: Family<Span, Histogram>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct Span {
+    pub(super) span: &'static str,
+}
+
+/// Environment starts take seconds to many minutes: 1 s to about 1 h.
+fn start_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 12))
 }
 
 impl Default for Metrics {
@@ -208,7 +220,15 @@ impl Default for Metrics {
             "AWS calls still throttled after the retries, by operation",
             aws_throttled.clone(),
         );
+        let start_seconds =
+            Family::<Span, Histogram>::new_with_constructor(start_seconds as fn() -> Histogram);
+        registry.register(
+            "environment_start_seconds",
+            "Environment starts that ended ready, by span: launch_to_running, running_to_ready, launch_to_ready",
+            start_seconds.clone(),
+        );
         Self {
+            start_seconds,
             registry,
             reconciles,
             reconcile_seconds,
@@ -270,6 +290,22 @@ pub(super) fn gauge_value(count: usize) -> i64 {
 impl ReconcileObserver for Metrics {
     fn reconciled(&self, took: Duration, error: Option<&ReconcileError>) {
         ReconcileFinished { took, error }.emit(self);
+    }
+}
+
+impl StartObserver for Metrics {
+    fn content_ready(&self, timings: &Timings) {
+        for (span, took) in [
+            ("launch_to_running", timings.launch_to_running),
+            ("running_to_ready", timings.running_to_ready),
+            ("launch_to_ready", timings.launch_to_ready),
+        ] {
+            if let Some(took) = took {
+                self.start_seconds
+                    .get_or_create(&Span { span })
+                    .observe(took.as_secs_f64());
+            }
+        }
     }
 }
 
