@@ -7,6 +7,7 @@ mod chaos;
 mod checkout;
 mod daemon;
 mod doctor;
+mod errors;
 mod faults;
 mod repository;
 mod scan;
