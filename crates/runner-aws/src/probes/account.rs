@@ -70,7 +70,7 @@ impl Probes {
                         "the task role needs dynamodb:DescribeTable on the table (the stack grants it)",
                     )
                 } else {
-                    aws_fail(&err, &hint)
+                    aws_fail(&err, hint)
                 };
             }
         };

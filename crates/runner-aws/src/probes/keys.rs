@@ -30,7 +30,7 @@ impl Probes {
                         "the task role needs kms:DescribeKey on the key (the stack grants it)",
                     )
                 } else {
-                    aws_fail(&err, &hint)
+                    aws_fail(&err, hint)
                 };
             }
         };

@@ -64,7 +64,7 @@ impl Probes {
                         "the task role needs iam:GetInstanceProfile on the profile (the stack grants it)",
                     )
                 } else {
-                    aws_fail(&err, &hint)
+                    aws_fail(&err, hint)
                 }
             }
         }

@@ -335,7 +335,7 @@ impl Placement<'_> {
             Err(PlacementError::NoGroup { .. }) => {
                 fail(format!("{group} does not exist in {}", self.region), hint)
             }
-            Err(PlacementError::DescribeSecurityGroups(err)) => aws_fail(&err, &hint),
+            Err(PlacementError::DescribeSecurityGroups(err)) => aws_fail(&err, hint),
             Err(other) => fail(other.to_string(), hint),
         }
     }
