@@ -1,17 +1,20 @@
 """The local stack: emulated AWS (moto), the stack template deployed into it,
 the reference control plane and runnerd, all on 127.0.0.1.
 
-  local.py up   --runnerctl PATH --runnerd PATH   start (or reuse) and bring an environment to RUNNING
-  local.py down                                   stop exactly what `up` started
+  local.py up   --runnerctl PATH --runnerd PATH [--image NAME]
+                start (or reuse) and bring an environment to RUNNING; with
+                --image, runnerd runs inside that image (buildah, chroot)
+  local.py down stop exactly what `up` started
 
-State (endpoints, process ids, ids) lives in .tools/local/state.json; logs
-beside it. Nothing here touches a real AWS account: every client is pointed
+State (endpoints, process ids, ids) lives in .tools/local/state.json (or in
+$LOCAL_STATE_DIR); logs beside it. Nothing here touches a real AWS account: every client is pointed
 at the local moto with dummy credentials.
 """
 
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,10 +25,26 @@ import urllib.request
 import boto3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STATE_DIR = os.path.join(ROOT, ".tools", "local")
+STATE_DIR = os.environ.get("LOCAL_STATE_DIR") or os.path.join(ROOT, ".tools", "local")
 STATE = os.path.join(STATE_DIR, "state.json")
 REGION = "us-east-1"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_EC2_METADATA_DISABLED": "true"}
+# buildah without a daemon: files copied per layer, the process in a chroot
+# on the host's network (so 127.0.0.1 is the host's).
+BUILDAH_ENV = {"STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
+
+
+def buildah(*args):
+    out = subprocess.run(["buildah", *args], env={**os.environ, **BUILDAH_ENV}, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"buildah {' '.join(args)} failed: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def in_image(container, env, argv):
+    """`argv` run inside `container` (a working container of the image) with `env`."""
+    flags = [f for k, v in env.items() if k != "PATH" for f in ("--env", f"{k}={v}")]
+    return ["buildah", "run", "--network", "host", *flags, container, "--", *argv]
 
 
 def say(message):
@@ -94,6 +113,9 @@ def ctl(runnerctl, cp_url, *args):
 def up(args):
     os.makedirs(STATE_DIR, exist_ok=True)
     state = load_state()
+    if state.get("image") != args.image and state.get("runnerd_pid") and alive(state["runnerd_pid"]):
+        raise SystemExit(f"runnerd is running {'in ' + state['image'] if state.get('image') else 'from the build'}: "
+                         "run deploy/local/down first")
     venv_bin = os.path.dirname(sys.executable)
 
     if state.get("moto_pid") and alive(state["moto_pid"]):
@@ -168,6 +190,13 @@ def up(args):
         if not outputs.get("SecretArn"):
             outputs["SecretArn"] = sm.create_secret(
                 Name=f"aws-runner/{runner['id']}/credential", SecretString="{}")["ARN"]
+        # moto's CloudFormation stores the key policy as an object, and its KMS
+        # then answers DescribeKey with HTTP 500; store the same policy as the
+        # JSON text KMS keeps.
+        kms = client("kms", moto)
+        policy = kms.get_key_policy(KeyId=outputs["KmsKeyArn"], PolicyName="default")["Policy"]
+        if not isinstance(policy, str):
+            kms.put_key_policy(KeyId=outputs["KmsKeyArn"], PolicyName="default", Policy=json.dumps(policy))
         state.update(stack=stack, runner_id=runner["id"], outputs=outputs, subnets=subnets)
         save_state(state)
         say(f"stack {stack} is CREATE_COMPLETE")
@@ -187,10 +216,20 @@ def up(args):
                "RUNNER_EXCHANGE_TOKEN_SECRET_ID": o["ExchangeTokenSecretArn"],
                "RUNNER_ALLOWED_INSTANCE_TYPES": o["AllowedInstanceTypes"], "RUNNER_KMS_KEY_ID": o["KmsKeyArn"],
                "RUNNER_HEALTH_LISTEN": f"127.0.0.1:{health}", "RUNNER_LOG_FORMAT": "json"}
-        state["runnerd_pid"] = spawn("runnerd", [args.runnerd], env=env)
         state["health_url"] = f"http://127.0.0.1:{health}"
+        log = os.path.join(STATE_DIR, "runnerd.log")
+        state["runnerd_log_offset"] = os.path.getsize(log) if os.path.exists(log) else 0
+        if args.image:
+            state["runnerd_container"] = buildah("from", "--pull-never", args.image)
+            state["image"] = args.image
+            state["runnerd_pid"] = spawn("runnerd", in_image(state["runnerd_container"], env, ["/runnerd"]),
+                                         env={**os.environ, **BUILDAH_ENV})
+        else:
+            state.pop("image", None)
+            state["runnerd_pid"] = spawn("runnerd", [args.runnerd], env=env)
         save_state(state)
-        say(f"started runnerd (pid {state['runnerd_pid']}), health at {state['health_url']}")
+        where = f" in {args.image}" if args.image else ""
+        say(f"started runnerd{where} (pid {state['runnerd_pid']}), health at {state['health_url']}")
 
     runner_id = state["runner_id"]
     if not state.get("env_id"):
@@ -220,20 +259,60 @@ def up(args):
     status = got.get("status") or {}
     if status.get("phase") != "RUNNING":
         raise SystemExit(f"the environment did not reach RUNNING: {json.dumps(got)} (logs in {STATE_DIR})")
+    failing = setup_checks(state)
+    if failing:
+        raise SystemExit(f"the runner is DEGRADED: setup checks fail: {failing} (logs in {STATE_DIR})")
+    runner = {}
+    for _ in range(240):
+        runner = ctl(args.runnerctl, cp_url, "runner", "get", runner_id)
+        if runner.get("phase") == "ACTIVE":
+            break
+        time.sleep(0.25)
+    if runner.get("phase") != "ACTIVE":
+        raise SystemExit(f"the runner is {runner.get('phase')}: {runner.get('degraded_message')} (logs in {STATE_DIR})")
     print()
     print(f"  moto (emulated AWS)   {moto}")
     print(f"  control plane         {cp_url}")
     print(f"  runnerd health        {state['health_url']}/readyz")
-    print(f"  runner                {runner_id}")
+    print(f"  runner                {runner_id} ACTIVE")
     print(f"  environment           {state['env_id']} RUNNING on {status['instance_id']} in {status['availability_zone']}")
     print(f"  state and logs        {STATE_DIR}")
     print()
+    # The binaries stay in the build directory: the next steps put it on PATH.
+    bin_dir = os.path.dirname(os.path.abspath(args.runnerctl))
+    if not shutil.which("runnerctl", path=bin_dir):
+        raise SystemExit(f"no runnerctl in {bin_dir}")
     print("Next:")
-    print(f"  export RUNNERCTL_CONTROL_PLANE={cp_url}")
+    print(f"  export PATH={bin_dir}:$PATH RUNNERCTL_CONTROL_PLANE={cp_url}")
     print(f"  runnerctl env list")
     print(f"  runnerctl env create --runner {runner_id} --class {state['class_id']} --repo https://github.com/acme/api.git")
     print(f"  runnerctl env stop {state['env_id']}")
     print("  deploy/local/down")
+
+
+def setup_checks(state, seconds=60):
+    """Waits for runnerd's start checks (its log since it started): None when
+    they pass, else the failures as `check: problem; ...`."""
+    log = os.path.join(STATE_DIR, "runnerd.log")
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        failures = []
+        with open(log, "rb") as f:
+            f.seek(state.get("runnerd_log_offset", 0))
+            for line in f:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                message = event.get("message") or event.get("fields", {}).get("message")
+                if message == "setup checks pass":
+                    return None
+                if message == "setup check failed":
+                    failures.append(f"{event.get('check')}: {event.get('problem')}")
+        if failures:
+            return "; ".join(failures)
+        time.sleep(0.2)
+    raise SystemExit(f"runnerd's setup checks did not finish within {seconds} s (logs in {STATE_DIR})")
 
 
 def down(_args):
@@ -252,6 +331,9 @@ def down(_args):
             if alive(pid):
                 os.killpg(pid, signal.SIGKILL)
             say(f"stopped {name[:-4]} (pid {pid})")
+    if state.get("runnerd_container"):
+        buildah("rm", state["runnerd_container"])
+        say(f"removed the container {state['runnerd_container']}")
     os.remove(STATE)
 
 
@@ -261,6 +343,7 @@ def main():
     p_up = sub.add_parser("up")
     p_up.add_argument("--runnerctl", required=True)
     p_up.add_argument("--runnerd", required=True)
+    p_up.add_argument("--image", help="run runnerd inside this image (deploy/image/build) with buildah")
     sub.add_parser("down")
     args = parser.parse_args()
     {"up": up, "down": down}[args.command](args)

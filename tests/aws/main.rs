@@ -8,6 +8,7 @@ mod checkout;
 mod content;
 mod daemon;
 mod doctor;
+mod errors;
 mod faults;
 mod repository;
 mod scan;

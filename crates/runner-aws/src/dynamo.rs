@@ -54,8 +54,15 @@ pub struct DynamoStore {
 /// the exchange token on first start.
 pub const CLAIM_SK: &str = "CLAIM#credential";
 
-fn unavailable(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+/// A failure before or after the call (a request that does not build, a
+/// record that does not read).
+fn local_error(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Unavailable(Box::new(err))
+}
+
+/// A failed DynamoDB call, with its whole account.
+fn unavailable(err: impl Into<crate::error::AwsError>) -> StoreError {
+    StoreError::Unavailable(crate::error::boxed(err))
 }
 
 pub(crate) fn n(value: u64) -> AttributeValue {
@@ -236,7 +243,7 @@ impl DynamoStore {
             .expression_attribute_values(":epoch", n(epoch))
             .expression_attribute_values(":now", n(millis(SystemTime::now())))
             .build()
-            .map_err(unavailable)?;
+            .map_err(local_error)?;
         Ok(TransactWriteItem::builder().condition_check(check).build())
     }
 
@@ -303,7 +310,7 @@ impl StateStore for DynamoStore {
         let mut records = Vec::new();
         while let Some(item) = pages.next().await {
             let item = item.map_err(unavailable)?;
-            records.push(Self::decode(&item).map_err(unavailable)?);
+            records.push(Self::decode(&item).map_err(local_error)?);
         }
         Ok(records)
     }
@@ -322,7 +329,7 @@ impl StateStore for DynamoStore {
             .item()
             .map(Self::decode)
             .transpose()
-            .map_err(unavailable)
+            .map_err(local_error)
     }
 
     async fn put(&self, record: &Record) -> Result<Record, StoreError> {
@@ -334,7 +341,7 @@ impl StateStore for DynamoStore {
             .condition_expression(condition)
             .set_expression_attribute_values(values)
             .build()
-            .map_err(unavailable)?;
+            .map_err(local_error)?;
         self.transact(
             record.environment,
             TransactWriteItem::builder().put(put).build(),
@@ -354,7 +361,7 @@ impl StateStore for DynamoStore {
             .condition_expression(condition)
             .set_expression_attribute_values(values)
             .build()
-            .map_err(unavailable)?;
+            .map_err(local_error)?;
         self.transact(
             record.environment,
             TransactWriteItem::builder().delete(delete).build(),

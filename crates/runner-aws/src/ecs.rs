@@ -73,7 +73,7 @@ fn classify<
             | "ServiceNotActiveException"
             | "UnsupportedFeatureException"),
         ) => UpdateError::Rejected(format!("ecs:{what}: {c}: {message}")),
-        _ => unavailable(what, err),
+        _ => unavailable(what, crate::error::AwsError::new(err)),
     }
 }
 

@@ -98,7 +98,7 @@ impl Envelope {
             .await
             .map_err(|e| EnvelopeError::Kms {
                 operation: "GenerateDataKey",
-                source: Box::new(e),
+                source: crate::error::boxed(e),
             })?;
         let cipher = cipher(key.plaintext())?;
         let encrypted_key = key
@@ -149,7 +149,7 @@ impl Envelope {
                 } else {
                     EnvelopeError::Kms {
                         operation: "Decrypt",
-                        source: Box::new(e),
+                        source: crate::error::boxed(e),
                     }
                 }
             })?;

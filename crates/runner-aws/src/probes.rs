@@ -46,6 +46,13 @@ pub fn fail(message: impl Into<String>, hint: impl Into<String>) -> Outcome {
     }
 }
 
+/// A check failed by the AWS call `err`: its whole account as the message;
+/// `hint` unless the service failed rather than the request (then what to do
+/// about that: no setting is wrong).
+pub(crate) fn aws_fail(err: &crate::error::AwsError, hint: &str) -> Outcome {
+    fail(err.text(), err.hint(hint))
+}
+
 /// One check's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {

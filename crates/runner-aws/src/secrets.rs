@@ -67,7 +67,7 @@ impl SecretsManagerStore {
                 Some("ResourceNotFoundException") => {
                     SecretError::Malformed(format!("secret {id} does not exist"))
                 }
-                _ => SecretError::Unavailable(Box::new(e)),
+                _ => SecretError::Unavailable(crate::error::boxed(e)),
             })?;
         parse(output.secret_string().unwrap_or_default())
     }
@@ -164,7 +164,7 @@ impl SecretStore for SecretsManagerStore {
             .send()
             .await
             .map(drop)
-            .map_err(|e| SecretError::Unavailable(Box::new(e)))
+            .map_err(|e| SecretError::Unavailable(crate::error::boxed(e)))
     }
 }
 
@@ -296,7 +296,7 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
                 .send()
                 .await
                 .map(drop)
-                .map_err(|e| unavailable(Box::new(e)))
+                .map_err(|e| unavailable(crate::error::boxed(e)))
         };
         match overwrite().await {
             Ok(output) => {
@@ -308,14 +308,16 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
                     Ok(arn) => self.learn(arn.as_deref()),
                     // Created concurrently: overwrite.
                     Err(err) if err.code() == Some("ResourceExistsException") => {
-                        let output = overwrite().await.map_err(|e| unavailable(Box::new(e)))?;
+                        let output = overwrite()
+                            .await
+                            .map_err(|e| unavailable(crate::error::boxed(e)))?;
                         self.learn(output.arn());
                         retag().await?;
                     }
-                    Err(err) => return Err(unavailable(Box::new(err))),
+                    Err(err) => return Err(unavailable(crate::error::boxed(err))),
                 }
             }
-            Err(err) => return Err(unavailable(Box::new(err))),
+            Err(err) => return Err(unavailable(crate::error::boxed(err))),
         }
         Ok(name)
     }
@@ -331,7 +333,7 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
             match self.client.describe_secret().secret_id(&name).send().await {
                 Ok(output) => self.learn(output.arn()),
                 Err(err) if not_found(err.code()) => return Ok(()),
-                Err(err) => return Err(SecretError::Unavailable(Box::new(err))),
+                Err(err) => return Err(SecretError::Unavailable(crate::error::boxed(err))),
             }
         }
         let Some((partition, account)) = self.arn_parts.get() else {
@@ -359,7 +361,7 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
             Ok(_) => Ok(()),
             // No credential for this environment: nothing to bind.
             Err(err) if not_found(err.code()) => Ok(()),
-            Err(err) => Err(SecretError::Unavailable(Box::new(err))),
+            Err(err) => Err(SecretError::Unavailable(crate::error::boxed(err))),
         }
     }
 
@@ -377,7 +379,7 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
         {
             Ok(_) => Ok(()),
             Err(err) if not_found(err.code()) => Ok(()),
-            Err(err) => Err(SecretError::Unavailable(Box::new(err))),
+            Err(err) => Err(SecretError::Unavailable(crate::error::boxed(err))),
         }
     }
 
@@ -407,7 +409,7 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
             .send();
         let mut names = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| SecretError::Unavailable(Box::new(e)))?;
+            let page = page.map_err(|e| SecretError::Unavailable(crate::error::boxed(e)))?;
             for secret in page.secret_list() {
                 // The filters match by prefix and on any tag: check exactly.
                 let holds = secret
@@ -431,7 +433,7 @@ impl runner_core::traits::EnvironmentSecrets for EnvironmentSecretsManager {
             {
                 Ok(_) => {}
                 Err(err) if not_found(err.code()) => {}
-                Err(err) => return Err(SecretError::Unavailable(Box::new(err))),
+                Err(err) => return Err(SecretError::Unavailable(crate::error::boxed(err))),
             }
         }
         Ok(names.len())

@@ -57,8 +57,15 @@ impl Drop for Plain {
     }
 }
 
-fn unavailable(err: impl std::error::Error + Send + Sync + 'static) -> TokenStoreError {
+/// A failure before or after the call (a request that does not build, a
+/// record that does not read).
+fn local_error(err: impl std::error::Error + Send + Sync + 'static) -> TokenStoreError {
     TokenStoreError::Unavailable(Box::new(err))
+}
+
+/// A failed AWS call, with its whole account.
+fn unavailable(err: impl Into<crate::error::AwsError>) -> TokenStoreError {
+    TokenStoreError::Unavailable(crate::error::boxed(err))
 }
 
 fn malformed(problem: &str) -> TokenStoreError {
@@ -158,7 +165,7 @@ impl DynamoTokenStore {
         {
             Ok(plaintext) => plaintext,
             Err(EnvelopeError::Open) => return Err(TokenStoreError::Undecryptable),
-            Err(err) => return Err(unavailable(err)),
+            Err(err) => return Err(local_error(err)),
         };
         let plain: Plain =
             serde_json::from_slice(&plaintext).map_err(|_| TokenStoreError::Undecryptable)?;
@@ -210,13 +217,13 @@ impl TokenStore for DynamoTokenStore {
                 .as_ref()
                 .map(|r| r.expose_secret().to_owned()),
         };
-        let plaintext = Zeroizing::new(serde_json::to_vec(&plain).map_err(unavailable)?);
+        let plaintext = Zeroizing::new(serde_json::to_vec(&plain).map_err(local_error)?);
         drop(plain);
         let sealed = self
             .envelope
             .seal(&plaintext, &self.context(key, token.binding.as_deref()))
             .await
-            .map_err(unavailable)?;
+            .map_err(local_error)?;
         let version = expected.unwrap_or(0) + 1;
         let mut item = self.key_item(key);
         item.insert("schema_version".into(), n(SCHEMA_VERSION));

@@ -132,6 +132,23 @@ impl From<Finding> for Check {
     }
 }
 
+/// The fix for a control-plane call that failed with `code`: a URL that is
+/// not the gRPC endpoint answers as one that is not; an endpoint that is
+/// down, overloaded or failing needs no setting changed.
+fn control_plane_hint(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Internal
+        | Code::Aborted => {
+            "the control plane did not answer or failed (see the message): the check runs again; if it keeps failing, ask the control plane's operator"
+        }
+        _ => "check that RUNNER_CONTROL_PLANE_URL is the control plane's gRPC endpoint",
+    }
+}
+
 /// The start checks run again after a failure: from 30 s, doubling, up to
 /// 10 min.
 const RECHECK: Policy = Policy::new(Duration::from_secs(30), Duration::from_secs(600));
@@ -411,7 +428,7 @@ impl Doctor {
             ),
             Err(err) => fail(
                 format!("{:?}: {}", err.code(), err.status().message()),
-                "check that RUNNER_CONTROL_PLANE_URL is the control plane's gRPC endpoint",
+                control_plane_hint(err.code()),
             ),
         }
     }
@@ -433,6 +450,11 @@ impl Doctor {
             Err(UpdateError::NotAService(why)) => {
                 Outcome::Skip(format!("{why}: only the service's own tasks update it"))
             }
+            // ECS failed or was not reached: no permission is missing.
+            Err(err @ UpdateError::Unavailable { .. }) => fail(
+                chain(&err),
+                "ECS did not answer or failed (see the cause): the check runs again; if it keeps failing, look at the runner's network path to ECS and at ECS's health",
+            ),
             Err(err) => fail(
                 chain(&err),
                 "the task role needs ecs:DescribeTasks, ecs:DescribeServices and ecs:DescribeTaskDefinition (the stack grants them)",
@@ -549,6 +571,17 @@ mod tests {
             None,
         )]);
         assert_eq!(r.problem().as_deref(), Some("kms-key: line one line two ."));
+    }
+
+    #[test]
+    fn a_failing_control_plane_is_not_blamed_on_the_url() {
+        for code in [tonic::Code::Unavailable, tonic::Code::Internal] {
+            assert!(!super::control_plane_hint(code).contains("RUNNER_CONTROL_PLANE_URL"));
+        }
+        assert!(
+            super::control_plane_hint(tonic::Code::Unimplemented)
+                .contains("RUNNER_CONTROL_PLANE_URL")
+        );
     }
 
     #[test]

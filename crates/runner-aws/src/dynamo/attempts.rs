@@ -110,7 +110,7 @@ impl Attempts for DynamoAttempts {
             .await
             .map_err(|e| UpdateError::Unavailable {
                 what: "GetItem",
-                source: Box::new(e),
+                source: crate::error::boxed(e),
             })?;
         output
             .item()
@@ -145,7 +145,7 @@ impl Attempts for DynamoAttempts {
             }
             Err(err) => Err(UpdateError::Unavailable {
                 what: "PutItem",
-                source: Box::new(err),
+                source: crate::error::boxed(err),
             }),
         }
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeyType, ScalarAttributeType, TableStatus};
 
-use super::{Outcome, Probes, fail};
+use super::{Outcome, Probes, aws_fail, fail};
 use crate::error::AwsError;
 
 impl Probes {
@@ -17,8 +17,8 @@ impl Probes {
                 identity.arn().unwrap_or("?"),
                 identity.account().unwrap_or("?")
             )),
-            Err(err) => fail(
-                AwsError::new(err).text(),
+            Err(err) => aws_fail(
+                &AwsError::new(err),
                 "runnerd finds credentials the AWS SDK's usual way: the task role on ECS; elsewhere AWS_PROFILE, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an instance profile",
             ),
         }
@@ -42,7 +42,7 @@ impl Probes {
                     Outcome::Pass(format!("{region}: {}", zones.join(", ")))
                 }
             }
-            Err(err) => fail(AwsError::new(err).text(), hint),
+            Err(err) => aws_fail(&AwsError::new(err), hint),
         }
     }
 
@@ -70,7 +70,7 @@ impl Probes {
                         "the task role needs dynamodb:DescribeTable on the table (the stack grants it)",
                     )
                 } else {
-                    fail(err.text(), hint)
+                    aws_fail(&err, hint)
                 };
             }
         };
@@ -129,8 +129,8 @@ impl Probes {
             .await;
         match read {
             Ok(_) => Outcome::Pass(format!("{table}: ACTIVE, key (pk, sk), readable")),
-            Err(err) => fail(
-                AwsError::new(err).text(),
+            Err(err) => aws_fail(
+                &AwsError::new(err),
                 "the task role needs dynamodb:GetItem, PutItem, UpdateItem, DeleteItem, Query and ConditionCheckItem on the table (the stack grants them)",
             ),
         }

@@ -5,7 +5,7 @@ use aws_sdk_kms::types::{DataKeySpec, KeySpec, KeyState, KeyUsageType};
 use runner_core::error::chain;
 use runner_core::traits::{Credentials, SecretError, SecretStore as _};
 
-use super::{Outcome, Probes, fail};
+use super::{Outcome, Probes, aws_fail, fail};
 use crate::error::AwsError;
 
 impl Probes {
@@ -30,7 +30,7 @@ impl Probes {
                         "the task role needs kms:DescribeKey on the key (the stack grants it)",
                     )
                 } else {
-                    fail(err.text(), hint)
+                    aws_fail(&err, hint)
                 };
             }
         };
@@ -73,7 +73,7 @@ impl Probes {
         }
         let blob = match generate.send().await {
             Ok(output) => output.ciphertext_blob,
-            Err(err) => return fail(AwsError::new(err).text(), use_hint),
+            Err(err) => return aws_fail(&AwsError::new(err), use_hint),
         };
         let Some(blob) = blob else {
             return fail("GenerateDataKey returned no ciphertext", use_hint);
@@ -83,7 +83,7 @@ impl Probes {
                 "{}: enabled, symmetric; encrypts and decrypts",
                 metadata.arn().unwrap_or(key)
             )),
-            Err(err) => fail(AwsError::new(err).text(), use_hint),
+            Err(err) => aws_fail(&AwsError::new(err), use_hint),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use aws_sdk_ec2::types::ImageState;
 
-use super::{Outcome, Probes, fail};
+use super::{Outcome, Probes, aws_fail, fail};
 use crate::ec2::{RunPlacement, launch_tags};
 use crate::error::AwsError;
 
@@ -64,7 +64,7 @@ impl Probes {
                         "the task role needs iam:GetInstanceProfile on the profile (the stack grants it)",
                     )
                 } else {
-                    fail(err.text(), hint)
+                    aws_fail(&err, hint)
                 }
             }
         }
@@ -88,7 +88,7 @@ impl Probes {
             Err(err) => {
                 let err = AwsError::new(err);
                 if !err.code().is_some_and(|c| c.starts_with("InvalidAMIID")) {
-                    return fail(err.text(), hint);
+                    return aws_fail(&err, &hint);
                 }
                 None
             }
@@ -165,8 +165,8 @@ impl Probes {
                 "the task role lacks a permission RunInstances needs (see the stack's Launch* statements and iam:PassRole for the environment role); `aws sts decode-authorization-message` shows which",
             )
         } else {
-            fail(
-                err.text(),
+            aws_fail(
+                &err,
                 "EC2 refuses a launch with these settings: fix the one the message names",
             )
         }

@@ -8,7 +8,7 @@ use governor::DefaultDirectRateLimiter;
 use runner_core::model::Subnet;
 use runner_core::traits::ComputeError;
 
-use super::{Outcome, fail};
+use super::{Outcome, aws_fail, fail};
 use crate::error::AwsError;
 
 /// Why the placement is wrong; the texts are the start check's.
@@ -268,7 +268,7 @@ impl Placement<'_> {
             Err(PlacementError::NoVpc { .. }) => {
                 fail(format!("{vpc} does not exist in {region}"), hint)
             }
-            Err(PlacementError::DescribeVpcs(err)) => fail(err.text(), hint),
+            Err(PlacementError::DescribeVpcs(err)) => aws_fail(&err, &hint),
             Err(other) => fail(other.to_string(), hint),
         }
     }
@@ -311,7 +311,7 @@ impl Placement<'_> {
             Err(PlacementError::NoSubnet { .. }) => {
                 fail(format!("{id} does not exist in {region}"), hint)
             }
-            Err(PlacementError::DescribeSubnets(err)) => fail(err.text(), hint),
+            Err(PlacementError::DescribeSubnets(err)) => aws_fail(&err, &hint),
             Err(other) => fail(other.to_string(), hint),
         }
     }
@@ -335,7 +335,7 @@ impl Placement<'_> {
             Err(PlacementError::NoGroup { .. }) => {
                 fail(format!("{group} does not exist in {}", self.region), hint)
             }
-            Err(PlacementError::DescribeSecurityGroups(err)) => fail(err.text(), hint),
+            Err(PlacementError::DescribeSecurityGroups(err)) => aws_fail(&err, hint),
             Err(other) => fail(other.to_string(), hint),
         }
     }
