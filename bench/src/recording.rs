@@ -1,6 +1,7 @@
 //! The benchmarks' recording proxy: `testkit::proxy::FaultProxy` without
 //! rules, labelling each exchange with the environment its request is about
-//! (from the runner's tags and tag filters, DynamoDB keys or secret names).
+//! (from the runner's tags and tag filters, DynamoDB keys or secret names)
+//! or, for a DescribeInstances by instance id, with [`BY_ID`].
 
 use std::collections::HashMap;
 
@@ -8,12 +9,29 @@ use runner_aws::ec2::TAG_ENVIRONMENT;
 use testkit::proxy::{Call, FaultProxy};
 use uuid::Uuid;
 
+/// The label of a DescribeInstances that names instance ids.
+pub(crate) const BY_ID: &str = "by-id";
+
 /// Starts one on 127.0.0.1 in front of `upstream` (an http:// URL).
 pub(crate) async fn start(upstream: &str) -> anyhow::Result<FaultProxy> {
     Ok(FaultProxy::start_labelled(upstream, |request| {
+        if request.operation == "DescribeInstances" && request.params.contains_key("InstanceId.1") {
+            return Some(BY_ID.to_owned());
+        }
         environment(request.params, request.body).map(|id| id.to_string())
     })
     .await?)
+}
+
+/// Whether `operation` is an EC2 call that changes something (not a
+/// `Describe*`; DynamoDB and other JSON-protocol targets have a dot).
+pub(crate) fn ec2_mutation(operation: &str) -> bool {
+    !operation.contains('.') && !operation.starts_with("Describe")
+}
+
+/// Whether `operation` is an EC2 read (`Describe*`).
+pub(crate) fn ec2_read(operation: &str) -> bool {
+    !operation.contains('.') && operation.starts_with("Describe")
 }
 
 /// The environment `call` is about, when its request names one.
@@ -22,7 +40,7 @@ pub(crate) fn env(call: &Call) -> Option<Uuid> {
 }
 
 /// Whether `call` is the first page of a describe of all the runner's
-/// instances.
+/// instances (not one by instance id, not one for one environment).
 pub(crate) fn full_describe(call: &Call) -> bool {
     call.operation == "DescribeInstances" && call.label.is_none() && !call.next_page
 }
