@@ -63,7 +63,13 @@ pub(crate) async fn run(tools: &Tools, n: usize) -> anyhow::Result<BurstRun> {
         .collect();
     let stop = burst(&world, &proxy, &ids, Phase::Stopped, within).await?;
     let start = burst(&world, &proxy, &ids, Phase::Running, within).await?;
+    let origin = runnerd.started;
     runnerd.stop();
+    let _ = recording::save(
+        &proxy,
+        origin,
+        &tools.work_dir.join(format!("burst-{n}-calls.csv")),
+    );
     Ok(BurstRun {
         environments: n,
         stop,

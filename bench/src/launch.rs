@@ -61,11 +61,13 @@ async fn accepted(proxy: &FaultProxy, n: usize, within: Duration) -> anyhow::Res
 pub(crate) struct Launched {
     pub(crate) took: Duration,
     pub(crate) calls: BTreeMap<String, usize>,
-    /// runnerd only: times it lost the leader lease during the launches
-    /// ("lost the leader lease" or "the leader lease ran out locally").
+    /// runnerd only: leadership terms that ended during the launches
+    /// ("no longer leading: reconciling stopped": the lease was lost, or its
+    /// local validity ran out before a renewal came back).
     pub(crate) lease_losses: usize,
-    /// runnerd only: times it acquired the lease again during the launches.
-    pub(crate) reacquired: usize,
+    /// runnerd only: of which with the lease lost in the table ("lost the
+    /// leader lease", "the leader lease ran out locally").
+    pub(crate) lease_lost_in_store: usize,
 }
 
 fn by_operation(proxy: &FaultProxy, from: Instant, to: Instant) -> BTreeMap<String, usize> {
@@ -113,15 +115,15 @@ pub(crate) async fn runnerd_launch(tools: &Tools, n: usize) -> anyhow::Result<La
     create_many(&world, n, 16).await?;
     let within = Duration::from_secs(60) + Duration::from_secs(1) * n as u32;
     let last = accepted(&proxy, n, within).await?;
-    let lease_losses = runnerd.log_count("lost the leader lease", started_at)
+    let lease_losses = runnerd.log_count("no longer leading: reconciling stopped", started_at);
+    let lease_lost_in_store = runnerd.log_count("lost the leader lease", started_at)
         + runnerd.log_count("the leader lease ran out locally", started_at);
-    let reacquired = runnerd.log_count("acquired the leader lease", started_at);
     runnerd.stop();
     Ok(Launched {
         took: last - started,
         calls: by_operation(&proxy, started, last),
         lease_losses,
-        reacquired,
+        lease_lost_in_store,
     })
 }
 
@@ -204,7 +206,7 @@ pub(crate) async fn baseline_launch(tools: &Tools, n: usize) -> anyhow::Result<L
         took: last - started,
         calls: by_operation(&proxy, started, last),
         lease_losses: 0,
-        reacquired: 0,
+        lease_lost_in_store: 0,
     })
 }
 
@@ -237,13 +239,42 @@ async fn fenced_put(
         .condition_expression(condition)
         .set_expression_attribute_values(values)
         .build()?;
-    dynamo
-        .transact_write_items()
-        .transact_items(TransactWriteItem::builder().condition_check(check).build())
-        .transact_items(TransactWriteItem::builder().put(put).build())
-        .send()
-        .await?;
-    Ok(())
+    // moto answers some concurrent transactions with an HTML 500 (runnerd
+    // retries those too): retried, and a cancellation after such an answer
+    // means the earlier attempt was applied.
+    let mut after_500 = false;
+    for _ in 0..10 {
+        let result = dynamo
+            .transact_write_items()
+            .transact_items(
+                TransactWriteItem::builder()
+                    .condition_check(check.clone())
+                    .build(),
+            )
+            .transact_items(TransactWriteItem::builder().put(put.clone()).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => return Ok(()),
+            Err(err)
+                if err
+                    .raw_response()
+                    .is_some_and(|r| r.status().as_u16() >= 500) =>
+            {
+                after_500 = true;
+            }
+            Err(err)
+                if after_500
+                    && err
+                        .as_service_error()
+                        .is_some_and(|e| e.is_transaction_canceled_exception()) =>
+            {
+                return Ok(());
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    bail!("a fenced write failed 10 times with a server error")
 }
 
 fn record(world: &World, id: EnvironmentId, version: u64) -> HashMap<String, AttributeValue> {

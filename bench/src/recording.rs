@@ -45,6 +45,46 @@ pub(crate) fn full_describe(call: &Call) -> bool {
     call.operation == "DescribeInstances" && call.label.is_none() && !call.next_page
 }
 
+/// What kind of DescribeInstances `call` is: `full` (a page of a describe
+/// of all the runner's instances), `by id`, or `one environment`; `None`
+/// for other operations.
+pub(crate) fn describe_kind(call: &Call) -> Option<&'static str> {
+    if call.operation != "DescribeInstances" {
+        return None;
+    }
+    Some(match call.label.as_deref() {
+        None => "full (a page)",
+        Some(BY_ID) => "by instance id",
+        Some(_) => "one environment",
+    })
+}
+
+/// Writes every recorded call to `path` as CSV (operation, label, later
+/// page, start and duration in ms from `origin`, ok, instances returned),
+/// for looking into a figure afterwards.
+pub(crate) fn save(
+    proxy: &FaultProxy,
+    origin: std::time::Instant,
+    path: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    let mut out = String::from("operation,label,next_page,start_ms,duration_ms,ok,instances\n");
+    for c in proxy.calls() {
+        let _ = writeln!(
+            out,
+            "{},{},{},{:.1},{:.1},{},{}",
+            c.operation,
+            c.label.as_deref().unwrap_or(""),
+            c.next_page,
+            c.start.saturating_duration_since(origin).as_secs_f64() * 1000.0,
+            (c.end - c.start).as_secs_f64() * 1000.0,
+            c.ok,
+            c.instances
+        );
+    }
+    std::fs::write(path, out)
+}
+
 /// Successful calls of `op` so far.
 pub(crate) fn count_ok(proxy: &FaultProxy, op: &str) -> usize {
     proxy

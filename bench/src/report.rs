@@ -232,7 +232,7 @@ impl Report {
         let load = load();
         let (mut runner, mut base, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         let (mut runner_calls, mut base_calls) = (Vec::new(), Vec::new());
-        let (mut losses, mut reacquired) = (Vec::new(), Vec::new());
+        let (mut losses, mut lost_in_store) = (Vec::new(), Vec::new());
         for run in 1..=runs {
             // Interleaved, and the order alternates: neither side always
             // runs on the machine the other just left.
@@ -244,7 +244,7 @@ impl Report {
                 (launch::runnerd_launch(tools, n).await?, b)
             };
             losses.push(r.lease_losses as f64);
-            reacquired.push(r.reacquired as f64);
+            lost_in_store.push(r.lease_lost_in_store as f64);
             eprintln!(
                 "launch {run}/{runs}: runnerd {:?}, baseline {:?}",
                 r.took, b.took
@@ -289,15 +289,15 @@ impl Report {
         s.push_str(&row("minimal program", "s", &base, 2));
         s.push_str(&row("ratio", "", &ratio, 2));
         s.push_str(&row(
-            "runnerd: leader lease lost during the launches",
+            "runnerd: leadership lost during the launches",
             "",
             &losses,
             0,
         ));
         s.push_str(&row(
-            "runnerd: leader lease acquired during the launches",
+            "… of which the lease lost in the table",
             "",
-            &reacquired,
+            &lost_in_store,
             0,
         ));
         let mut ops: Vec<&String> = runner_calls
@@ -330,9 +330,12 @@ impl Report {
         }
         let _ = write!(
             s,
-            "\nLease losses are counted from runnerd's log (`lost the leader lease`, `the \
-             leader lease ran out locally`) from the first creation to the last RunInstances \
-             accepted; an acquisition in that window follows a loss.\n"
+            "\nLeadership losses are counted from runnerd's log from the first creation to the \
+             last RunInstances accepted: each `no longer leading: reconciling stopped` ends a \
+             term (its reconciles are cancelled and fail with `this replica lost its lease`); \
+             it follows either a lease lost in the table (`lost the leader lease`, `the leader \
+             lease ran out locally`, counted apart) or a renewal that came back after the \
+             lease's local validity (TTL less a fifth) had run out.\n"
         );
         let _ = writeln!(s, "\nLoad average (1 min) when the figure started: {load}.");
         self.sections.push(s);
@@ -693,6 +696,27 @@ impl Report {
             2,
         ));
         s.push_str(&row("EC2 read calls per resync pass", "", &reads, 1));
+        let mut kinds: Vec<String> = results
+            .iter()
+            .flat_map(|r| r.describes_per_pass.keys().cloned())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        for kind in kinds {
+            let values = col(&|r| r.describes_per_pass.get(&kind).copied().unwrap_or(0.0));
+            s.push_str(&row(
+                &format!("… DescribeInstances {kind} per pass"),
+                "",
+                &values,
+                1,
+            ));
+        }
+        s.push_str(&row(
+            "instance records described per pass",
+            "",
+            &col(&|r| r.described_per_pass),
+            0,
+        ));
         let mut ops: Vec<String> = results
             .iter()
             .flat_map(|r| r.calls_per_pass.keys().cloned())

@@ -158,6 +158,10 @@ pub(crate) struct SteadyRun {
     pub(crate) describe: Duration,
     /// AWS calls per pass by operation.
     pub(crate) calls_per_pass: BTreeMap<String, f64>,
+    /// DescribeInstances per pass by kind (see `recording::describe_kind`).
+    pub(crate) describes_per_pass: BTreeMap<String, f64>,
+    /// Instance records the DescribeInstances answers of a pass held.
+    pub(crate) described_per_pass: f64,
     /// DynamoDB Scans over the whole run, start-up included.
     pub(crate) scans: usize,
 }
@@ -177,6 +181,7 @@ pub(crate) async fn run(
         humantime::format_duration(resync).to_string(),
     )];
     let mut runnerd = world.runnerd(tools, "steady", &proxy.url(), &settings)?;
+    let runnerd_started = runnerd.started;
     let ready = runnerd
         .wait_ready(Duration::from_secs(300) + Duration::from_millis(20) * n as u32)
         .await?;
@@ -234,8 +239,14 @@ pub(crate) async fn run(
     let (last, cpu_last) = marks[passes];
     let calls = proxy.calls();
     let mut calls_per_pass = BTreeMap::new();
+    let mut describes_per_pass = BTreeMap::new();
+    let mut described_per_pass = 0.0;
     for call in calls.iter().filter(|c| c.start >= first && c.start < last) {
         *calls_per_pass.entry(call.operation.clone()).or_insert(0.0) += 1.0 / passes as f64;
+        if let Some(kind) = recording::describe_kind(call) {
+            *describes_per_pass.entry(kind.to_owned()).or_insert(0.0) += 1.0 / passes as f64;
+        }
+        described_per_pass += call.instances as f64 / passes as f64;
     }
     // One pass's describe: from its first page to the end of its last.
     let describe = calls
@@ -246,6 +257,11 @@ pub(crate) async fn run(
         .max()
         .map_or(Duration::ZERO, |end| end - first);
     runnerd.stop();
+    let _ = recording::save(
+        &proxy,
+        runnerd_started,
+        &tools.work_dir.join(format!("steady-{n}-calls.csv")),
+    );
     let scans = proxy
         .calls()
         .iter()
@@ -260,6 +276,8 @@ pub(crate) async fn run(
         cpu_per_pass: (cpu_last - cpu_first) / passes as u32,
         describe,
         calls_per_pass,
+        describes_per_pass,
+        described_per_pass,
         scans,
     })
 }
