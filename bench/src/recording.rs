@@ -39,12 +39,6 @@ pub(crate) fn env(call: &Call) -> Option<Uuid> {
     call.label.as_deref()?.parse().ok()
 }
 
-/// Whether `call` is the first page of a describe of all the runner's
-/// instances (not one by instance id, not one for one environment).
-pub(crate) fn full_describe(call: &Call) -> bool {
-    call.operation == "DescribeInstances" && call.label.is_none() && !call.next_page
-}
-
 /// What kind of DescribeInstances `call` is: `full` (a page of a describe
 /// of all the runner's instances), `by id`, or `one environment`; `None`
 /// for other operations.

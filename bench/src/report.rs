@@ -139,13 +139,17 @@ impl Report {
         let _ = write!(
             header,
             "# Benchmarks\n\nMeasured {date} by\n\n```sh\n{command}\n```\n\n\
-             (the `bench` crate; `bench/run --help`). Each figure is the median of {runs} runs \
-             (the individual runs follow it){}. Every run starts its own moto, reference \
+             (the `bench` crate; `bench/run --help`). {}{}. Every run starts its own moto, reference \
              control plane and `runnerd` on 127.0.0.1. AWS calls are counted by \
              `testkit::proxy::FaultProxy`, without faults, between runnerd and moto: it names \
              each request by its EC2 `Action` or `X-Amz-Target` and keeps each request's \
              arrival and completion time. Memory is `VmRSS` and CPU time \
              `utime + stime` of the runnerd process, from `/proc`.\n\n## Machine\n\n{}",
+            if runs == 1 {
+                "Each figure is from one run".to_owned()
+            } else {
+                format!("Each figure is the median of {runs} runs (the individual runs follow it)")
+            },
             if quick {
                 "; **quick mode: reduced sizes, not the figures of record**"
             } else {
@@ -660,10 +664,13 @@ impl Report {
              spawn → `/readyz` 200 (the control-plane session is up and leadership decided; \
              the first full describe runs in the background). *Settled*: every environment \
              reconciled once and its status delivered to the control plane (a new leadership \
-             term reports every status again). Then {passes} resync pass(es) are timed from \
-             the first DescribeInstances page of one pass to that of the next: CPU time and \
-             calls per pass include what happens between passes (lease renewals, health \
-             checks every 30 s). Memory is read after those passes.\n\n\
+             term reports every status again). Then the next {passes} resync interval(s) are \
+             timed by the clock (a full describe of a large fleet on moto can outlast an \
+             interval, so describe pages cannot mark the passes): *per resync pass* is per \
+             interval, counting every call that arrived in the window, and includes what \
+             happens between passes (lease renewals, health checks every 30 s). The split \
+             of DescribeInstances by kind and the instance records counted are from the \
+             calls completed by the window's end. Memory is read at the window's end.\n\n\
              | figure | median | runs |\n|---|---|---|\n",
             secs(populated.took),
             humantime::format_duration(resync),
@@ -690,7 +697,7 @@ impl Report {
             0,
         ));
         s.push_str(&row(
-            "one pass's DescribeInstances (all pages, moto)",
+            "one page (500 instances) of a full describe, mean (moto)",
             "s",
             &col(&|r| secs(r.describe)),
             2,
@@ -723,7 +730,7 @@ impl Report {
             .collect();
         ops.sort();
         ops.dedup();
-        s.push_str("\nAWS calls per resync pass, by operation:\n\n| operation | median | runs |\n|---|---|---|\n");
+        s.push_str("\nAWS calls per resync interval, by operation:\n\n| operation | median | runs |\n|---|---|---|\n");
         for op in ops {
             let values = col(&|r| r.calls_per_pass.get(&op).copied().unwrap_or(0.0));
             s.push_str(&row(&format!("`{op}`"), "", &values, 1));
