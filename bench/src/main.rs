@@ -123,9 +123,9 @@ impl Sizes {
         }
     }
 
-    /// The resync interval of a steady run with `n` environments: longer
-    /// than one full describe on moto (about 25 ms per instance returned on
-    /// this machine), so that each interval holds one pass.
+    /// The resync interval of a steady run with `n` environments: 30 ms per
+    /// environment, at least 30 s (a full describe on moto took about 25 ms
+    /// per instance on an idle machine, about 50 ms on a loaded one).
     pub(crate) fn steady_resync(n: usize) -> Duration {
         Duration::from_secs(30).max(Duration::from_millis(30) * n as u32)
     }

@@ -658,9 +658,9 @@ impl Report {
              runner's tags, a launched record for each in the table in the runner's format \
              (took {:.0} s). Then, per run, runnerd starts on that state (run 1 also trades \
              the exchange token; later runs follow a graceful stop of the previous one, which \
-             releases the lease) with `RUNNER_RESYNC_INTERVAL={}` (longer than one full \
-             describe on moto, so that each interval holds one pass) and default settings \
-             otherwise (`RUNNER_EC2_DESCRIBE_PAGE_SIZE` 500). *Restart to ready* is process \
+             releases the lease) with `RUNNER_RESYNC_INTERVAL={}` (30 ms per environment, \
+             at least 30 s; a full describe on a loaded moto can take longer) and default \
+             settings otherwise (`RUNNER_EC2_DESCRIBE_PAGE_SIZE` 500). *Restart to ready* is process \
              spawn → `/readyz` 200 (the control-plane session is up and leadership decided; \
              the first full describe runs in the background). *Settled*: every environment \
              reconciled once and its status delivered to the control plane (a new leadership \
