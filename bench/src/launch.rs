@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, TransactWriteItem};
 use base64::Engine as _;
 use runner_aws::ec2::{RunPlacement, launch_tags, run_request};
 use runner_core::model::{EnvironmentId, Revision, Subnet, client_token};
@@ -61,6 +61,13 @@ async fn accepted(proxy: &FaultProxy, n: usize, within: Duration) -> anyhow::Res
 pub(crate) struct Launched {
     pub(crate) took: Duration,
     pub(crate) calls: BTreeMap<String, usize>,
+    /// runnerd only: leadership terms that ended during the launches
+    /// ("no longer leading: reconciling stopped": the lease was lost, or its
+    /// local validity ran out before a renewal came back).
+    pub(crate) lease_losses: usize,
+    /// runnerd only: of which with the lease lost in the table ("lost the
+    /// leader lease", "the leader lease ran out locally").
+    pub(crate) lease_lost_in_store: usize,
 }
 
 fn by_operation(proxy: &FaultProxy, from: Instant, to: Instant) -> BTreeMap<String, usize> {
@@ -104,25 +111,53 @@ pub(crate) async fn runnerd_launch(tools: &Tools, n: usize) -> anyhow::Result<La
         .wait_log("leading: reconciling", Duration::from_secs(60))
         .await?;
     let started = Instant::now();
+    let started_at = std::time::SystemTime::now();
     create_many(&world, n, 16).await?;
-    let within = Duration::from_secs(60) + Duration::from_millis(500) * n as u32;
+    let within = Duration::from_secs(60) + Duration::from_secs(1) * n as u32;
     let last = accepted(&proxy, n, within).await?;
+    let lease_losses = runnerd.log_count("no longer leading: reconciling stopped", started_at);
+    let lease_lost_in_store = runnerd.log_count("lost the leader lease", started_at)
+        + runnerd.log_count("the leader lease ran out locally", started_at);
     runnerd.stop();
     Ok(Launched {
         took: last - started,
         calls: by_operation(&proxy, started, last),
+        lease_losses,
+        lease_lost_in_store,
     })
 }
 
-/// The minimal program: per environment a conditional intent write,
-/// RunInstances with the runner's tags and settings, a conditional result
-/// write; `CONCURRENCY` at a time. From start to the last RunInstances accepted.
+/// The lease the baseline's writes are fenced on, as runnerd's: the
+/// runner's `LEASE#0` item with a holder, an epoch and an expiry.
+const BASELINE_HOLDER: &str = "baseline";
+
+/// The minimal program: per environment a fenced conditional intent write,
+/// RunInstances with the runner's tags and settings, a fenced conditional
+/// result write (each write a `TransactWriteItems` with a condition check on
+/// the lease, as runnerd's); `CONCURRENCY` at a time. From start to the
+/// last RunInstances accepted.
 pub(crate) async fn baseline_launch(tools: &Tools, n: usize) -> anyhow::Result<Launched> {
     let world = World::new(tools).await?;
     let proxy = recording::start(&world.moto.url).await?;
     let sdk = world::sdk(&proxy.url()).await;
     let ec2 = aws_sdk_ec2::Client::new(&sdk);
     let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+    let far = std::time::SystemTime::now() + Duration::from_secs(86_400);
+    let far_ms = far.duration_since(std::time::UNIX_EPOCH)?.as_millis();
+    // Set up directly, like runnerd's lease acquisition before its launches.
+    aws_sdk_dynamodb::Client::new(&world.sdk)
+        .put_item()
+        .table_name(&world.infra.table)
+        .item(
+            "pk",
+            AttributeValue::S(format!("RUNNER#{}", world.runner_id)),
+        )
+        .item("sk", AttributeValue::S("LEASE#0".into()))
+        .item("holder", AttributeValue::S(BASELINE_HOLDER.into()))
+        .item("epoch", AttributeValue::N("1".into()))
+        .item("expires_at", AttributeValue::N(far_ms.to_string()))
+        .send()
+        .await?;
     let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
     let queue = Arc::new(Mutex::new(ids.into_iter().enumerate()));
     let world = Arc::new(world);
@@ -170,7 +205,76 @@ pub(crate) async fn baseline_launch(tools: &Tools, n: usize) -> anyhow::Result<L
     Ok(Launched {
         took: last - started,
         calls: by_operation(&proxy, started, last),
+        lease_losses: 0,
+        lease_lost_in_store: 0,
     })
+}
+
+/// `put` in a transaction with the lease check runnerd fences its writes on.
+async fn fenced_put(
+    world: &World,
+    dynamo: &aws_sdk_dynamodb::Client,
+    item: HashMap<String, AttributeValue>,
+    condition: &str,
+    values: Option<HashMap<String, AttributeValue>>,
+) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let check = ConditionCheck::builder()
+        .table_name(&world.infra.table)
+        .key(
+            "pk",
+            AttributeValue::S(format!("RUNNER#{}", world.runner_id)),
+        )
+        .key("sk", AttributeValue::S("LEASE#0".into()))
+        .condition_expression("holder = :holder AND epoch = :epoch AND expires_at > :now")
+        .expression_attribute_values(":holder", AttributeValue::S(BASELINE_HOLDER.into()))
+        .expression_attribute_values(":epoch", AttributeValue::N("1".into()))
+        .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+        .build()?;
+    let put = Put::builder()
+        .table_name(&world.infra.table)
+        .set_item(Some(item))
+        .condition_expression(condition)
+        .set_expression_attribute_values(values)
+        .build()?;
+    // moto answers some concurrent transactions with an HTML 500 (runnerd
+    // retries those too): retried, and a cancellation after such an answer
+    // means the earlier attempt was applied.
+    let mut after_500 = false;
+    for _ in 0..10 {
+        let result = dynamo
+            .transact_write_items()
+            .transact_items(
+                TransactWriteItem::builder()
+                    .condition_check(check.clone())
+                    .build(),
+            )
+            .transact_items(TransactWriteItem::builder().put(put.clone()).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => return Ok(()),
+            Err(err)
+                if err
+                    .raw_response()
+                    .is_some_and(|r| r.status().as_u16() >= 500) =>
+            {
+                after_500 = true;
+            }
+            Err(err)
+                if after_500
+                    && err
+                        .as_service_error()
+                        .is_some_and(|e| e.is_transaction_canceled_exception()) =>
+            {
+                return Ok(());
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    bail!("a fenced write failed 10 times with a server error")
 }
 
 fn record(world: &World, id: EnvironmentId, version: u64) -> HashMap<String, AttributeValue> {
@@ -208,13 +312,14 @@ async fn launch_one(
         AttributeValue::S(token.clone()),
     );
     intent.insert("launch_state".into(), AttributeValue::S("intended".into()));
-    dynamo
-        .put_item()
-        .table_name(&world.infra.table)
-        .set_item(Some(intent.clone()))
-        .condition_expression("attribute_not_exists(pk)")
-        .send()
-        .await?;
+    fenced_put(
+        world,
+        dynamo,
+        intent.clone(),
+        "attribute_not_exists(pk)",
+        None,
+    )
+    .await?;
     let request = LaunchRequest {
         environment: id,
         attempt: 1,
@@ -257,14 +362,17 @@ async fn launch_one(
     result.insert("version".into(), AttributeValue::N("2".into()));
     result.insert("launch_state".into(), AttributeValue::S("launched".into()));
     result.insert("instance_id".into(), AttributeValue::S(instance_id));
-    dynamo
-        .put_item()
-        .table_name(&world.infra.table)
-        .set_item(Some(result))
-        .condition_expression("version = :v")
-        .expression_attribute_values(":v", AttributeValue::N("1".into()))
-        .send()
-        .await?;
+    fenced_put(
+        world,
+        dynamo,
+        result,
+        "version = :v",
+        Some(HashMap::from([(
+            ":v".to_owned(),
+            AttributeValue::N("1".into()),
+        )])),
+    )
+    .await?;
     Ok(())
 }
 

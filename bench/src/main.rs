@@ -3,6 +3,7 @@
 //! runnerd processes on 127.0.0.1 and stops them; figures are the median of
 //! several runs. Not part of the tests: nothing here asserts a speed.
 
+mod burst;
 mod failover;
 mod launch;
 mod lifecycle;
@@ -33,7 +34,8 @@ struct Cli {
     /// moto's server script (from `tests/python/ensure-venv`).
     #[arg(long, global = true, default_value = ".tools/venv/bin/moto_server")]
     moto_server: PathBuf,
-    /// The runnerd binary to measure (a release build).
+    /// The runnerd binary to measure (a release build; the report says
+    /// which kind it was given).
     #[arg(long, global = true, default_value = "target/release/runnerd")]
     runnerd: PathBuf,
     /// Where logs go.
@@ -48,10 +50,18 @@ struct Cli {
     /// Environments created at 50/s for the latency (default 500; 100 with --quick).
     #[arg(long, global = true)]
     latency_envs: Option<usize>,
-    /// Known environments for the steady-state figures (default 10,000;
-    /// 300 with --quick).
+    /// Known environments for the steady-state figures, one size or several
+    /// separated by commas, each populated once (default 2000,10000; 300 with
+    /// --quick).
+    #[arg(long, global = true, value_delimiter = ',')]
+    steady_envs: Option<Vec<usize>>,
+    /// Resync passes timed per steady run (default 2).
     #[arg(long, global = true)]
-    steady_envs: Option<usize>,
+    steady_passes: Option<usize>,
+    /// Running environments stopped and started at once for the burst
+    /// figure (default 500; 50 with --quick).
+    #[arg(long, global = true)]
+    burst_envs: Option<usize>,
     /// The command line to print in the report.
     #[arg(long, global = true, default_value = "bench/run")]
     command: String,
@@ -67,6 +77,8 @@ enum Figure {
     Lifecycle,
     /// Many environments: restart to ready, memory, CPU and calls per pass.
     Steady,
+    /// A stop burst and a start burst: EC2 calls and instances described.
+    Burst,
     /// Leader failover with two replicas.
     Failover,
     /// Every figure.
@@ -74,14 +86,14 @@ enum Figure {
 }
 
 /// Sizes of one invocation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Sizes {
     pub(crate) launches: usize,
     pub(crate) latency_envs: usize,
     pub(crate) latency_rate: f64,
-    pub(crate) steady_envs: usize,
-    pub(crate) steady_resync: Duration,
+    pub(crate) steady_envs: Vec<usize>,
     pub(crate) steady_passes: usize,
+    pub(crate) burst_envs: usize,
     pub(crate) lease_ttl: Duration,
     pub(crate) lease_renew: Duration,
 }
@@ -92,9 +104,9 @@ impl Sizes {
             launches: 500,
             latency_envs: 500,
             latency_rate: 50.0,
-            steady_envs: 10_000,
-            steady_resync: Duration::from_secs(30),
+            steady_envs: vec![2_000, 10_000],
             steady_passes: 2,
+            burst_envs: 500,
             lease_ttl: Duration::from_secs(5),
             lease_renew: Duration::from_secs(1),
         };
@@ -102,13 +114,20 @@ impl Sizes {
             Self {
                 launches: 50,
                 latency_envs: 100,
-                steady_envs: 300,
-                steady_resync: Duration::from_secs(10),
+                steady_envs: vec![300],
+                burst_envs: 50,
                 ..full
             }
         } else {
             full
         }
+    }
+
+    /// The resync interval of a steady run with `n` environments: 30 ms per
+    /// environment, at least 30 s (a full describe on moto took about 25 ms
+    /// per instance on an idle machine, about 50 ms on a loaded one).
+    pub(crate) fn steady_resync(n: usize) -> Duration {
+        Duration::from_secs(30).max(Duration::from_millis(30) * n as u32)
     }
 }
 
@@ -125,8 +144,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut sizes = Sizes::new(cli.quick);
-    if let Some(n) = cli.steady_envs {
+    if let Some(n) = cli.steady_envs.clone() {
         sizes.steady_envs = n;
+    }
+    if let Some(n) = cli.steady_passes {
+        sizes.steady_passes = n.max(1);
+    }
+    if let Some(n) = cli.burst_envs {
+        sizes.burst_envs = n;
     }
     if let Some(n) = cli.launches {
         sizes.launches = n;
@@ -135,16 +160,16 @@ fn main() -> anyhow::Result<()> {
         sizes.latency_envs = n;
     }
     let runs = cli.runs.max(1);
-    let mut report = Report::new(&cli.command, &tools, sizes, runs, cli.quick);
+    let mut report = Report::new(&cli.command, &tools, &sizes, runs, cli.quick);
     let all = cli.figure == Figure::All;
     let figures = async {
         // A figure that fails is reported with its error; the others still run.
         if all || cli.figure == Figure::Launch {
-            let result = report.launch(&tools, sizes, runs).await;
+            let result = report.launch(&tools, &sizes, runs).await;
             report.failed("Launch overhead", result);
         }
         if all || cli.figure == Figure::Latency {
-            let result = report.latency(&tools, sizes, runs).await;
+            let result = report.latency(&tools, &sizes, runs).await;
             report.failed("Watch event → RunInstances latency", result);
         }
         if all || cli.figure == Figure::Lifecycle {
@@ -152,11 +177,15 @@ fn main() -> anyhow::Result<()> {
             report.failed("AWS calls per environment lifecycle", result);
         }
         if all || cli.figure == Figure::Steady {
-            let result = report.steady(&tools, sizes, runs).await;
+            let result = report.steady(&tools, &sizes, runs).await;
             report.failed("Known environments", result);
         }
+        if all || cli.figure == Figure::Burst {
+            let result = report.burst(&tools, &sizes, runs).await;
+            report.failed("Stop and start bursts", result);
+        }
         if all || cli.figure == Figure::Failover {
-            let result = report.failover(&tools, sizes, runs).await;
+            let result = report.failover(&tools, &sizes, runs).await;
             report.failed("Leader failover", result);
         }
     };

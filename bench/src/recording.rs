@@ -1,6 +1,7 @@
 //! The benchmarks' recording proxy: `testkit::proxy::FaultProxy` without
 //! rules, labelling each exchange with the environment its request is about
-//! (from the runner's tags and tag filters, DynamoDB keys or secret names).
+//! (from the runner's tags and tag filters, DynamoDB keys or secret names)
+//! or, for a DescribeInstances by instance id, with [`BY_ID`].
 
 use std::collections::HashMap;
 
@@ -8,12 +9,29 @@ use runner_aws::ec2::TAG_ENVIRONMENT;
 use testkit::proxy::{Call, FaultProxy};
 use uuid::Uuid;
 
+/// The label of a DescribeInstances that names instance ids.
+pub(crate) const BY_ID: &str = "by-id";
+
 /// Starts one on 127.0.0.1 in front of `upstream` (an http:// URL).
 pub(crate) async fn start(upstream: &str) -> anyhow::Result<FaultProxy> {
     Ok(FaultProxy::start_labelled(upstream, |request| {
+        if request.operation == "DescribeInstances" && request.params.contains_key("InstanceId.1") {
+            return Some(BY_ID.to_owned());
+        }
         environment(request.params, request.body).map(|id| id.to_string())
     })
     .await?)
+}
+
+/// Whether `operation` is an EC2 call that changes something (not a
+/// `Describe*`; DynamoDB and other JSON-protocol targets have a dot).
+pub(crate) fn ec2_mutation(operation: &str) -> bool {
+    !operation.contains('.') && !operation.starts_with("Describe")
+}
+
+/// Whether `operation` is an EC2 read (`Describe*`).
+pub(crate) fn ec2_read(operation: &str) -> bool {
+    !operation.contains('.') && operation.starts_with("Describe")
 }
 
 /// The environment `call` is about, when its request names one.
@@ -21,10 +39,44 @@ pub(crate) fn env(call: &Call) -> Option<Uuid> {
     call.label.as_deref()?.parse().ok()
 }
 
-/// Whether `call` is the first page of a describe of all the runner's
-/// instances.
-pub(crate) fn full_describe(call: &Call) -> bool {
-    call.operation == "DescribeInstances" && call.label.is_none() && !call.next_page
+/// What kind of DescribeInstances `call` is: `full` (a page of a describe
+/// of all the runner's instances), `by id`, or `one environment`; `None`
+/// for other operations.
+pub(crate) fn describe_kind(call: &Call) -> Option<&'static str> {
+    if call.operation != "DescribeInstances" {
+        return None;
+    }
+    Some(match call.label.as_deref() {
+        None => "full (a page)",
+        Some(BY_ID) => "by instance id",
+        Some(_) => "one environment",
+    })
+}
+
+/// Writes every recorded call to `path` as CSV (operation, label, later
+/// page, start and duration in ms from `origin`, ok, instances returned),
+/// for looking into a figure afterwards.
+pub(crate) fn save(
+    proxy: &FaultProxy,
+    origin: std::time::Instant,
+    path: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    let mut out = String::from("operation,label,next_page,start_ms,duration_ms,ok,instances\n");
+    for c in proxy.calls() {
+        let _ = writeln!(
+            out,
+            "{},{},{},{:.1},{:.1},{},{}",
+            c.operation,
+            c.label.as_deref().unwrap_or(""),
+            c.next_page,
+            c.start.saturating_duration_since(origin).as_secs_f64() * 1000.0,
+            (c.end - c.start).as_secs_f64() * 1000.0,
+            c.ok,
+            c.instances
+        );
+    }
+    std::fs::write(path, out)
 }
 
 /// Successful calls of `op` so far.

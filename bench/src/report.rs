@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::lifecycle::{BACKGROUND, CACHED};
 use crate::world::Tools;
-use crate::{Sizes, failover, launch, lifecycle, steady};
+use crate::{Sizes, burst, failover, launch, lifecycle, recording, steady};
 
 /// One line of the summary.
 struct Verdict {
@@ -77,6 +77,16 @@ fn shell(command: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// `debug` or `release`, from the runnerd binary's directory in the
+/// cargo target directory.
+fn build_kind(tools: &Tools) -> &'static str {
+    if tools.runnerd.components().any(|c| c.as_os_str() == "debug") {
+        "**debug**"
+    } else {
+        "release"
+    }
+}
+
 fn machine(tools: &Tools) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -106,10 +116,11 @@ fn machine(tools: &Tools) -> String {
         });
     format!(
         "- CPU: {model}, {} cores (`nproc`)\n- memory: {memory}\n- kernel: {}\n- moto {moto} \
-         (one server process per run, on 127.0.0.1)\n- runnerd: release build of {built}, {:.1} MB \
+         (one server process per run, on 127.0.0.1)\n- runnerd: {} build of {built}, {:.1} MB \
          (`{}`)\n",
         shell("nproc", &[]),
         shell("uname", &["-sr"]),
+        build_kind(tools),
         size as f64 / 1e6,
         tools.runnerd.display(),
     )
@@ -119,7 +130,7 @@ impl Report {
     pub(crate) fn new(
         command: &str,
         tools: &Tools,
-        sizes: Sizes,
+        sizes: &Sizes,
         runs: usize,
         quick: bool,
     ) -> Self {
@@ -128,13 +139,17 @@ impl Report {
         let _ = write!(
             header,
             "# Benchmarks\n\nMeasured {date} by\n\n```sh\n{command}\n```\n\n\
-             (the `bench` crate; `bench/run --help`). Each figure is the median of {runs} runs \
-             (the individual runs follow it){}. Every run starts its own moto, reference \
+             (the `bench` crate; `bench/run --help`). {}{}. Every run starts its own moto, reference \
              control plane and `runnerd` on 127.0.0.1. AWS calls are counted by \
              `testkit::proxy::FaultProxy`, without faults, between runnerd and moto: it names \
              each request by its EC2 `Action` or `X-Amz-Target` and keeps each request's \
              arrival and completion time. Memory is `VmRSS` and CPU time \
              `utime + stime` of the runnerd process, from `/proc`.\n\n## Machine\n\n{}",
+            if runs == 1 {
+                "Each figure is from one run".to_owned()
+            } else {
+                format!("Each figure is the median of {runs} runs (the individual runs follow it)")
+            },
             if quick {
                 "; **quick mode: reduced sizes, not the figures of record**"
             } else {
@@ -142,15 +157,26 @@ impl Report {
             },
             machine(tools),
         );
+        let known: Vec<String> = sizes
+            .steady_envs
+            .iter()
+            .map(|n| {
+                format!(
+                    "{n} (resync interval {})",
+                    humantime::format_duration(Sizes::steady_resync(*n))
+                )
+            })
+            .collect();
         let _ = writeln!(
             header,
-            "\nSizes: {} launches; {} environments created at {}/s; {} known environments \
-             with a {} resync interval; lease TTL {}, renewed every {}.",
+            "\nSizes: {} launches; {} environments created at {}/s; known environments: {}; \
+             {} environments in the stop and start bursts; lease TTL {}, renewed every {} \
+             (failover figure).",
             sizes.launches,
             sizes.latency_envs,
             sizes.latency_rate,
-            sizes.steady_envs,
-            humantime::format_duration(sizes.steady_resync),
+            known.join(", "),
+            sizes.burst_envs,
             humantime::format_duration(sizes.lease_ttl),
             humantime::format_duration(sizes.lease_renew),
         );
@@ -203,16 +229,26 @@ impl Report {
     pub(crate) async fn launch(
         &mut self,
         tools: &Tools,
-        sizes: Sizes,
+        sizes: &Sizes,
         runs: usize,
     ) -> anyhow::Result<()> {
         let n = sizes.launches;
         let load = load();
         let (mut runner, mut base, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         let (mut runner_calls, mut base_calls) = (Vec::new(), Vec::new());
+        let (mut losses, mut lost_in_store) = (Vec::new(), Vec::new());
         for run in 1..=runs {
-            let r = launch::runnerd_launch(tools, n).await?;
-            let b = launch::baseline_launch(tools, n).await?;
+            // Interleaved, and the order alternates: neither side always
+            // runs on the machine the other just left.
+            let (r, b) = if run % 2 == 1 {
+                let r = launch::runnerd_launch(tools, n).await?;
+                (r, launch::baseline_launch(tools, n).await?)
+            } else {
+                let b = launch::baseline_launch(tools, n).await?;
+                (launch::runnerd_launch(tools, n).await?, b)
+            };
+            losses.push(r.lease_losses as f64);
+            lost_in_store.push(r.lease_lost_in_store as f64);
             eprintln!(
                 "launch {run}/{runs}: runnerd {:?}, baseline {:?}",
                 r.took, b.took
@@ -224,14 +260,28 @@ impl Report {
             base_calls.push(b.calls);
         }
         let m = median(&ratio);
-        self.verdict("launch overhead ratio ≤ 1.2", format!("{m:.2}"), m <= 1.2);
+        self.verdict(
+            &format!("launch overhead ratio, {n} launches, ≤ 1.2"),
+            format!("{m:.2}"),
+            m <= 1.2,
+        );
+        let worst = losses.iter().copied().fold(0.0, f64::max);
+        self.verdict(
+            &format!("lease losses during the {n}-launch burst: 0"),
+            format!("{worst:.0} in the worst run"),
+            worst == 0.0,
+        );
         let mut s = format!(
             "## Launch overhead\n\n{n} environments from \"created in the control plane\" to \
              \"RunInstances accepted\" (the proxy received the last RunInstances response), \
              against a minimal program that issues the same essential calls with the same \
              concurrency ({}, runnerd's default `RUNNER_CONCURRENCY`) against a fresh moto of \
-             its own: per environment a conditional `PutItem` (intent), `RunInstances` with \
-             the runner's tags, settings and user data, a conditional `PutItem` (result). \
+             its own (runnerd's run also gets a fresh moto): per environment the fenced intent \
+             write (`TransactWriteItems`: a condition check on the leader lease item plus a \
+             conditional put, as runnerd writes its records), `RunInstances` with the runner's \
+             tags, settings and user data (built by the same `runner_aws::ec2::run_request`), \
+             and the fenced result write. Both go through the same recording proxy. The runs \
+             are interleaved, alternating which side goes first. \
              runnerd runs with its default settings except the EC2 token buckets, raised to \
              1000/s (`RUNNER_EC2_LAUNCH_RATE`, `_BURST`, `RUNNER_EC2_MUTATE_RATE`, `_BURST`) so \
              that they do not set the pace; it is ready and leading before the first \
@@ -242,6 +292,18 @@ impl Report {
         s.push_str(&row("runnerd", "s", &runner, 2));
         s.push_str(&row("minimal program", "s", &base, 2));
         s.push_str(&row("ratio", "", &ratio, 2));
+        s.push_str(&row(
+            "runnerd: leadership lost during the launches",
+            "",
+            &losses,
+            0,
+        ));
+        s.push_str(&row(
+            "… of which the lease lost in the table",
+            "",
+            &lost_in_store,
+            0,
+        ));
         let mut ops: Vec<&String> = runner_calls
             .iter()
             .chain(&base_calls)
@@ -270,35 +332,15 @@ impl Report {
                 count(&base_calls)
             );
         }
-        let describes = median(
-            &runner_calls
-                .iter()
-                .map(|c| c.get("DescribeInstances").copied().unwrap_or(0) as f64)
-                .collect::<Vec<_>>(),
+        let _ = write!(
+            s,
+            "\nLeadership losses are counted from runnerd's log from the first creation to the \
+             last RunInstances accepted: each `no longer leading: reconciling stopped` ends a \
+             term (its reconciles are cancelled and fail with `this replica lost its lease`); \
+             it follows either a lease lost in the table (`lost the leader lease`, `the leader \
+             lease ran out locally`, counted apart) or a renewal that came back after the \
+             lease's local validity (TTL less a fifth) had run out.\n"
         );
-        if median(&ratio) > 1.2 && describes > 0.0 {
-            let _ = write!(
-                s,
-                "\nBesides the essential calls, runnerd described all of its instances {describes:.0} \
-                 times in the window (the observer refreshes after mutations, at most every \
-                 `RUNNER_OBSERVE_INTERVAL`, 2 s), so that a reconcile sees its launch; reconciles \
-                 waiting for that view hold a concurrency slot. moto serves everything from one \
-                 Python process, where each describe takes longer as instances accumulate and \
-                 delays every other call. The runner's record writes are also \
-                 `TransactWriteItems` with a lease check (fencing), heavier in moto than the \
-                 program's `PutItem`.\n"
-            );
-        }
-        if n < 500 {
-            s.push_str(
-                "\nThe target is stated for 500 launches. At 500, this machine's moto (one \
-                 Python process) saturates: a run did not finish within 5 minutes; lease \
-                 renewals queued behind the launches and the describes past the lease's local \
-                 validity, so the runner stepped down and took the lease again several times, \
-                 and moto answered some concurrent `TransactWriteItems` with HTTP 500. `bench/run \
-                 --runs 1 --launches 500 launch` reproduces it.\n",
-            );
-        }
         let _ = writeln!(s, "\nLoad average (1 min) when the figure started: {load}.");
         self.sections.push(s);
         Ok(())
@@ -307,7 +349,7 @@ impl Report {
     pub(crate) async fn latency(
         &mut self,
         tools: &Tools,
-        sizes: Sizes,
+        sizes: &Sizes,
         runs: usize,
     ) -> anyhow::Result<()> {
         let load = load();
@@ -497,23 +539,69 @@ impl Report {
     pub(crate) async fn steady(
         &mut self,
         tools: &Tools,
-        sizes: Sizes,
+        sizes: &Sizes,
         runs: usize,
     ) -> anyhow::Result<()> {
+        // Resident memory (median) per size, for the cost of one environment.
+        let mut memory: Vec<(usize, f64)> = Vec::new();
+        let mut ready_by_size: Vec<(usize, f64)> = Vec::new();
+        for &size in &sizes.steady_envs {
+            let (rss, ready) = self
+                .steady_size(tools, size, sizes.steady_passes, runs)
+                .await?;
+            memory.push((size, rss));
+            ready_by_size.push((size, ready));
+        }
+        if let (Some(&(small, rss_small)), Some(&(large, rss_large))) =
+            (memory.first(), memory.last())
+            && large > small
+        {
+            let per_env = (rss_large - rss_small) * 1024.0 * 1024.0 / (large - small) as f64;
+            let (ready_small, ready_large) =
+                (ready_by_size[0].1, ready_by_size[ready_by_size.len() - 1].1);
+            self.verdict(
+                &format!(
+                    "restart to ready equal (within noise, here: 0.5 s) at {small} and {large} environments"
+                ),
+                format!("{ready_small:.2} s and {ready_large:.2} s"),
+                (ready_large - ready_small).abs() <= 0.5,
+            );
+            self.sections.push(format!(
+                "## Memory per known environment\n\nFrom the steady runs above: (resident memory \
+                 at {large} − at {small}) / {} = ({rss_large:.1} MiB − {rss_small:.1} MiB) / {} \
+                 = **{:.0} bytes per environment** (medians; `VmRSS` includes what the \
+                 allocator keeps, so this is an upper estimate of the live data).\n",
+                large - small,
+                large - small,
+                per_env,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The steady figure at one size; (median resident memory in MiB,
+    /// median restart to ready in seconds).
+    async fn steady_size(
+        &mut self,
+        tools: &Tools,
+        size: usize,
+        passes: usize,
+        runs: usize,
+    ) -> anyhow::Result<(f64, f64)> {
         let load = load();
-        eprintln!("steady: populating {} environments", sizes.steady_envs);
-        let populated = steady::populate(tools, sizes.steady_envs).await?;
+        let resync = Sizes::steady_resync(size);
+        eprintln!("steady: populating {size} environments");
+        let populated = steady::populate(tools, size).await?;
         eprintln!(
             "steady: populated {} in {:?}",
             populated.environments, populated.took
         );
         let mut results = Vec::new();
         for run in 1..=runs {
-            let r =
-                steady::run(tools, &populated, sizes.steady_resync, sizes.steady_passes).await?;
+            let r = steady::run(tools, &populated, resync, passes).await?;
             eprintln!(
-                "steady {run}/{runs}: ready {:?}, rss {:.1} MiB, cpu/pass {:?}, calls/pass {:?}",
-                r.ready, r.rss, r.cpu_per_pass, r.calls_per_pass
+                "steady {size} {run}/{runs}: ready {:?}, settled {:?}, rss {:.1} MiB, cpu/pass {:?}, calls/pass {:?}",
+                r.ready, r.settled, r.rss, r.cpu_per_pass, r.calls_per_pass
             );
             results.push(r);
         }
@@ -525,21 +613,42 @@ impl Report {
         let scans: usize = results.iter().map(|r| r.scans).sum();
         let m_ready = median(&ready);
         let m_rss = median(&rss);
-        self.verdict(
-            &format!("{n} environments: resident memory ≤ 128 MB"),
-            format!("{m_rss:.1} MiB"),
-            m_rss <= 128.0 / 1.048_576,
-        );
+        let reads = col(&|r| {
+            r.calls_per_pass
+                .iter()
+                .filter(|(op, _)| recording::ec2_read(op))
+                .map(|(_, c)| c)
+                .sum()
+        });
+        let m_reads = median(&reads);
+        let read_target = n.div_ceil(1000) + 2;
+        if n >= 10_000 {
+            self.verdict(
+                &format!("{n} environments: resident memory ≤ 64 MiB"),
+                format!("{m_rss:.1} MiB"),
+                m_rss <= 64.0,
+            );
+        } else {
+            self.verdict(
+                &format!("{n} environments: resident memory ≤ 128 MB"),
+                format!("{m_rss:.1} MiB"),
+                m_rss <= 128.0 / 1.048_576,
+            );
+        }
         self.verdict(
             &format!("restart to ready with {n} environments ≤ 3 s"),
-            format!(
-                "{m_ready:.2} s (of which DescribeInstances in moto: {:.2} s)",
-                median(&col(&|r| secs(r.ready_describing)))
-            ),
+            format!("{m_ready:.2} s"),
             m_ready <= 3.0,
         );
         self.verdict(
-            "zero DynamoDB scans in steady state",
+            &format!(
+                "EC2 read calls per resync interval, {n} environments, ≤ ⌈{n} / 1000⌉ + 2 = {read_target}"
+            ),
+            format!("{m_reads:.1}"),
+            m_reads <= read_target as f64,
+        );
+        self.verdict(
+            &format!("zero DynamoDB scans in steady state ({n} environments)"),
             format!("{scans} Scan calls over all runs"),
             scans == 0,
         );
@@ -549,22 +658,26 @@ impl Report {
              runner's tags, a launched record for each in the table in the runner's format \
              (took {:.0} s). Then, per run, runnerd starts on that state (run 1 also trades \
              the exchange token; later runs follow a graceful stop of the previous one, which \
-             releases the lease) with `RUNNER_RESYNC_INTERVAL={}` and default settings \
-             otherwise. *Restart to ready* is process spawn → `/readyz` 200 (the first full \
-             sync: records loaded, every environment listed, all instances described). \
-             *Settled*: every environment reconciled once and its status delivered to the \
-             control plane (a new leadership term reports every status again). Then {} resync \
-             passes are timed from the first DescribeInstances page of one pass to that of \
-             the next: CPU time and calls per pass include what happens between passes \
-             (lease renewals every 5 s, health checks every 30 s). Memory is read after \
-             those passes.\n\n| figure | median | runs |\n|---|---|---|\n",
+             releases the lease) with `RUNNER_RESYNC_INTERVAL={}` (30 ms per environment, \
+             at least 30 s; a full describe on a loaded moto can take longer) and default \
+             settings otherwise (`RUNNER_EC2_DESCRIBE_PAGE_SIZE` 500). *Restart to ready* is process \
+             spawn → `/readyz` 200 (the control-plane session is up and leadership decided; \
+             the first full describe runs in the background). *Settled*: every environment \
+             reconciled once and its status delivered to the control plane (a new leadership \
+             term reports every status again). Then the next {passes} resync interval(s) are \
+             timed by the clock (a full describe of a large fleet on moto can outlast an \
+             interval, so describe pages cannot mark the passes): *per resync pass* is per \
+             interval, counting every call that arrived in the window, and includes what \
+             happens between passes (lease renewals, health checks every 30 s). The split \
+             of DescribeInstances by kind and the instance records counted are from the \
+             calls completed by the window's end. Memory is read at the window's end.\n\n\
+             | figure | median | runs |\n|---|---|---|\n",
             secs(populated.took),
-            humantime::format_duration(sizes.steady_resync),
-            sizes.steady_passes,
+            humantime::format_duration(resync),
         );
         s.push_str(&row("restart to ready", "s", &ready, 2));
         s.push_str(&row(
-            "… of which in DescribeInstances (moto)",
+            "… of which in DescribeInstances (moto) before ready",
             "s",
             &col(&|r| secs(r.ready_describing)),
             2,
@@ -584,32 +697,40 @@ impl Report {
             0,
         ));
         s.push_str(&row(
-            "one pass's DescribeInstances (all pages, moto)",
+            "one page (500 instances) of a full describe, mean (moto)",
             "s",
             &col(&|r| secs(r.describe)),
             2,
         ));
-        let describing = median(&col(&|r| secs(r.ready_describing)));
-        if m_ready > 3.0 {
-            let _ = write!(
-                s,
-                "\nMost of the time to ready is moto describing the instances ({describing:.1} s \
-                 of {m_ready:.1} s): runnerd reports ready only after its first full view of the \
-                 instances (no create or terminate before it), and moto's DescribeInstances \
-                 grows steeply with the number of instances (see the pass's describe above). The \
-                 rest, about {:.1} s (difference of the medians), is runnerd's start-up and its other calls: the credentials \
-                 secret, the VPC, security group and subnet checks, the records `Query`, the \
-                 environment list from the control plane.\n",
-                m_ready - describing
-            );
+        s.push_str(&row("EC2 read calls per resync pass", "", &reads, 1));
+        let mut kinds: Vec<String> = results
+            .iter()
+            .flat_map(|r| r.describes_per_pass.keys().cloned())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        for kind in kinds {
+            let values = col(&|r| r.describes_per_pass.get(&kind).copied().unwrap_or(0.0));
+            s.push_str(&row(
+                &format!("… DescribeInstances {kind} per pass"),
+                "",
+                &values,
+                1,
+            ));
         }
+        s.push_str(&row(
+            "instance records described per pass",
+            "",
+            &col(&|r| r.described_per_pass),
+            0,
+        ));
         let mut ops: Vec<String> = results
             .iter()
             .flat_map(|r| r.calls_per_pass.keys().cloned())
             .collect();
         ops.sort();
         ops.dedup();
-        s.push_str("\nAWS calls per resync pass, by operation:\n\n| operation | median | runs |\n|---|---|---|\n");
+        s.push_str("\nAWS calls per resync interval, by operation:\n\n| operation | median | runs |\n|---|---|---|\n");
         for op in ops {
             let values = col(&|r| r.calls_per_pass.get(&op).copied().unwrap_or(0.0));
             s.push_str(&row(&format!("`{op}`"), "", &values, 1));
@@ -621,13 +742,152 @@ impl Report {
         );
         self.sections.push(s);
         drop(populated);
+        Ok((m_rss, m_ready))
+    }
+
+    pub(crate) async fn burst(
+        &mut self,
+        tools: &Tools,
+        sizes: &Sizes,
+        runs: usize,
+    ) -> anyhow::Result<()> {
+        let load = load();
+        let mut results = Vec::new();
+        for run in 1..=runs {
+            let b = burst::run(tools, sizes.burst_envs).await?;
+            eprintln!(
+                "burst {run}/{runs}: stop {:?} {:?} described {}, start {:?} {:?} described {}",
+                b.stop.took,
+                b.stop.calls,
+                b.stop.described,
+                b.start.took,
+                b.start.calls,
+                b.start.described
+            );
+            results.push(b);
+        }
+        let n = results.first().map_or(sizes.burst_envs, |r| r.environments);
+        let col =
+            |f: &dyn Fn(&burst::BurstRun) -> f64| -> Vec<f64> { results.iter().map(f).collect() };
+        let mutations = |b: &burst::Burst| -> f64 {
+            b.calls
+                .iter()
+                .filter(|(op, _)| recording::ec2_mutation(op))
+                .map(|(_, c)| *c as f64)
+                .sum()
+        };
+        let stop_mutations = col(&|r| mutations(&r.stop));
+        let start_mutations = col(&|r| mutations(&r.start));
+        let stop_described = col(&|r| r.stop.described as f64 / n as f64);
+        let start_described = col(&|r| r.start.described as f64 / n as f64);
+        let m = median(&stop_mutations);
+        self.verdict(
+            &format!("mutating EC2 calls for a {n}-environment stop burst ≤ 25"),
+            format!("{m:.0} (start burst: {:.0})", median(&start_mutations)),
+            m <= 25.0,
+        );
+        let worst = median(&stop_described).max(median(&start_described));
+        self.verdict(
+            "instances described per changed environment during a burst ≤ 2",
+            format!(
+                "{:.2} (stop), {:.2} (start)",
+                median(&stop_described),
+                median(&start_described)
+            ),
+            worst <= 2.0,
+        );
+        let mut s = format!(
+            "## Stop and start bursts\n\n{n} running environments, set up directly as for the \
+             known-environments figure (took {:.0} s); runnerd with its default settings (EC2 \
+             token buckets, 5 min resync, 2 s observe interval) on them, ready and every \
+             environment reported RUNNING. Then every environment's desired phase is set to \
+             STOPPED at once ({n} concurrent admin calls), and the window runs from the first \
+             call until the control plane has STOPPED reported for all of them; then the same \
+             for RUNNING. *Instances described* are the instance records in the \
+             DescribeInstances answers of the window (the proxy counts each answer's \
+             `<instanceId>` elements), divided by {n}; *of which full* is the share from \
+             describes of all the runner's instances (a resync or term start in the window), \
+             not by id.\n\n| figure | median | runs |\n|---|---|---|\n",
+            median(&col(&|r| secs(r.populated))),
+        );
+        s.push_str(&row(
+            "stop burst: wall time",
+            "s",
+            &col(&|r| secs(r.stop.took)),
+            1,
+        ));
+        s.push_str(&row(
+            "stop burst: mutating EC2 calls",
+            "",
+            &stop_mutations,
+            0,
+        ));
+        s.push_str(&row(
+            "stop burst: instances described per environment",
+            "",
+            &stop_described,
+            2,
+        ));
+        s.push_str(&row(
+            "… of which full describes",
+            "",
+            &col(&|r| r.stop.described_full as f64 / n as f64),
+            2,
+        ));
+        s.push_str(&row(
+            "start burst: wall time",
+            "s",
+            &col(&|r| secs(r.start.took)),
+            1,
+        ));
+        s.push_str(&row(
+            "start burst: mutating EC2 calls",
+            "",
+            &start_mutations,
+            0,
+        ));
+        s.push_str(&row(
+            "start burst: instances described per environment",
+            "",
+            &start_described,
+            2,
+        ));
+        s.push_str(&row(
+            "… of which full describes",
+            "",
+            &col(&|r| r.start.described_full as f64 / n as f64),
+            2,
+        ));
+        let mut ops: Vec<String> = results
+            .iter()
+            .flat_map(|r| r.stop.calls.keys().chain(r.start.calls.keys()).cloned())
+            .collect();
+        ops.sort();
+        ops.dedup();
+        s.push_str(
+            "\nAWS calls in each window, by operation (median of the runs):\n\n| operation | \
+             stop burst | start burst |\n|---|---|---|\n",
+        );
+        for op in ops {
+            let count = |f: &dyn Fn(&burst::BurstRun) -> &BTreeMap<String, usize>| {
+                median(&col(&|r| f(r).get(&op).copied().unwrap_or(0) as f64))
+            };
+            let _ = writeln!(
+                s,
+                "| `{op}` | {:.0} | {:.0} |",
+                count(&|r| &r.stop.calls),
+                count(&|r| &r.start.calls)
+            );
+        }
+        let _ = writeln!(s, "\nLoad average (1 min) when the figure started: {load}.");
+        self.sections.push(s);
         Ok(())
     }
 
     pub(crate) async fn failover(
         &mut self,
         tools: &Tools,
-        sizes: Sizes,
+        sizes: &Sizes,
         runs: usize,
     ) -> anyhow::Result<()> {
         let load = load();

@@ -154,10 +154,14 @@ pub(crate) struct SteadyRun {
     pub(crate) hwm: f64,
     /// CPU time per resync pass.
     pub(crate) cpu_per_pass: Duration,
-    /// Wall time of one pass's describe (all pages).
+    /// Mean wall time of one page of a full describe (moto).
     pub(crate) describe: Duration,
     /// AWS calls per pass by operation.
     pub(crate) calls_per_pass: BTreeMap<String, f64>,
+    /// DescribeInstances per pass by kind (see `recording::describe_kind`).
+    pub(crate) describes_per_pass: BTreeMap<String, f64>,
+    /// Instance records the DescribeInstances answers of a pass held.
+    pub(crate) described_per_pass: f64,
     /// DynamoDB Scans over the whole run, start-up included.
     pub(crate) scans: usize,
 }
@@ -177,6 +181,7 @@ pub(crate) async fn run(
         humantime::format_duration(resync).to_string(),
     )];
     let mut runnerd = world.runnerd(tools, "steady", &proxy.url(), &settings)?;
+    let runnerd_started = runnerd.started;
     let ready = runnerd
         .wait_ready(Duration::from_secs(300) + Duration::from_millis(20) * n as u32)
         .await?;
@@ -189,7 +194,10 @@ pub(crate) async fn run(
         .sum();
 
     // Settled: every environment reconciled once and every status delivered.
-    let deadline = Instant::now() + Duration::from_secs(300) + Duration::from_millis(50) * n as u32;
+    // At 10,000 on this machine, reconciles before the first full view ran at
+    // about 7 per second (each waits for a by-id describe).
+    let deadline =
+        Instant::now() + Duration::from_secs(300) + Duration::from_millis(250) * n as u32;
     loop {
         let reconciled = runnerd.metric("runner_reconciles_total").await?;
         let pending = runnerd.metric("runner_status_updates_pending").await?;
@@ -204,48 +212,57 @@ pub(crate) async fn run(
     }
     let settled = ready_at.elapsed();
 
-    // Pass boundaries: the first page of each full describe.
-    let seen_before = proxy
-        .calls()
-        .iter()
-        .filter(|c| recording::full_describe(c))
-        .count();
-    let mut marks: Vec<(Instant, Duration)> = Vec::new();
-    let deadline = Instant::now() + (resync + Duration::from_secs(120)) * (passes as u32 + 1);
-    while marks.len() < passes + 1 {
-        let starts: Vec<Instant> = proxy
-            .calls()
-            .iter()
-            .filter(|c| recording::full_describe(c))
-            .map(|c| c.start)
-            .skip(seen_before)
-            .collect();
-        if starts.len() > marks.len() {
-            let cpu = runnerd.cpu()?;
-            marks.push((starts[marks.len()], cpu));
-        }
-        if Instant::now() > deadline {
-            bail!("saw {} resync passes of {}", marks.len(), passes + 1);
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    // `passes` resync intervals after settling, timed by the clock (a full
+    // describe of a large fleet on moto can outlast an interval, so its
+    // pages do not mark the passes). Calls are counted by arrival, those
+    // still in flight at the end included.
+    let first = Instant::now();
+    let cpu_first = runnerd.cpu()?;
+    tokio::time::sleep(resync * passes as u32).await;
+    let last = Instant::now();
+    let cpu_last = runnerd.cpu()?;
     let (rss, hwm) = runnerd.memory()?;
-    let (first, cpu_first) = marks[0];
-    let (last, cpu_last) = marks[passes];
     let calls = proxy.calls();
+    let mut operations: Vec<&str> = calls.iter().map(|c| c.operation.as_str()).collect();
+    operations.sort_unstable();
+    operations.dedup();
     let mut calls_per_pass = BTreeMap::new();
-    for call in calls.iter().filter(|c| c.start >= first && c.start < last) {
-        *calls_per_pass.entry(call.operation.clone()).or_insert(0.0) += 1.0 / passes as f64;
+    for op in operations {
+        let arrived = proxy
+            .seen(op)
+            .into_iter()
+            .filter(|at| *at >= first && *at < last)
+            .count();
+        if arrived > 0 {
+            calls_per_pass.insert(op.to_owned(), arrived as f64 / passes as f64);
+        }
     }
-    // One pass's describe: from its first page to the end of its last.
-    let describe = calls
+    // By kind and instances returned: the completed calls only.
+    let mut describes_per_pass = BTreeMap::new();
+    let mut described_per_pass = 0.0;
+    for call in calls.iter().filter(|c| c.start >= first && c.start < last) {
+        if let Some(kind) = recording::describe_kind(call) {
+            *describes_per_pass.entry(kind.to_owned()).or_insert(0.0) += 1.0 / passes as f64;
+        }
+        described_per_pass += call.instances as f64 / passes as f64;
+    }
+    // A page of a full describe, on average over the whole run.
+    let pages: Vec<Duration> = calls
         .iter()
-        .filter(|c| c.operation == "DescribeInstances" && c.start >= first)
-        .take_while(|c| c.start < marks[1].0)
-        .map(|c| c.end)
-        .max()
-        .map_or(Duration::ZERO, |end| end - first);
+        .filter(|c| c.operation == "DescribeInstances" && c.label.is_none())
+        .map(|c| c.end - c.start)
+        .collect();
+    let describe = pages
+        .iter()
+        .sum::<Duration>()
+        .checked_div(pages.len() as u32)
+        .unwrap_or_default();
     runnerd.stop();
+    let _ = recording::save(
+        &proxy,
+        runnerd_started,
+        &tools.work_dir.join(format!("steady-{n}-calls.csv")),
+    );
     let scans = proxy
         .calls()
         .iter()
@@ -260,6 +277,8 @@ pub(crate) async fn run(
         cpu_per_pass: (cpu_last - cpu_first) / passes as u32,
         describe,
         calls_per_pass,
+        describes_per_pass,
+        described_per_pass,
         scans,
     })
 }

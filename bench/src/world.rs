@@ -410,6 +410,57 @@ impl World {
         }
     }
 
+    /// How many of the runner's environments have `phase` reported for
+    /// their current spec.
+    pub(crate) async fn count_phase(&self, phase: pb::EnvironmentPhase) -> anyhow::Result<usize> {
+        let listed = self
+            .admin
+            .clone()
+            .list_environments(admin::ListEnvironmentsRequest {
+                runner_id: self.runner_id.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok(listed
+            .environments
+            .iter()
+            .filter(|env| {
+                let spec_version = env
+                    .environment
+                    .as_ref()
+                    .and_then(|e| e.spec.as_ref())
+                    .map_or(0, |s| s.spec_version);
+                env.status.as_ref().is_some_and(|s| {
+                    s.phase == phase as i32
+                        && s.runner_ack
+                            .as_ref()
+                            .is_some_and(|a| a.spec_version == spec_version)
+                })
+            })
+            .count())
+    }
+
+    /// Waits until `n` environments have `phase` reported (see
+    /// [`World::count_phase`]); when the last one was seen.
+    pub(crate) async fn wait_all_phase(
+        &self,
+        n: usize,
+        phase: pb::EnvironmentPhase,
+        within: Duration,
+    ) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + within;
+        loop {
+            let count = self.count_phase(phase).await?;
+            if count >= n {
+                return Ok(Instant::now());
+            }
+            if Instant::now() > deadline {
+                bail!("{count} of {n} environments reached {phase:?} within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `RUNNER_*` settings for a runnerd with AWS behind `endpoint`.
     pub(crate) fn runnerd_env(&self, health_port: u16) -> Vec<(String, String)> {
         let subnets: Vec<&str> = self
@@ -544,6 +595,11 @@ impl Runnerd {
         }
     }
 
+    /// How many log lines stamped after `after` have `message`.
+    pub(crate) fn log_count(&self, message: &str, after: SystemTime) -> usize {
+        log_lines(&self.log, message, after).len()
+    }
+
     fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!("runnerd exited ({status}); log {}", self.log.display());
@@ -638,14 +694,24 @@ fn clock_ticks() -> f64 {
 /// The timestamp of the first JSON log line in `path` stamped after `after`
 /// whose message is `message`.
 fn log_time(path: &Path, message: &str, after: SystemTime) -> Option<SystemTime> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines().find_map(|line| {
-        let value: serde_json::Value = serde_json::from_str(line).ok()?;
-        if value.get("message")?.as_str()? != message {
-            return None;
-        }
-        humantime::parse_rfc3339_weak(value.get("timestamp")?.as_str()?)
-            .ok()
-            .filter(|at| *at >= after)
-    })
+    log_lines(path, message, after).first().copied()
+}
+
+/// The timestamps of the JSON log lines in `path` stamped after `after`
+/// whose message is `message`, in file order.
+fn log_lines(path: &Path, message: &str, after: SystemTime) -> Vec<SystemTime> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            if value.get("message")?.as_str()? != message {
+                return None;
+            }
+            humantime::parse_rfc3339_weak(value.get("timestamp")?.as_str()?)
+                .ok()
+                .filter(|at| *at >= after)
+        })
+        .collect()
 }

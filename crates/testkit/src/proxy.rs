@@ -105,6 +105,9 @@ pub struct Call {
     pub faulted: bool,
     /// The answer was a 2xx.
     pub ok: bool,
+    /// Instance records in a DescribeInstances answer (its `<instanceId>`
+    /// elements); 0 for other operations.
+    pub instances: usize,
 }
 
 /// What a labeller sees of a request.
@@ -343,6 +346,20 @@ async fn handle(
         None | Some(Fault::Delay(_) | Fault::DelayAfter { .. })
     );
     let response = respond(fault, &op, parts, body, client, upstream).await;
+    let mut instances = 0;
+    let response = match response {
+        Ok(answer) if op == "DescribeInstances" => {
+            let (parts, body) = answer.into_parts();
+            let body = match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(never) => match never {},
+            };
+            let needle = b"<instanceId>";
+            instances = body.windows(needle.len()).filter(|w| w == needle).count();
+            Ok(Response::from_parts(parts, Full::new(body)))
+        }
+        other => other,
+    };
     shared.lock().expect("lock").calls.push(Call {
         operation: op,
         label,
@@ -351,6 +368,7 @@ async fn handle(
         end: Instant::now(),
         faulted,
         ok: response.as_ref().is_ok_and(|r| r.status().is_success()),
+        instances,
     });
     response
 }
