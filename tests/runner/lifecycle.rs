@@ -501,6 +501,7 @@ async fn a_restart_is_ready_and_launches_before_its_first_full_describe_ends() {
 
     world.compute.hold_full_describes(true);
     let described = world.compute.calls("observe");
+    let looked_up = world.compute.observed_ids();
     let stopped = known.pop().expect("forty");
     world.set_phase(&stopped, Phase::Stopped).await;
     let runner = world.start_runner().await;
@@ -531,6 +532,10 @@ async fn a_restart_is_ready_and_launches_before_its_first_full_describe_ends() {
         described,
         "no full describe ended meanwhile"
     );
+    // The 39 unchanged environments wait for the full view: none of their
+    // instances is looked up by id.
+    let ids = world.compute.observed_ids() - looked_up;
+    assert!(ids < 20, "{ids} instances looked up by id");
     world.compute.hold_full_describes(false);
     runner.stop().await.expect("clean stop");
 }

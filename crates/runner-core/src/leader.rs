@@ -79,6 +79,11 @@ impl Leadership {
         self.decided.is_cancelled()
     }
 
+    /// Resolves once leadership is decided.
+    pub async fn decided(&self) {
+        self.decided.cancelled().await;
+    }
+
     /// The epoch, if this replica leads right now.
     pub fn epoch(&self) -> Option<u64> {
         let held = *self.held.lock().expect("leadership lock is never poisoned");

@@ -122,18 +122,6 @@ impl Observer {
         snapshot.expired_at = Some(Instant::now());
     }
 
-    /// Starts a full describe in the background unless the view was taken
-    /// after `since` (one in flight counts once it ends); failures are
-    /// logged, and the next caller tries again.
-    pub fn refresh_in_background(self: &Arc<Self>, since: Instant) {
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
-            if let Err(err) = this.refresh_after(since).await {
-                tracing::warn!(error = %chain(&err), "cannot refresh the view of instances");
-            }
-        });
-    }
-
     /// The instances of `environment` in the current view.
     pub fn instances(&self, environment: EnvironmentId) -> Vec<Instance> {
         self.snapshot()

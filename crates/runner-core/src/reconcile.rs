@@ -214,6 +214,25 @@ impl Context {
             .collect()
     }
 
+    /// Whether `id` can wait for a term's first full view: it has a
+    /// launched instance (its reconcile would look it up by id) and no
+    /// newer spec than the one acted on (or none known yet). A new
+    /// environment, an unresolved intent or a changed spec does not wait.
+    pub fn waits_for_view(&self, id: EnvironmentId) -> bool {
+        let Some(record) = self.record(id) else {
+            return false;
+        };
+        let launched = record
+            .launch
+            .as_ref()
+            .is_some_and(|l| l.instance_id().is_some());
+        let changed = matches!(
+            self.desired.get(id),
+            Some(Known::Present(env)) if env.spec.spec_version > record.spec_version
+        );
+        launched && !changed
+    }
+
     fn record(&self, id: EnvironmentId) -> Option<Record> {
         self.records
             .lock()

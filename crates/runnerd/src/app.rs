@@ -128,6 +128,10 @@ pub async fn run_with(
     let lease_task = async move { run_lease(lease.as_ref(), &leadership, timing, stopped).await };
     supervisor.spawn_critical("lease", on_own_thread("lease", lease_task));
 
+    // The lease's first answer before the bulk reads below, which would
+    // share the store's capacity with it (a few seconds at most).
+    let decided = deps.leadership.clone();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), decided.decided()).await;
     let placement = "check the VPC, subnets and security group";
     let subnet_ids = &config.placement.subnet_ids;
     let Some(subnets) = until_done(placement, &health, &stop, || compute.subnets(subnet_ids)).await

@@ -153,7 +153,7 @@ pub struct DaemonArgs {
     #[arg(long, env = "RUNNER_EC2_DESCRIBE_RATE", default_value_t = 10.0)]
     pub ec2_describe_rate: f64,
     /// Instances per DescribeInstances page (5 to 1000).
-    #[arg(long, env = "RUNNER_EC2_DESCRIBE_PAGE_SIZE", default_value_t = 500)]
+    #[arg(long, env = "RUNNER_EC2_DESCRIBE_PAGE_SIZE", default_value_t = 1000)]
     pub ec2_describe_page_size: i32,
     /// Full resync of every environment (list, observe, reconcile).
     #[arg(long, env = "RUNNER_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]

@@ -2,9 +2,11 @@
 //! the work queue.
 //!
 //! A full sync (on every stream (re)connect and every resync interval) lists
-//! all environments and classes and enqueues everything; the full describe
-//! of instances, and the orphan pass after it, run in the background, so
-//! neither the first sync nor any reconcile waits on the size of the fleet. An environment missing from a list is only treated as gone
+//! all environments and classes and enqueues them (before a term's full
+//! view, only those that need none); while leading, the full describe of
+//! instances, and the orphan pass after it, run in the background, so
+//! neither the first sync nor any reconcile waits on the size of the fleet.
+//! A standby describes nothing. An environment missing from a list is only treated as gone
 //! after a direct `GetEnvironment` says NOT_FOUND: a partial or empty list
 //! never causes a teardown. A watch event re-fetches the one environment.
 
@@ -202,10 +204,15 @@ impl Informer {
         self.context.desired.set_classes(classes);
         let listed: HashSet<EnvironmentId> = environments.iter().map(|e| e.id).collect();
         let count = environments.len();
+        // Before the term's full view, what has a launched instance waits
+        // for the term to enqueue it once the view is in.
+        let viewed = self.context.observer.taken_at().is_some();
         for environment in environments {
             let id = environment.id;
             self.context.desired.upsert(environment);
-            self.enqueue(id);
+            if viewed || !self.context.waits_for_view(id) {
+                self.enqueue(id);
+            }
         }
         // Known before but not listed now: confirm one by one.
         let mut unlisted: HashSet<EnvironmentId> =
@@ -217,9 +224,13 @@ impl Informer {
         Ok(count)
     }
 
-    /// The full describe of a sync that started at `since`, then, while
-    /// leading and with a view taken in this term, the orphan pass.
+    /// While leading: the full describe of a sync that started at `since`,
+    /// then, with a view taken in this term, the orphan pass.
     async fn observe(&self, since: tokio::time::Instant) {
+        // A standby needs no view: a new term takes its own.
+        if !self.leadership.is_leader() {
+            return;
+        }
         if let Err(err) = self.context.observer.refresh_after(since).await {
             tracing::warn!(error = %chain(&err), "cannot refresh the view of instances");
             return;

@@ -12,8 +12,10 @@
 //! failed one runs again.
 //!
 //! A term: when leadership is gained, reload the records, start the outbox's
-//! term, expire the full view of instances (a new one is taken in the
-//! background), enqueue every known environment and run the queue; when it lapses ([`Leadership::lapsed`]), take no new work,
+//! term, expire the full view of instances and take a new one in the
+//! background, enqueue the environments that need no view (new ones,
+//! unresolved intents) at once and the others when the view is in, and run
+//! the queue; when it lapses ([`Leadership::lapsed`]), take no new work,
 //! let in-flight reconciles finish within the grace period and drop the
 //! statuses not yet delivered (the next leader's to report). Nothing is
 //! created or terminated before the first full sync of the control plane's
@@ -30,11 +32,13 @@ use tracing::Instrument as _;
 
 pub use self::informer::Informer;
 use crate::backoff::Backoff;
+use crate::error::chain;
 use crate::leader::Leadership;
 use crate::model::EnvironmentId;
 use crate::orphans::OrphanPolicy;
 use crate::outbox::Round;
 use crate::reconcile::{Context, ReconcileError, ReconcileSettings, reconcile};
+use crate::retry::{Failures, Policy};
 use crate::scheduler::{Drained, Next, Queue, QueueObserver, Scheduler, SchedulerConfig};
 use crate::traits::ControlPlane;
 
@@ -223,18 +227,29 @@ impl Controller {
         // launches: until a full describe of this term ends, reconciles look
         // up their own instances by id, and what needs "no instance exists"
         // waits for it. Nothing here waits on a describe of the whole fleet.
+        let started = tokio::time::Instant::now();
         context.observer.expire();
-        context
-            .observer
-            .refresh_in_background(tokio::time::Instant::now());
-        for id in context
-            .desired
-            .present()
+        // New environments and unresolved intents at once; those with a
+        // launched instance once the term's full view is in (else each
+        // would look its instance up by id).
+        // (Every launched instance has a record, loaded by now.)
+        let (later, now): (Vec<_>, Vec<_>) = known(context)
             .into_iter()
-            .chain(context.recorded())
-        {
+            .partition(|id| context.waits_for_view(*id));
+        for id in now {
             self.queue.enqueue(id);
         }
+        let (context, queue, term_ended) = (self.context.clone(), self.queue.clone(), term.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = term_ended.cancelled() => {}
+                () = full_view(&context, started) => {
+                    for id in later {
+                        queue.enqueue(id);
+                    }
+                }
+            }
+        });
         let work = |id| {
             let (context, observer) = (self.context.clone(), self.observer.clone());
             async move { reconcile_one(&context, observer.as_ref(), id).await }
@@ -244,6 +259,28 @@ impl Controller {
             .await
     }
 }
+
+/// Every environment the control plane describes or the store records.
+fn known(context: &Context) -> Vec<EnvironmentId> {
+    let mut ids = context.desired.present();
+    ids.extend(context.recorded());
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Waits until a full view taken after `since` is in, retrying a failed
+/// describe with backoff.
+async fn full_view(context: &Context, since: tokio::time::Instant) {
+    let mut failures = Failures::new(VIEW_RETRY);
+    while let Err(err) = context.observer.refresh_after(since).await {
+        tracing::warn!(error = %chain(&err), "cannot take the full view of instances; retrying");
+        tokio::time::sleep(failures.failed()).await;
+    }
+}
+
+/// Retries of a term's first full describe: from 1 s, doubling, up to 30 s.
+const VIEW_RETRY: Policy = Policy::new(Duration::from_secs(1), Duration::from_secs(30));
 
 fn drained_log(drained: Drained) {
     tracing::info!(
