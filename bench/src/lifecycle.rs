@@ -34,7 +34,8 @@ pub(crate) struct Lifecycle {
 
 pub(crate) async fn run(tools: &Tools) -> anyhow::Result<Lifecycle> {
     let world = World::new(tools).await?;
-    let proxy = recording::start(&world.moto.url).await?;
+    let proxy = std::sync::Arc::new(recording::start(&world.moto.url).await?);
+    let _bootstraps = recording::stand_in_bootstraps(proxy.clone(), world.sdk.clone());
     let mut runnerd = world.runnerd(tools, "lifecycle", &proxy.url(), &[])?;
     runnerd.wait_ready(Duration::from_secs(60)).await?;
     runnerd

@@ -111,3 +111,70 @@ fn environment(params: &HashMap<String, String>, body: &[u8]) -> Option<Uuid> {
         text.get(at..at + 36)?.parse().ok()
     })
 }
+
+/// The report tags of a bootstrap that checked out commit 0…0 at `now`
+/// (Unix seconds), as `deploy/bootstrap.sh` writes them.
+pub(crate) fn ready_tags(now: u64) -> Vec<aws_sdk_ec2::types::Tag> {
+    use runner_core::report;
+    let now = now.to_string();
+    let commit = "0".repeat(40);
+    [
+        (report::TAG_STAGE, "ready"),
+        (report::TAG_RESULT, "ok"),
+        (report::TAG_AT, now.as_str()),
+        (report::TAG_STARTED_AT, now.as_str()),
+        (report::TAG_COMMIT, commit.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build())
+    .collect()
+}
+
+/// Stops its task when dropped.
+pub(crate) struct StandIn(tokio::task::JoinHandle<()>);
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// moto runs no user data: stands in for the bootstrap of every instance
+/// the runner launches through `proxy`, tagging it ready (one `CreateTags`
+/// straight to moto, not through the proxy, for the instances launched in
+/// each 200 ms), so that environments reach RUNNING as with a real
+/// bootstrap and the figures count only the runner's calls.
+pub(crate) fn stand_in_bootstraps(
+    proxy: std::sync::Arc<FaultProxy>,
+    sdk: aws_config::SdkConfig,
+) -> StandIn {
+    StandIn(tokio::spawn(async move {
+        let ec2 = aws_sdk_ec2::Client::new(&sdk);
+        let mut tagged = std::collections::HashSet::new();
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let fresh: Vec<String> = proxy
+                .calls()
+                .iter()
+                .flat_map(|c| c.launched.iter())
+                .filter(|id| !tagged.contains(*id))
+                .cloned()
+                .collect();
+            if fresh.is_empty() {
+                continue;
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let sent = ec2
+                .create_tags()
+                .set_resources(Some(fresh.clone()))
+                .set_tags(Some(ready_tags(now)))
+                .send()
+                .await;
+            if sent.is_ok() {
+                tagged.extend(fresh);
+            }
+        }
+    }))
+}

@@ -48,6 +48,14 @@ pub(crate) async fn populate(tools: &Tools, n: usize) -> anyhow::Result<Populate
                     tag(TAG_ATTEMPT, "1"),
                     tag(TAG_MANAGED_BY, "aws-runner"),
                 ];
+                // moto runs no user data: tagged as its bootstrap would.
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)?
+                    .as_secs();
+                let tags = tags
+                    .into_iter()
+                    .chain(recording::ready_tags(now))
+                    .collect::<Vec<_>>();
                 let instance = ec2
                     .run_instances()
                     .image_id(&world.infra.ami)

@@ -108,6 +108,9 @@ pub struct Call {
     /// Instance records in a DescribeInstances answer (its `<instanceId>`
     /// elements); 0 for other operations.
     pub instances: usize,
+    /// The instance ids a RunInstances answer names; empty for other
+    /// operations.
+    pub launched: Vec<String>,
 }
 
 /// What a labeller sees of a request.
@@ -347,15 +350,24 @@ async fn handle(
     );
     let response = respond(fault, &op, parts, body, client, upstream).await;
     let mut instances = 0;
+    let mut launched = Vec::new();
     let response = match response {
-        Ok(answer) if op == "DescribeInstances" => {
+        Ok(answer) if op == "DescribeInstances" || op == "RunInstances" => {
             let (parts, body) = answer.into_parts();
             let body = match body.collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(never) => match never {},
             };
-            let needle = b"<instanceId>";
-            instances = body.windows(needle.len()).filter(|w| w == needle).count();
+            let text = String::from_utf8_lossy(&body);
+            let ids = text
+                .split("<instanceId>")
+                .skip(1)
+                .filter_map(|rest| rest.split("</instanceId>").next());
+            if op == "RunInstances" {
+                launched = ids.map(str::to_owned).collect();
+            } else {
+                instances = ids.count();
+            }
             Ok(Response::from_parts(parts, Full::new(body)))
         }
         other => other,
@@ -369,6 +381,7 @@ async fn handle(
         faulted,
         ok: response.as_ref().is_ok_and(|r| r.status().is_success()),
         instances,
+        launched,
     });
     response
 }
