@@ -331,3 +331,25 @@ async fn a_throttled_call_is_counted_as_throttled_by_operation() {
         .expect("the runner-level record");
     assert_eq!(runner["AwsThrottled"].as_u64(), Some(2));
 }
+
+/// The per-process lookups are filled once: sixteen concurrent first asks
+/// for the zones offering a type make one DescribeInstanceTypeOfferings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cache_misses_share_one_lookup() {
+    let proxy = FaultProxy::start(&moto_url()).await.expect("proxy");
+    let direct = sdk(&moto_url()).await;
+    let infra = Infra::create(&direct).await;
+    let through = sdk(&proxy.url()).await;
+    let compute = infra.adapters(&through, "a", &leading()).compute;
+    let asks: Vec<_> = (0..16)
+        .map(|_| {
+            let compute = compute.clone();
+            tokio::spawn(async move { compute.offered_zones("m5.large").await })
+        })
+        .collect();
+    for ask in asks {
+        let zones = ask.await.expect("joined").expect("offerings");
+        assert!(!zones.is_empty());
+    }
+    assert_eq!(proxy.seen("DescribeInstanceTypeOfferings").len(), 1);
+}

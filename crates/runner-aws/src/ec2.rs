@@ -103,6 +103,9 @@ pub struct Ec2Compute {
     describes: DefaultDirectRateLimiter,
     offerings: Mutex<HashMap<String, (Instant, Vec<String>)>>,
     root_devices: Mutex<HashMap<String, String>>,
+    /// One cache fill at a time: concurrent misses wait for the first
+    /// lookup instead of each making their own.
+    filling: tokio::sync::Mutex<()>,
     /// Instances wearing the runner's tags without its profile and group,
     /// already logged.
     foreign: Mutex<HashSet<String>>,
@@ -451,6 +454,7 @@ impl Ec2Compute {
             leadership,
             offerings: Mutex::new(HashMap::new()),
             root_devices: Mutex::new(HashMap::new()),
+            filling: tokio::sync::Mutex::new(()),
             foreign: Mutex::new(HashSet::new()),
         }
     }
@@ -491,11 +495,16 @@ impl Ec2Compute {
 
     async fn root_device(&self) -> String {
         let ami = &self.settings.ami;
-        if let Some(device) = self.root_devices.lock().expect("lock").get(ami) {
-            return device.clone();
-        }
         if ami.starts_with("resolve:ssm:") {
             return DEFAULT_ROOT_DEVICE.to_owned();
+        }
+        let cached = || self.root_devices.lock().expect("lock").get(ami).cloned();
+        if let Some(device) = cached() {
+            return device;
+        }
+        let _turn = self.filling.lock().await;
+        if let Some(device) = cached() {
+            return device;
         }
         self.describes.until_ready().await;
         let device = self
@@ -739,10 +748,20 @@ impl Compute for Ec2Compute {
     }
 
     async fn offered_zones(&self, instance_type: &str) -> Result<Vec<String>, ComputeError> {
-        if let Some((at, zones)) = self.offerings.lock().expect("lock").get(instance_type)
-            && at.elapsed() < OFFERINGS_TTL
-        {
-            return Ok(zones.clone());
+        let cached = || {
+            self.offerings
+                .lock()
+                .expect("lock")
+                .get(instance_type)
+                .filter(|(at, _)| at.elapsed() < OFFERINGS_TTL)
+                .map(|(_, zones)| zones.clone())
+        };
+        if let Some(zones) = cached() {
+            return Ok(zones);
+        }
+        let _turn = self.filling.lock().await;
+        if let Some(zones) = cached() {
+            return Ok(zones);
         }
         let mut pages = self
             .client
