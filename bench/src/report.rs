@@ -660,7 +660,7 @@ impl Report {
              the exchange token; later runs follow a graceful stop of the previous one, which \
              releases the lease) with `RUNNER_RESYNC_INTERVAL={}` (30 ms per environment, \
              at least 30 s; a full describe on a loaded moto can take longer) and default \
-             settings otherwise (`RUNNER_EC2_DESCRIBE_PAGE_SIZE` 500). *Restart to ready* is process \
+             settings otherwise (`RUNNER_EC2_DESCRIBE_PAGE_SIZE` 1000). *Restart to ready* is process \
              spawn → `/readyz` 200 (the control-plane session is up and leadership decided; \
              the first full describe runs in the background). *Settled*: every environment \
              reconciled once and its status delivered to the control plane (a new leadership \
@@ -697,7 +697,7 @@ impl Report {
             0,
         ));
         s.push_str(&row(
-            "one page (500 instances) of a full describe, mean (moto)",
+            "one page (1,000 instances) of a full describe, mean (moto)",
             "s",
             &col(&|r| secs(r.describe)),
             2,
