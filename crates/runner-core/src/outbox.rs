@@ -202,6 +202,7 @@ impl Outbox {
         &self,
         control_plane: &dyn ControlPlane,
         concurrency: usize,
+        leading: &(dyn Fn() -> bool + Send + Sync),
     ) -> Round {
         let batch: BTreeMap<EnvironmentId, (u64, Status)> = self
             .state()
@@ -211,7 +212,11 @@ impl Outbox {
             .collect();
         let mut round = Round::default();
         let mut recheck = Vec::new();
-        for (id, version, result) in send_all(batch, concurrency, control_plane).await {
+        for (id, version, result) in send_all(batch, concurrency, control_plane, leading).await {
+            // Not sent: leadership lapsed during the round; it stays pending.
+            let Some(result) = result else {
+                continue;
+            };
             let mut state = self.state();
             let Some(entry) = state.entries.get_mut(&id) else {
                 continue;
@@ -291,7 +296,7 @@ impl Outbox {
     /// at the same epoch delivers it; a new term clears it).
     pub async fn run_while(
         self: Arc<Self>,
-        leading: impl Fn() -> bool,
+        leading: impl Fn() -> bool + Send + Sync,
         control_plane: Arc<dyn ControlPlane>,
         backoff: Backoff,
         concurrency: usize,
@@ -300,7 +305,9 @@ impl Outbox {
     ) {
         loop {
             if leading() {
-                let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
+                let round = self
+                    .deliver_once(control_plane.as_ref(), concurrency, &leading)
+                    .await;
                 on_round(round, self.pending());
             }
             let failures = self
@@ -322,7 +329,9 @@ impl Outbox {
             }
         }
         if leading() {
-            let round = self.deliver_once(control_plane.as_ref(), concurrency).await;
+            let round = self
+                .deliver_once(control_plane.as_ref(), concurrency, &leading)
+                .await;
             let pending = self.pending();
             tracing::info!(
                 delivered = round.delivered,
@@ -347,15 +356,22 @@ async fn sleep_or_forever(wait: Duration) {
     }
 }
 
+/// Sends `batch`, `concurrency` at a time, each only if still `leading`
+/// when its turn comes (`None`: not sent): a round cut by a lapse (a process
+/// paused mid-round) sends nothing of its rest.
 async fn send_all(
     batch: BTreeMap<EnvironmentId, (u64, Status)>,
     concurrency: usize,
     control_plane: &dyn ControlPlane,
-) -> Vec<(EnvironmentId, u64, Result<(), ControlPlaneError>)> {
+    leading: &(dyn Fn() -> bool + Send + Sync),
+) -> Vec<(EnvironmentId, u64, Option<Result<(), ControlPlaneError>>)> {
     futures::stream::iter(batch)
         .map(|(id, (version, status))| async move {
+            if !leading() {
+                return (id, version, None);
+            }
             let result = control_plane.update_status(id, version, &status).await;
-            (id, version, result)
+            (id, version, Some(result))
         })
         .buffer_unordered(concurrency.max(1))
         .collect()
@@ -547,7 +563,7 @@ mod tests {
         assert_eq!(snapshot.oldest_pending, Some(Duration::from_secs(10)));
         assert_eq!(snapshot.oldest_starting, Some(Duration::from_secs(10)));
 
-        outbox.deliver_once(&Plane::default(), 4).await;
+        outbox.deliver_once(&Plane::default(), 4, &|| true).await;
         tokio::time::advance(Duration::from_secs(5)).await;
         let snapshot = outbox.snapshot();
         assert_eq!((snapshot.pending, snapshot.oldest_pending), (0, None));
@@ -611,19 +627,45 @@ mod tests {
                         last_issued = 0;
                     }
                     _ => {
-                        outbox.deliver_once(&plane, 4).await;
+                        outbox.deliver_once(&plane, 4, &|| true).await;
                     }
                 }
                 let issued = outbox.issued();
                 assert!(issued >= last_issued, "seed {seed}: issued went back");
                 last_issued = issued;
             }
-            outbox.deliver_once(&plane, 4).await;
+            outbox.deliver_once(&plane, 4, &|| true).await;
             assert_eq!(
                 *plane.reused.lock().expect("lock"),
                 0,
                 "seed {seed}: a version was sent twice with different content"
             );
         }
+    }
+
+    /// Leadership checked before each send, not once a round: a lapse in
+    /// the middle of a round (a process paused) sends nothing of the rest,
+    /// which stays pending for the next term.
+    #[tokio::test]
+    async fn a_lapse_during_a_round_sends_nothing_more() {
+        let outbox = Outbox::default();
+        outbox.start_term(1);
+        for k in 0..5u128 {
+            let id = EnvironmentId(uuid::Uuid::from_u128(k));
+            outbox.publish(id, 0, status(Phase::Running));
+        }
+        let plane = Plane::default();
+        // Leading for the first send only.
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let leading = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        let round = outbox.deliver_once(&plane, 1, &leading).await;
+        assert_eq!(round.delivered, 1);
+        assert_eq!(plane.sent.lock().expect("lock").len(), 1, "one sent");
+        assert_eq!(outbox.pending(), 4, "the rest stays pending");
+        assert_eq!(
+            (round.retrying, round.rejected),
+            (0, 0),
+            "not counted as failures"
+        );
     }
 }
