@@ -332,6 +332,11 @@ impl MemoryCompute {
 
     /// Sets what an instance reports, as its bootstrap would.
     pub fn set_report(&self, instance_id: &str, report: Report) {
+        self.change(instance_id, |i| i.report = report);
+    }
+
+    /// Changes an instance in place, if the cloud holds it.
+    fn change(&self, instance_id: &str, change: impl FnOnce(&mut Instance)) {
         if let Some(i) = self
             .cloud
             .lock()
@@ -339,21 +344,13 @@ impl MemoryCompute {
             .instances
             .get_mut(instance_id)
         {
-            i.report = report;
+            change(i);
         }
     }
 
     /// Sets an instance's state, as someone outside the runner might.
     pub fn set_state(&self, instance_id: &str, state: InstanceState) {
-        if let Some(i) = self
-            .cloud
-            .lock()
-            .expect("lock")
-            .instances
-            .get_mut(instance_id)
-        {
-            i.state = state;
-        }
+        self.change(instance_id, |i| i.state = state);
     }
 
     fn enter(

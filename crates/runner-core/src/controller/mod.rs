@@ -38,9 +38,9 @@ use crate::model::EnvironmentId;
 use crate::orphans::OrphanPolicy;
 use crate::outbox::Round;
 use crate::reconcile::{Context, ReconcileError, ReconcileSettings, reconcile};
-use crate::retry::{Failures, Policy};
+use crate::retry::{Policy, retry};
 use crate::scheduler::{Drained, Next, Queue, QueueObserver, Scheduler, SchedulerConfig};
-use crate::traits::ControlPlane;
+use crate::traits::{ComputeError, ControlPlane};
 
 /// Per-key backoff after transient failures: from 1 s, doubling, up to
 /// 5 min, with equal jitter; reset by a success.
@@ -243,9 +243,11 @@ impl Controller {
         tokio::spawn(async move {
             tokio::select! {
                 () = term_ended.cancelled() => {}
-                () = full_view(&context, started) => {
-                    for id in later {
-                        queue.enqueue(id);
+                viewed = full_view(&context, started, &term_ended) => {
+                    if viewed {
+                        for id in later {
+                            queue.enqueue(id);
+                        }
                     }
                 }
             }
@@ -270,13 +272,19 @@ fn known(context: &Context) -> Vec<EnvironmentId> {
 }
 
 /// Waits until a full view taken after `since` is in, retrying a failed
-/// describe with backoff.
-async fn full_view(context: &Context, since: tokio::time::Instant) {
-    let mut failures = Failures::new(VIEW_RETRY);
-    while let Err(err) = context.observer.refresh_after(since).await {
-        tracing::warn!(error = %chain(&err), "cannot take the full view of instances; retrying");
-        tokio::time::sleep(failures.failed()).await;
-    }
+/// describe with backoff; `false` when `term` ended first.
+async fn full_view(
+    context: &Context,
+    since: tokio::time::Instant,
+    term: &CancellationToken,
+) -> bool {
+    let failed = |err: &ComputeError, _| {
+        tracing::warn!(error = %chain(err), "cannot take the full view of instances; retrying");
+    };
+    let describe = || context.observer.refresh_after(since);
+    retry(VIEW_RETRY, term, |_| true, failed, describe)
+        .await
+        .is_ok()
 }
 
 /// Retries of a term's first full describe: from 1 s, doubling, up to 30 s.
