@@ -47,9 +47,12 @@ struct Cli {
     /// Environments launched for the launch overhead (default 500; 50 with --quick).
     #[arg(long, global = true)]
     launches: Option<usize>,
-    /// Environments created at 50/s for the latency (default 500; 100 with --quick).
+    /// Environments created for the latency (default 500; 100 with --quick).
     #[arg(long, global = true)]
     latency_envs: Option<usize>,
+    /// Environments created per second for the latency (default 20).
+    #[arg(long, global = true)]
+    latency_rate: Option<f64>,
     /// Known environments for the steady-state figures, one size or several
     /// separated by commas, each populated once (default 2000,10000; 300 with
     /// --quick).
@@ -62,6 +65,10 @@ struct Cli {
     /// figure (default 500; 50 with --quick).
     #[arg(long, global = true)]
     burst_envs: Option<usize>,
+    /// An extra environment variable for every runnerd started, as
+    /// KEY=VALUE (repeatable; the report lists them).
+    #[arg(long = "runnerd-env", global = true, value_parser = key_value)]
+    runnerd_env: Vec<(String, String)>,
     /// The command line to print in the report.
     #[arg(long, global = true, default_value = "bench/run")]
     command: String,
@@ -71,7 +78,7 @@ struct Cli {
 enum Figure {
     /// Launch overhead against a minimal program.
     Launch,
-    /// Watch event → RunInstances latency at 50 launches per second.
+    /// Watch event → RunInstances latency at a steady creation rate.
     Latency,
     /// AWS calls per environment lifecycle, and idle memory.
     Lifecycle,
@@ -103,7 +110,7 @@ impl Sizes {
         let full = Self {
             launches: 500,
             latency_envs: 500,
-            latency_rate: 50.0,
+            latency_rate: 20.0,
             steady_envs: vec![2_000, 10_000],
             steady_passes: 2,
             burst_envs: 500,
@@ -131,6 +138,13 @@ impl Sizes {
     }
 }
 
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     std::fs::create_dir_all(&cli.work_dir)?;
@@ -138,6 +152,7 @@ fn main() -> anyhow::Result<()> {
         moto_server: std::fs::canonicalize(&cli.moto_server)?,
         runnerd: std::fs::canonicalize(&cli.runnerd)?,
         work_dir: std::fs::canonicalize(&cli.work_dir)?,
+        runnerd_env: cli.runnerd_env.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -158,6 +173,10 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = cli.latency_envs {
         sizes.latency_envs = n;
+    }
+    if let Some(r) = cli.latency_rate {
+        anyhow::ensure!(r > 0.0 && r.is_finite(), "--latency-rate must be positive");
+        sizes.latency_rate = r;
     }
     let runs = cli.runs.max(1);
     let mut report = Report::new(&cli.command, &tools, &sizes, runs, cli.quick);

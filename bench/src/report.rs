@@ -157,6 +157,14 @@ impl Report {
             },
             machine(tools),
         );
+        if !tools.runnerd_env.is_empty() {
+            let vars: Vec<String> = tools
+                .runnerd_env
+                .iter()
+                .map(|(k, v)| format!("`{k}={v}`"))
+                .collect();
+            let _ = writeln!(header, "\nExtra runnerd environment: {}.", vars.join(", "));
+        }
         let known: Vec<String> = sizes
             .steady_envs
             .iter()

@@ -34,6 +34,8 @@ pub(crate) struct Tools {
     pub(crate) moto_server: PathBuf,
     pub(crate) runnerd: PathBuf,
     pub(crate) work_dir: PathBuf,
+    /// Extra environment for every runnerd started (after the figure's own).
+    pub(crate) runnerd_env: Vec<(String, String)>,
 }
 
 fn free_port(range: std::ops::Range<u16>) -> anyhow::Result<u16> {
@@ -510,6 +512,7 @@ impl World {
             .env_clear()
             .envs(self.runnerd_env(port))
             .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .envs(tools.runnerd_env.iter().map(|(k, v)| (k, v)))
             .env("AWS_ENDPOINT_URL", endpoint)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
