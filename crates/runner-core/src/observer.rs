@@ -55,7 +55,15 @@ impl Snapshot {
     }
 
     fn insert(&mut self, instance: Instance) {
-        let list = self.by_environment.entry(instance.environment).or_default();
+        // Almost every environment has one instance: a list of exactly one
+        // (a first push would reserve room for four).
+        let list = match self.by_environment.entry(instance.environment) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(vec![instance]);
+                return;
+            }
+            std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
+        };
         match list.iter_mut().find(|i| i.id == instance.id) {
             Some(existing) => *existing = instance,
             None => list.push(instance),
@@ -304,6 +312,17 @@ mod tests {
 
         fn calls(&self) -> Vec<Vec<String>> {
             self.by_id.lock().expect("lock").clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_view_keeps_one_slot_per_instance() {
+        let observer = Observer::new(Arc::new(Cloud::new(3)), Duration::ZERO);
+        observer.refresh().await.expect("describe");
+        let snapshot = observer.snapshot();
+        assert_eq!(snapshot.by_environment.len(), 3);
+        for list in snapshot.by_environment.values() {
+            assert_eq!((list.len(), list.capacity()), (1, 1));
         }
     }
 

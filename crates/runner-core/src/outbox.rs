@@ -31,12 +31,14 @@ use crate::traits::{ControlPlane, ControlPlaneError};
 /// Versions of one leadership term lie in `[epoch · 2³², (epoch + 1) · 2³²)`.
 const TERM_BITS: u32 = 32;
 
+/// One per known environment, so kept small: the statuses are shared
+/// behind `Arc` (inline, the two took about 850 bytes a slot).
 #[derive(Debug, Default)]
 struct Entry {
     /// The last status published (sent or waiting).
-    last: Option<Status>,
+    last: Option<Arc<Status>>,
     /// Waiting to be sent: (version, status).
-    pending: Option<(u64, Status)>,
+    pending: Option<(u64, Arc<Status>)>,
     /// Consecutive failed deliveries.
     failures: u32,
     /// Since when a status has been waiting (a newer one replacing it keeps
@@ -116,7 +118,12 @@ impl Outbox {
     pub fn publish(&self, id: EnvironmentId, accepted: u64, status: Status) -> Option<u64> {
         let version = {
             let mut state = self.state();
-            if state.entries.get(&id).and_then(|e| e.last.as_ref()) == Some(&status) {
+            if state
+                .entries
+                .get(&id)
+                .and_then(|e| e.last.as_deref())
+                .is_some_and(|last| *last == status)
+            {
                 return None;
             }
             let version = state.next(accepted);
@@ -126,6 +133,7 @@ impl Outbox {
                 entry.phase_since = Some(now);
             }
             entry.waiting_since.get_or_insert(now);
+            let status = Arc::new(status);
             entry.last = Some(status.clone());
             entry.pending = Some((version, status));
             version
@@ -189,7 +197,10 @@ impl Outbox {
 
     /// The last status published for `id`.
     pub fn last(&self, id: EnvironmentId) -> Option<Status> {
-        self.state().entries.get(&id).and_then(|e| e.last.clone())
+        self.state()
+            .entries
+            .get(&id)
+            .and_then(|e| e.last.as_deref().cloned())
     }
 
     /// The highest version this process assigned.
@@ -204,7 +215,7 @@ impl Outbox {
         concurrency: usize,
         leading: &(dyn Fn() -> bool + Send + Sync),
     ) -> Round {
-        let batch: BTreeMap<EnvironmentId, (u64, Status)> = self
+        let batch: BTreeMap<EnvironmentId, (u64, Arc<Status>)> = self
             .state()
             .entries
             .iter()
@@ -360,7 +371,7 @@ async fn sleep_or_forever(wait: Duration) {
 /// when its turn comes (`None`: not sent): a round cut by a lapse (a process
 /// paused mid-round) sends nothing of its rest.
 async fn send_all(
-    batch: BTreeMap<EnvironmentId, (u64, Status)>,
+    batch: BTreeMap<EnvironmentId, (u64, Arc<Status>)>,
     concurrency: usize,
     control_plane: &dyn ControlPlane,
     leading: &(dyn Fn() -> bool + Send + Sync),
@@ -399,6 +410,27 @@ mod tests {
             content: crate::model::Content::default(),
             stop_reason: None,
         }
+    }
+
+    #[test]
+    fn an_environment_slot_stays_small() {
+        // One per known environment: 10,000 of them, in a table with room
+        // to spare, must not hold two whole statuses inline.
+        let slot = std::mem::size_of::<(EnvironmentId, Entry)>();
+        assert!(slot <= 96, "{slot} bytes a slot");
+        let outbox = Outbox::default();
+        let id = EnvironmentId(uuid::Uuid::new_v4());
+        outbox.publish(id, 0, status(Phase::Creating)).expect("new");
+        let state = outbox.state();
+        let entry = &state.entries[&id];
+        let (last, (_, pending)) = (
+            entry.last.as_ref(),
+            entry.pending.as_ref().expect("pending"),
+        );
+        assert!(
+            last.is_some_and(|last| Arc::ptr_eq(last, pending)),
+            "one copy of the status"
+        );
     }
 
     #[test]
