@@ -31,8 +31,10 @@ struct Cli {
     /// Smaller sizes, for a smoke run.
     #[arg(long, global = true)]
     quick: bool,
-    /// moto's server script (from `tests/python/ensure-venv`).
-    #[arg(long, global = true, default_value = ".tools/venv/bin/moto_server")]
+    /// moto's server: `bench/moto-server` is moto from `tests/python/ensure-venv`
+    /// with EC2 tags looked up by resource id (moto scans every tag of every
+    /// resource per instance, which makes a 10,000-instance fleet take hours).
+    #[arg(long, global = true, default_value = "bench/moto-server")]
     moto_server: PathBuf,
     /// The runnerd binary to measure (a release build; the report says
     /// which kind it was given).

@@ -102,7 +102,23 @@ fn machine(tools: &Tools) -> String {
         .map_or("unknown".to_owned(), |kib| {
             format!("{:.1} GiB", kib / 1024.0 / 1024.0)
         });
-    let python = tools.moto_server.with_file_name("python");
+    // moto's Python: next to `moto_server`, or the one `bench/moto-server` runs.
+    let python = std::env::var_os("MOTO_PYTHON")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| {
+            let beside = tools.moto_server.with_file_name("python");
+            if beside.exists() {
+                beside
+            } else {
+                ".tools/venv/bin/python3".into()
+            }
+        });
+    let indexed = if tools.moto_server.ends_with("moto-server") {
+        "; EC2 tags looked up by resource id, `bench/moto_indexed_tags.py`"
+    } else {
+        ""
+    };
     let moto = shell(
         &python.to_string_lossy(),
         &["-c", "import moto; print(moto.__version__)"],
@@ -116,7 +132,7 @@ fn machine(tools: &Tools) -> String {
         });
     format!(
         "- CPU: {model}, {} cores (`nproc`)\n- memory: {memory}\n- kernel: {}\n- moto {moto} \
-         (one server process per run, on 127.0.0.1)\n- runnerd: {} build of {built}, {:.1} MB \
+         (one server process per run, on 127.0.0.1{indexed})\n- runnerd: {} build of {built}, {:.1} MB \
          (`{}`)\n",
         shell("nproc", &[]),
         shell("uname", &["-sr"]),
