@@ -727,13 +727,7 @@ impl Report {
             2,
         ));
         s.push_str(&row("EC2 read calls per resync pass", "", &reads, 1));
-        let mut kinds: Vec<String> = results
-            .iter()
-            .flat_map(|r| r.describes_per_pass.keys().cloned())
-            .collect();
-        kinds.sort();
-        kinds.dedup();
-        for kind in kinds {
+        for kind in union_keys(results.iter().map(|r| &r.describes_per_pass)) {
             let values = col(&|r| r.describes_per_pass.get(&kind).copied().unwrap_or(0.0));
             s.push_str(&row(
                 &format!("… DescribeInstances {kind} per pass"),
@@ -748,12 +742,7 @@ impl Report {
             &col(&|r| r.described_per_pass),
             0,
         ));
-        let mut ops: Vec<String> = results
-            .iter()
-            .flat_map(|r| r.calls_per_pass.keys().cloned())
-            .collect();
-        ops.sort();
-        ops.dedup();
+        let ops = union_keys(results.iter().map(|r| &r.calls_per_pass));
         s.push_str("\nAWS calls per resync interval, by operation:\n\n| operation | median | runs |\n|---|---|---|\n");
         for op in ops {
             let values = col(&|r| r.calls_per_pass.get(&op).copied().unwrap_or(0.0));
@@ -954,4 +943,10 @@ impl Report {
         self.sections.push(s);
         Ok(())
     }
+}
+
+/// Every key of the runs' maps, sorted, once each.
+fn union_keys<'a, V: 'a>(maps: impl Iterator<Item = &'a BTreeMap<String, V>>) -> Vec<String> {
+    let keys: std::collections::BTreeSet<&String> = maps.flat_map(BTreeMap::keys).collect();
+    keys.into_iter().cloned().collect()
 }
