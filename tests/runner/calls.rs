@@ -36,7 +36,7 @@ pub(crate) async fn call(world: &World, kind: Kind) -> admin::call_runner_respon
     }
 }
 
-fn class(instance_type: &str, disk_gib: u32) -> Kind {
+pub(crate) fn class(instance_type: &str, disk_gib: u32) -> Kind {
     Kind::ValidateEnvironmentClass(pb::ValidateEnvironmentClass {
         environment_class: Some(pb::EnvironmentClass {
             id: uuid::Uuid::new_v4().to_string(),

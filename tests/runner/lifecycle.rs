@@ -539,3 +539,83 @@ async fn a_restart_is_ready_and_launches_before_its_first_full_describe_ends() {
     world.compute.hold_full_describes(false);
     runner.stop().await.expect("clean stop");
 }
+
+/// Waits until `/readyz` answers 200, at most 10 s.
+async fn ready(health: std::net::SocketAddr) {
+    for _ in 0..400 {
+        if http_get(health, "/readyz").await.0 == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (code, body) = http_get(health, "/readyz").await;
+    assert_eq!(code, 200, "not ready: {body}");
+}
+
+/// Readiness does not wait for the start-up reads whose time grows with the
+/// fleet: with the subnets lookup and the records' load held, a restarted
+/// runner is ready; a class validated meanwhile is answered once the
+/// subnets are known, and an environment created meanwhile runs once the
+/// records are loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_is_ready_while_its_subnets_and_records_load() {
+    use runner_proto::admin::v1::call_runner_response::Outcome;
+    use runner_proto::pb::{RunnerResult, runner_result};
+
+    let world = World::new().await;
+    let first = world.start_runner().await;
+    let known = world.create_env().await;
+    world
+        .wait_for("known RUNNING", Duration::from_secs(30), |envs| {
+            envs.iter()
+                .any(|e| id(e) == known && settled(e, Phase::Running))
+        })
+        .await;
+    first.stop().await.expect("clean stop");
+
+    world.compute.hold_subnets(true);
+    world.store.hold_lists(true);
+    let runner = world.start_runner().await;
+    ready(runner.health).await;
+
+    // Sent while the zones are unknown: answered only once they are.
+    let validating = crate::calls::call(&world, crate::calls::class("m7i.large", 50));
+    tokio::pin!(validating);
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut validating).await;
+    assert!(
+        early.is_err(),
+        "answered before the subnets were known: {early:?}"
+    );
+    world.compute.hold_subnets(false);
+    match validating.await {
+        Outcome::Result(RunnerResult {
+            kind: Some(runner_result::Kind::ValidateEnvironmentClass(v)),
+        }) => {
+            assert!(v.problems.is_empty(), "{:?}", v.problems);
+            assert_eq!(v.availability_zones, crate::ZONES);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    let fresh = world.create_env().await;
+    assert_eq!(
+        http_get(runner.health, "/readyz").await.0,
+        200,
+        "still ready"
+    );
+    world.store.hold_lists(false);
+    world
+        .wait_for("both RUNNING", Duration::from_secs(30), |envs| {
+            [&known, &fresh].iter().all(|k| {
+                envs.iter()
+                    .any(|e| id(e) == **k && settled(e, Phase::Running))
+            })
+        })
+        .await;
+    assert_eq!(
+        world.compute.launch_requests().len(),
+        2,
+        "one launch each, none again for the known environment"
+    );
+    runner.stop().await.expect("clean stop");
+}

@@ -108,8 +108,12 @@ pub async fn run_with(
         supervisor.spawn_critical("self-update", updater.run(stop.clone()));
     }
     // The session runs before the setup checks, so that a broken setup
-    // shows as DEGRADED in the control plane.
+    // shows as DEGRADED in the control plane. The watch stream opens before
+    // the reads below, whose time grows with the fleet: readiness waits for
+    // the stream, not for them, and its events queue until the informer runs.
     supervisor.spawn_critical("heartbeat", session.clone().heartbeat(stop.clone()));
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    supervisor.spawn_critical("watch", session.watch(events_tx, stop.clone()));
     if let Some(doctor) = extras.doctor {
         supervisor.spawn("setup-checks", doctor.watch(health.clone(), stop.clone()));
     }
@@ -138,6 +142,7 @@ pub async fn run_with(
     else {
         return Ok(());
     };
+    calls.set_subnets(&subnets);
     let Some(records) =
         until_done("load the runner's records", &health, &stop, || store.list()).await
     else {
@@ -148,7 +153,6 @@ pub async fn run_with(
         subnets = subnets.len(),
         "state loaded"
     );
-    calls.set_subnets(&subnets);
 
     let engine = &config.engine;
     let resync = engine.resync_interval;
@@ -179,9 +183,6 @@ pub async fn run_with(
     supervisor.spawn("leadership-metrics", changes);
     let scm_sync = crate::scm::scm_sync(scm, client.clone(), scm_events, resync, stop.clone());
     supervisor.spawn_critical("scm-sync", scm_sync);
-
-    let (events_tx, events_rx) = mpsc::channel(1024);
-    supervisor.spawn_critical("watch", session.watch(events_tx, stop.clone()));
 
     let (leadership, grace) = (deps.leadership.clone(), engine.shutdown_grace);
     let context = Arc::new(context);

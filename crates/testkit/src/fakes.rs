@@ -27,6 +27,7 @@ pub struct MemoryStore {
     down: AtomicBool,
     fenced: AtomicBool,
     writes: AtomicU64,
+    list_held: Gate,
 }
 
 impl MemoryStore {
@@ -39,6 +40,12 @@ impl MemoryStore {
     /// that lost its lease (or lifts that); reads still work.
     pub fn set_fenced(&self, fenced: bool) {
         self.fenced.store(fenced, Ordering::SeqCst);
+    }
+
+    /// Holds every `list` until released (`false`), as listing a large
+    /// table takes long.
+    pub fn hold_lists(&self, held: bool) {
+        self.list_held.hold(held);
     }
 
     /// Every record stored now.
@@ -75,6 +82,7 @@ impl MemoryStore {
 #[async_trait]
 impl StateStore for MemoryStore {
     async fn list(&self) -> Result<Vec<Record>, StoreError> {
+        self.list_held.pass().await;
         self.up()?;
         Ok(self.records())
     }
@@ -233,6 +241,7 @@ pub struct MemoryCompute {
     /// While `true`, full describes (`observe`) wait, as a describe of a
     /// large fleet takes long.
     full_held: Gate,
+    subnets_held: Gate,
 }
 
 /// A gate calls wait at while it is closed.
@@ -242,6 +251,19 @@ struct Gate(tokio::sync::watch::Sender<bool>);
 impl Default for Gate {
     fn default() -> Self {
         Self(tokio::sync::watch::channel(false).0)
+    }
+}
+
+impl Gate {
+    fn hold(&self, held: bool) {
+        self.0.send_replace(held);
+    }
+
+    /// Waits while the gate is closed.
+    async fn pass(&self) {
+        let mut held = self.0.subscribe();
+        // The sender lives as long as `self`.
+        let _ = held.wait_for(|held| !held).await;
     }
 }
 
@@ -277,7 +299,12 @@ impl MemoryCompute {
     /// Holds every full describe (`observe`) until released (`false`);
     /// lookups by id still answer.
     pub fn hold_full_describes(&self, held: bool) {
-        self.full_held.0.send_replace(held);
+        self.full_held.hold(held);
+    }
+
+    /// Holds every subnets lookup until released (`false`).
+    pub fn hold_subnets(&self, held: bool) {
+        self.subnets_held.hold(held);
     }
 
     async fn answer_after_latency(&self) {
@@ -508,9 +535,7 @@ impl Compute for MemoryCompute {
             .calls
             .entry("observe_started")
             .or_insert(0) += 1;
-        let mut held = self.full_held.0.subscribe();
-        // The sender lives as long as `self`.
-        let _ = held.wait_for(|held| !held).await;
+        self.full_held.pass().await;
         self.answer_after_latency().await;
         let mut cloud = self.enter("observe")?;
         cloud.settle(None);
@@ -580,6 +605,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn subnets(&self, ids: &[String]) -> Result<Vec<Subnet>, ComputeError> {
+        self.subnets_held.pass().await;
         self.answer_after_latency().await;
         let _cloud = self.enter("subnets")?;
         let zones = self.zones.lock().expect("lock").clone();

@@ -3,14 +3,14 @@
 //! Each is answered in the background through `SendResponse`, at most
 //! [`CONCURRENT`] at once; shutdown waits for the answers in flight.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use runner_core::model::Subnet;
 use runner_core::traits::Compute;
 use runner_core::validate;
 use runner_proto::pb::{self, runner_request::Kind, runner_result};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Code;
@@ -29,7 +29,8 @@ pub struct Calls {
     scm: Arc<Scm>,
     compute: Arc<dyn Compute>,
     instance_types: validate::AllowedInstanceTypes,
-    zones: OnceLock<Vec<String>>,
+    /// The subnets' zones, `None` until they are known.
+    zones: watch::Sender<Option<Vec<String>>>,
     permits: Arc<Semaphore>,
     tracker: TaskTracker,
 }
@@ -56,14 +57,15 @@ impl Calls {
             scm,
             compute,
             instance_types,
-            zones: OnceLock::new(),
+            zones: watch::channel(None).0,
             permits: Arc::new(Semaphore::new(CONCURRENT)),
             tracker: TaskTracker::new(),
         }
     }
 
     /// The runner's subnets, once they are known: a class offered in none
-    /// of their availability zones is refused.
+    /// of their availability zones is refused. A class validated before
+    /// then waits for them.
     pub fn set_subnets(&self, subnets: &[Subnet]) {
         let mut zones: Vec<String> = subnets
             .iter()
@@ -71,7 +73,7 @@ impl Calls {
             .collect();
         zones.sort();
         zones.dedup();
-        let _ = self.zones.set(zones);
+        self.zones.send_replace(Some(zones));
     }
 
     /// Answers `call` (`None`: of a kind this runner does not know) in the
@@ -196,15 +198,13 @@ impl Calls {
             Err(e) => problems.push(e.to_string()),
             Ok(()) => match self.compute.offered_zones(&class.instance_type).await {
                 Ok(zones) => {
-                    availability_zones = zones
-                        .into_iter()
-                        .filter(|z| self.zones.get().is_some_and(|zs| zs.contains(z)))
-                        .collect();
+                    let ours = self.own_zones().await;
+                    availability_zones = zones.into_iter().filter(|z| ours.contains(z)).collect();
                     if availability_zones.is_empty() {
                         problems.push(format!(
                             "instance_type: {} is not offered in any of the runner's availability zones ({})",
                             class.instance_type,
-                            self.zones.get().map(|zs| zs.join(", ")).unwrap_or_default()
+                            ours.join(", ")
                         ));
                     }
                 }
@@ -217,6 +217,16 @@ impl Calls {
         pb::ValidateEnvironmentClassResult {
             problems,
             availability_zones,
+        }
+    }
+
+    /// The subnets' zones, once known.
+    async fn own_zones(&self) -> Vec<String> {
+        let mut zones = self.zones.subscribe();
+        match zones.wait_for(Option::is_some).await {
+            Ok(known) => known.clone().unwrap_or_default(),
+            // Unreachable: `self` holds the sender.
+            Err(_) => Vec::new(),
         }
     }
 }
