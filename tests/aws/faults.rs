@@ -286,7 +286,8 @@ async fn a_throttled_call_is_counted_as_throttled_by_operation() {
     let through = sdk(&proxy.url()).await;
     let metrics = std::sync::Arc::new(Metrics::default());
     let adapters = infra.adapters(&through, "a", &leading());
-    let compute = InstrumentedCompute::new(adapters.compute, metrics.clone());
+    let compute =
+        InstrumentedCompute::new(adapters.compute, metrics.clone(), std::time::Duration::ZERO);
     let store = InstrumentedStore::new(adapters.store, metrics.clone());
     let environment = EnvironmentId(uuid::Uuid::new_v4());
     for fault in [Fault::Throttle, Fault::Status(503)] {

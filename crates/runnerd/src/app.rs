@@ -59,11 +59,14 @@ pub async fn run_with(
     // The health port first, so ECS sees the process alive while it starts.
     let port = health_port(config.health_listen, bound, &health, &metrics, &stop).await;
     supervisor.spawn_critical("health-port", port.map_err(AppError::Listen)?);
-    let instrumented = InstrumentedCompute::new(deps.compute.clone(), metrics.clone());
+    // Compute is probed only when no EC2 call answered for half a resync
+    // interval: in steady state, the resync's describe pages are the proof.
+    let every = config.engine.health_check_interval;
+    let fresh_for = every.max(config.engine.resync_interval / 2);
+    let instrumented = InstrumentedCompute::new(deps.compute.clone(), metrics.clone(), fresh_for);
     let compute: Arc<dyn Compute> = Arc::new(instrumented);
     let store: Arc<dyn StateStore> =
         Arc::new(InstrumentedStore::new(deps.store.clone(), metrics.clone()));
-    let every = config.engine.health_check_interval;
     let monitor = health
         .clone()
         .monitor(store.clone(), compute.clone(), every, stop.clone());

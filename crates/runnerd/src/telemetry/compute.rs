@@ -1,7 +1,7 @@
 //! A `Compute` that emits [`ComputeCallFinished`] for every call.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use runner_core::model::{EnvironmentId, Instance, Subnet};
@@ -10,10 +10,14 @@ use runner_core::traits::{Compute, ComputeError, LaunchRequest};
 use super::Metrics;
 use super::events::ComputeCallFinished;
 
-/// A `Compute` that counts and times every call.
+/// A `Compute` that counts and times every call, and spares the health
+/// check's probe while the calls themselves show that compute answers.
 pub struct InstrumentedCompute {
     inner: Arc<dyn Compute>,
     metrics: Arc<Metrics>,
+    /// The last call that reached compute: when, and whether it answered.
+    last: Mutex<Option<(tokio::time::Instant, bool)>>,
+    fresh_for: Duration,
 }
 
 impl std::fmt::Debug for InstrumentedCompute {
@@ -24,9 +28,21 @@ impl std::fmt::Debug for InstrumentedCompute {
 }
 
 impl InstrumentedCompute {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn Compute>, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+    /// Wraps `inner`. [`Compute::check`] probes only when no call answered
+    /// within `fresh_for`, or the last one failed.
+    pub fn new(inner: Arc<dyn Compute>, metrics: Arc<Metrics>, fresh_for: Duration) -> Self {
+        Self {
+            inner,
+            metrics,
+            last: Mutex::new(None),
+            fresh_for,
+        }
+    }
+
+    /// Whether compute answered recently and has not failed since.
+    fn answered_recently(&self) -> bool {
+        let last = *self.last.lock().expect("last lock is never poisoned");
+        last.is_some_and(|(at, answered)| answered && at.elapsed() < self.fresh_for)
     }
 
     async fn timed<T>(
@@ -36,6 +52,16 @@ impl InstrumentedCompute {
     ) -> Result<T, ComputeError> {
         let started = Instant::now();
         let result = call.await;
+        // A refusal is an answer too; a lost lease says nothing of compute.
+        let answered = match &result {
+            Ok(_) | Err(ComputeError::Rejected(_) | ComputeError::NoCapacity { .. }) => Some(true),
+            Err(ComputeError::Unavailable(_)) => Some(false),
+            Err(ComputeError::Fenced) => None,
+        };
+        if let Some(answered) = answered {
+            let now = tokio::time::Instant::now();
+            *self.last.lock().expect("last lock is never poisoned") = Some((now, answered));
+        }
         ComputeCallFinished {
             operation,
             error: result.as_ref().err(),
@@ -102,11 +128,56 @@ impl Compute for InstrumentedCompute {
     }
 
     async fn check(&self) -> Result<(), ComputeError> {
+        if self.answered_recently() {
+            return Ok(());
+        }
         self.timed("check", self.inner.check()).await
     }
 
     async fn console_output(&self, instance_id: &str) -> Result<String, ComputeError> {
         self.timed("console_output", self.inner.console_output(instance_id))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use testkit::fakes::MemoryCompute;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_check_probes_only_when_no_call_answered_lately() {
+        let cloud = Arc::new(MemoryCompute::with_zones(&["z1"]));
+        let fresh_for = Duration::from_secs(150);
+        let compute = InstrumentedCompute::new(cloud.clone(), Arc::default(), fresh_for);
+        compute.check().await.expect("up");
+        assert_eq!(cloud.calls("check"), 1, "nothing answered yet: probed");
+
+        compute.subnets(&["s".into()]).await.expect("up");
+        tokio::time::advance(fresh_for - Duration::from_secs(1)).await;
+        compute.check().await.expect("up");
+        assert_eq!(
+            cloud.calls("check"),
+            1,
+            "a call answered lately: not probed"
+        );
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        compute.check().await.expect("up");
+        assert_eq!(
+            cloud.calls("check"),
+            2,
+            "nothing answered within the window"
+        );
+
+        compute.subnets(&["s".into()]).await.expect("up");
+        cloud.set_down(true);
+        compute.subnets(&["s".into()]).await.expect_err("down");
+        compute
+            .check()
+            .await
+            .expect_err("a failed call: probed, and failing");
+        assert_eq!(cloud.calls("check"), 3);
     }
 }
