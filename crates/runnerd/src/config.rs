@@ -181,7 +181,7 @@ pub struct DaemonArgs {
     /// Most orphan instances terminated per resync pass.
     #[arg(long, env = "RUNNER_ORPHAN_MAX_PER_PASS", default_value_t = 10)]
     pub orphan_max_per_pass: usize,
-    /// How often the state store and compute are checked for health.
+    /// How often the state store and compute are checked for health (EC2 only when no EC2 call answered within half the resync interval).
     #[arg(long, env = "RUNNER_HEALTH_CHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub health_check_interval: Duration,
     /// Time to drain in-flight work after SIGTERM (under ECS's 30 s stop timeout).
