@@ -8,7 +8,7 @@ use runnerd::config::{Cli, Command, EXIT_CONFIG};
 
 /// jemalloc: at 2,000 environments the process stayed at 44 MiB resident
 /// against 69 MiB with glibc's allocator, which kept the peaks of large
-/// describe pages (BENCHMARKS.md).
+/// describe pages (BENCHMARKS.md). Its settings: `.cargo/config.toml`.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

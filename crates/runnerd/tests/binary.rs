@@ -216,3 +216,21 @@ fn doctor_fails_with_a_json_report_when_nothing_answers() {
     assert_eq!(status("control-plane-auth").0, "skip");
     assert_eq!(status("self-update").0, "skip");
 }
+
+/// The allocator settings of `.cargo/config.toml` are compiled into the
+/// binary (jemalloc prints its options at exit when asked).
+#[test]
+fn the_binary_carries_the_allocator_settings() {
+    let (code, stderr) = run(
+        &[("_RJEM_MALLOC_CONF", "stats_print:true,stats_print_opts:mdablxe")],
+        &["--version"],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    for option in [
+        "opt.background_thread: true",
+        "opt.narenas: 2",
+        "opt.dirty_decay_ms: 1000",
+    ] {
+        assert!(stderr.contains(option), "{option} not in:\n{stderr}");
+    }
+}
