@@ -428,6 +428,16 @@ pub(crate) async fn latency(tools: &Tools, n: usize, per_second: f64) -> anyhow:
     )
     .await?;
     runnerd.stop();
+    // For looking into the tail afterwards: every call, and when each
+    // environment was created (same origin).
+    let origin = start.into_std();
+    let _ = recording::save(&proxy, origin, &tools.work_dir.join("latency-calls.csv"));
+    let mut creations = String::from("environment,created_ms\n");
+    for (id, at) in &created {
+        let ms = at.saturating_duration_since(origin).as_secs_f64() * 1000.0;
+        creations.push_str(&format!("{id},{ms:.1}\n"));
+    }
+    let _ = std::fs::write(tools.work_dir.join("latency-created.csv"), creations);
     let calls = proxy.calls();
     let mut by_env: HashMap<Uuid, Vec<&Call>> = HashMap::new();
     for call in &calls {

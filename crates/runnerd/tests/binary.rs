@@ -222,7 +222,10 @@ fn doctor_fails_with_a_json_report_when_nothing_answers() {
 #[test]
 fn the_binary_carries_the_allocator_settings() {
     let (code, stderr) = run(
-        &[("_RJEM_MALLOC_CONF", "stats_print:true,stats_print_opts:mdablxe")],
+        &[(
+            "_RJEM_MALLOC_CONF",
+            "stats_print:true,stats_print_opts:mdablxe",
+        )],
         &["--version"],
     );
     assert_eq!(code, Some(0), "{stderr}");
