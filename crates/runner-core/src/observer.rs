@@ -9,7 +9,7 @@
 //! per 200 ids, so the describe cost follows what changed, not the size of
 //! the fleet.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,6 +79,9 @@ pub struct Observer {
     refresh: tokio::sync::Mutex<()>,
     /// Lookups by id; a batch's outcome is the error of its failed call.
     lookups: Arc<Batcher<(), Result<(), String>>>,
+    /// Ids asked for by [`Observer::look_up_soon`] whose lookup has not
+    /// answered yet.
+    soon: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Observer {
@@ -99,6 +102,7 @@ impl Observer {
             snapshot: Mutex::new(Snapshot::default()),
             refresh: tokio::sync::Mutex::new(()),
             lookups: Batcher::new(LOOKUPS),
+            soon: Mutex::new(HashSet::new()),
         }
     }
 
@@ -240,6 +244,36 @@ impl Observer {
             .await
             .ok_or_else(|| ComputeError::Unavailable("the lookup by id ended unanswered".into()))?;
         outcome.map_err(|message| ComputeError::Unavailable(message.into()))
+    }
+
+    /// Looks `instance_ids` up by id in the next batch without waiting for
+    /// it: whoever reads the view next sees the outcome (a reconcile
+    /// watching a transition, which would otherwise hold a worker for the
+    /// batch's window). An id whose lookup is still pending is not asked
+    /// again; a failed lookup is asked again by the next caller.
+    pub fn look_up_soon(self: &Arc<Self>, instance_ids: &[String]) {
+        let ids: Vec<String> = {
+            let mut soon = self.soon.lock().expect("soon lock is never poisoned");
+            instance_ids
+                .iter()
+                .filter(|id| soon.insert((*id).clone()))
+                .cloned()
+                .collect()
+        };
+        if ids.is_empty() {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let outcome = this.refresh_ids(&ids, Instant::now()).await;
+            let mut soon = this.soon.lock().expect("soon lock is never poisoned");
+            for id in &ids {
+                soon.remove(id);
+            }
+            if let Err(err) = outcome {
+                tracing::debug!(error = %chain(&err), "a lookup by id failed; the next pass asks again");
+            }
+        });
     }
 
     /// One batch's lookup, a call per `max_ids`; the view learns what it

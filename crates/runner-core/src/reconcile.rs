@@ -738,11 +738,14 @@ async fn delete(
     let machine = instances
         .iter()
         .find(|i| !lost(i) || i.state == InstanceState::ShuttingDown);
-    if alive
-        || instances
-            .iter()
-            .any(|i| i.state == InstanceState::ShuttingDown)
-    {
+    let shutting_down: Vec<String> = instances
+        .iter()
+        .filter(|i| i.state == InstanceState::ShuttingDown)
+        .map(|i| i.id.clone())
+        .collect();
+    // The next pass reads what a lookup found.
+    ctx.observer.look_up_soon(&shutting_down);
+    if alive || !shutting_down.is_empty() {
         ctx.publish(env, status(&env.spec, Phase::Deleting, machine, ""));
         return Ok(Action::Requeue(ctx.settings.poll));
     }
@@ -781,8 +784,13 @@ async fn stop(
             ctx.mark_mutated(env.id);
             (Phase::Stopping, ctx.settings.poll)
         }
-        // A pending instance cannot be stopped yet.
-        InstanceState::Pending | InstanceState::Stopping => (Phase::Stopping, ctx.settings.poll),
+        // A pending instance cannot be stopped yet. The next pass reads
+        // what a lookup found.
+        InstanceState::Pending | InstanceState::Stopping => {
+            ctx.observer
+                .look_up_soon(std::slice::from_ref(&instance.id));
+            (Phase::Stopping, ctx.settings.poll)
+        }
         InstanceState::Stopped => (Phase::Stopped, ctx.settings.resync),
         InstanceState::ShuttingDown | InstanceState::Terminated => {
             return Ok(lost_instance(ctx, env, Some(instance), &instance.id));
@@ -838,6 +846,14 @@ async fn run(
             .await;
         }
         let last_phase = ctx.outbox.last(env.id).map(|s| s.phase);
+        if matches!(
+            instance.state,
+            InstanceState::Pending | InstanceState::Stopping
+        ) {
+            // In transition: the next pass reads what a lookup found.
+            ctx.observer
+                .look_up_soon(std::slice::from_ref(&instance.id));
+        }
         let (phase, next) = match instance.state {
             InstanceState::Running => return running(ctx, env, record, instance).await,
             InstanceState::Pending if last_phase == Some(Phase::Starting) => {
@@ -876,30 +892,19 @@ async fn running(
     mut record: Record,
     instance: &Instance,
 ) -> Result<Action, ReconcileError> {
-    let mut instance = instance.clone();
     if !instance.report.ready() && instance.report.failure().is_none() {
-        // Waiting on the instance's report: its own lookup, in a batch.
+        // Waiting on the instance's report: looked up by id in a batch with
+        // others', not waited for; the next pass reads what it found.
         ctx.observer
-            .refresh_ids(std::slice::from_ref(&instance.id), Instant::now())
-            .await?;
-        match ctx
-            .observer
-            .instances(env.id)
-            .into_iter()
-            .find(|i| i.id == instance.id)
-        {
-            Some(fresh) if fresh.state == InstanceState::Running => instance = fresh,
-            // It changed under us: the next pass sees what it became.
-            _ => return Ok(Action::Requeue(ctx.settings.poll)),
-        }
+            .look_up_soon(std::slice::from_ref(&instance.id));
     }
     let last = ctx.outbox.last(env.id);
     let now = ctx.clock.now();
-    match bootstrap(&instance, now, ctx.settings.content_deadline) {
+    match bootstrap(instance, now, ctx.settings.content_deadline) {
         Bootstrap::Ready => {
-            let s = status(&env.spec, Phase::Running, Some(&instance), "");
+            let s = status(&env.spec, Phase::Running, Some(instance), "");
             if last.as_ref().is_none_or(|l| l.phase != Phase::Running) {
-                started(ctx, &instance, &s);
+                started(ctx, instance, &s);
             }
             if let Some(timeout) = env.spec.disconnected_timeout
                 && let Some(idle) = idle_for(&instance.report, instance.launched_at, now)
@@ -916,7 +921,7 @@ async fn running(
                 return stop(
                     ctx,
                     env,
-                    Some(&instance),
+                    Some(instance),
                     Some(&instance.id),
                     Some(StopReason::DisconnectedTimeout),
                 )
@@ -937,12 +942,12 @@ async fn running(
             }
             ctx.publish(
                 env,
-                status(&env.spec, Phase::Starting, Some(&instance), message),
+                status(&env.spec, Phase::Starting, Some(instance), message),
             );
             Ok(Action::Requeue(ctx.settings.resync))
         }
         Bootstrap::Waiting => {
-            ctx.publish(env, status(&env.spec, Phase::Starting, Some(&instance), ""));
+            ctx.publish(env, status(&env.spec, Phase::Starting, Some(instance), ""));
             Ok(Action::Requeue(ctx.settings.poll))
         }
     }

@@ -159,6 +159,10 @@ struct Cloud {
     observed_ids: u64,
     /// What instances report once they run for the first time.
     bootstrap: FakeBootstrap,
+    /// Describes that show an instance in transition before it finishes
+    /// (0 and 1: the first); `looks` counts them per instance.
+    transition_looks: u32,
+    looks: HashMap<String, u32>,
 }
 
 /// What a fake instance's bootstrap reports (in its tags, on a real cloud)
@@ -181,6 +185,18 @@ impl Cloud {
         for instance in self.instances.values_mut() {
             if ids.is_some_and(|ids| !ids.contains(&instance.id)) {
                 continue;
+            }
+            let in_transition = matches!(
+                instance.state,
+                InstanceState::Pending | InstanceState::Stopping | InstanceState::ShuttingDown
+            );
+            if in_transition {
+                let looks = self.looks.entry(instance.id.clone()).or_insert(0);
+                *looks += 1;
+                if *looks < self.transition_looks {
+                    continue;
+                }
+                self.looks.remove(&instance.id);
             }
             if instance.state == InstanceState::Pending && instance.report == Report::default() {
                 let now = SystemTime::now();
@@ -242,6 +258,7 @@ pub struct MemoryCompute {
     /// large fleet takes long.
     full_held: Gate,
     subnets_held: Gate,
+    lookups_held: Gate,
 }
 
 /// A gate calls wait at while it is closed.
@@ -296,6 +313,12 @@ impl MemoryCompute {
         *self.latency.lock().expect("lock") = latency;
     }
 
+    /// Makes each state transition finish only on the `looks`-th describe
+    /// that shows the instance (1: the first), as EC2's take seconds.
+    pub fn set_transition_looks(&self, looks: u32) {
+        self.cloud.lock().expect("lock").transition_looks = looks;
+    }
+
     /// Holds every full describe (`observe`) until released (`false`);
     /// lookups by id still answer.
     pub fn hold_full_describes(&self, held: bool) {
@@ -305,6 +328,11 @@ impl MemoryCompute {
     /// Holds every subnets lookup until released (`false`).
     pub fn hold_subnets(&self, held: bool) {
         self.subnets_held.hold(held);
+    }
+
+    /// Holds every lookup by id (`observe_ids`) until released (`false`).
+    pub fn hold_lookups(&self, held: bool) {
+        self.lookups_held.hold(held);
     }
 
     async fn answer_after_latency(&self) {
@@ -543,6 +571,14 @@ impl Compute for MemoryCompute {
     }
 
     async fn observe_ids(&self, instance_ids: &[String]) -> Result<Vec<Instance>, ComputeError> {
+        *self
+            .cloud
+            .lock()
+            .expect("lock")
+            .calls
+            .entry("observe_ids_started")
+            .or_insert(0) += 1;
+        self.lookups_held.pass().await;
         self.answer_after_latency().await;
         let mut cloud = self.enter("observe_ids")?;
         cloud.observed_ids += instance_ids.len() as u64;

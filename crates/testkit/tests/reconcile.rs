@@ -1047,6 +1047,9 @@ async fn an_environment_is_starting_until_its_instance_reports_its_content_ready
             ..Report::default()
         },
     );
+    // A pass reads the view and asks for a lookup; the next reads its answer.
+    let action = s.ok().await;
+    s.honour(action).await;
     assert_eq!(s.ok().await, Action::Requeue(SETTINGS.poll));
     assert_eq!(
         (s.status().phase, s.status().content.stage),
@@ -1065,6 +1068,9 @@ async fn an_environment_is_starting_until_its_instance_reports_its_content_ready
             ..Report::default()
         },
     );
+    let action = s.ok().await;
+    assert_eq!(s.status().phase, Phase::Starting, "the lookup not read yet");
+    s.honour(action).await;
     assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
     let status = s.status();
     assert_eq!(status.phase, Phase::Running);
@@ -1238,4 +1244,86 @@ async fn a_start_after_a_stop_is_running_at_once_without_the_first_boots_timings
     assert_eq!(status.phase, Phase::Running);
     assert_eq!(status.content.stage, Some(Stage::Ready));
     assert_eq!(status.content.timings, Timings::default());
+}
+
+/// Runs passes, honouring each requeue, until one waits for the resync or
+/// a change (settled) or `most` passes ran; the phases published, in order.
+async fn settle_within(s: &Scenario, most: usize) -> Vec<Phase> {
+    let mut phases = Vec::new();
+    for _ in 0..most {
+        let action = s.ok().await;
+        let phase = s.status().phase;
+        if phases.last() != Some(&phase) {
+            phases.push(phase);
+        }
+        if matches!(action, Action::AwaitChange) || action == Action::Requeue(SETTINGS.resync) {
+            return phases;
+        }
+        s.honour(action).await;
+    }
+    panic!("not settled within {most} passes: {phases:?}");
+}
+
+/// EC2's transitions take seconds: an environment watching one (pending,
+/// stopping, shutting down) looks its instance up by id every poll, in the
+/// background, and settles without any full describe.
+#[tokio::test(start_paused = true)]
+async fn transitions_that_take_several_describes_end_by_lookups_by_id() {
+    let mut s = Scenario::new();
+    s.compute.set_transition_looks(4);
+    s.want(DesiredPhase::Running);
+    let phases = settle_within(&s, 12).await;
+    assert_eq!(phases.first(), Some(&Phase::Creating), "{phases:?}");
+    assert_eq!(phases.last(), Some(&Phase::Running), "{phases:?}");
+
+    s.want(DesiredPhase::Stopped);
+    let phases = settle_within(&s, 12).await;
+    assert_eq!(phases, [Phase::Stopping, Phase::Stopped]);
+
+    s.want(DesiredPhase::Running);
+    let phases = settle_within(&s, 12).await;
+    assert_eq!(phases, [Phase::Starting, Phase::Running]);
+
+    assert_eq!(s.compute.calls("observe"), 0, "no full describe");
+
+    // A deletion ends in "no instance left": it waits for the term's first
+    // full view, then for the shutdown by id.
+    s.want(DesiredPhase::Deleted);
+    let phases = settle_within(&s, 12).await;
+    assert_eq!(phases, [Phase::Deleting, Phase::Deleted]);
+    assert!(s.store.records().is_empty(), "the record is removed");
+    assert_eq!(s.compute.calls("observe"), 1, "the term's first full view");
+    assert_eq!(s.compute.calls("launch"), 1, "one instance all along");
+}
+
+/// A pass watching for the instance's report does not wait for the lookup
+/// it asks for (a worker held for a batch's window would starve the other
+/// environments): with every lookup by id held, passes still return, and
+/// the pending lookup is not asked for again.
+#[tokio::test(start_paused = true)]
+async fn a_pass_waiting_for_a_report_does_not_wait_for_its_lookup() {
+    let mut s = Scenario::new();
+    s.compute.set_bootstrap(FakeBootstrap::Silent);
+    s.want(DesiredPhase::Running);
+    let action = s.ok().await;
+    s.honour(action).await;
+    let action = s.ok().await;
+    assert_eq!(s.status().phase, Phase::Starting);
+    s.honour(action).await;
+
+    s.compute.hold_lookups(true);
+    let asked = s.compute.calls("observe_ids_started");
+    for _ in 0..3 {
+        // `ok` fails the test if the pass does not return in time.
+        let action = s.ok().await;
+        assert_eq!(action, Action::Requeue(SETTINGS.poll));
+        assert_eq!(s.status().phase, Phase::Starting);
+        s.honour(action).await;
+    }
+    assert_eq!(
+        s.compute.calls("observe_ids_started") - asked,
+        1,
+        "one lookup, still held, asked for once"
+    );
+    s.compute.hold_lookups(false);
 }
