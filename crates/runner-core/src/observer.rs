@@ -48,9 +48,12 @@ impl Snapshot {
             || self.seen_at.get(id).is_some_and(|t| *t >= since)
     }
 
-    fn remove(&mut self, id: &str) {
+    fn remove_all(&mut self, ids: &HashSet<&str>) {
+        if ids.is_empty() {
+            return;
+        }
         for list in self.by_environment.values_mut() {
-            list.retain(|i| i.id != id);
+            list.retain(|i| !ids.contains(i.id.as_str()));
         }
     }
 
@@ -290,8 +293,16 @@ impl Observer {
             );
         }
         let mut snapshot = self.snapshot();
+        // What was found replaces its entry; only what was not leaves (one
+        // pass over the view for the batch, not one per id).
+        let returned: HashSet<&str> = found.iter().map(|i| i.id.as_str()).collect();
+        let gone: HashSet<&str> = ids
+            .iter()
+            .map(String::as_str)
+            .filter(|id| !returned.contains(id))
+            .collect();
+        snapshot.remove_all(&gone);
         for id in &ids {
-            snapshot.remove(id);
             snapshot.seen_at.insert(id.clone(), started);
         }
         for instance in found {
