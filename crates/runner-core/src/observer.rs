@@ -40,6 +40,9 @@ struct Snapshot {
     by_environment: HashMap<EnvironmentId, Vec<Instance>>,
     /// Instance ids looked up by id since then, with when their lookup started.
     seen_at: HashMap<String, Instant>,
+    /// Instance ids a mutation returned since then, with when: a full
+    /// describe that started before may not show them yet.
+    recorded_at: HashMap<String, Instant>,
 }
 
 impl Snapshot {
@@ -159,7 +162,11 @@ impl Observer {
     /// Records what a mutation returned, so the view shows it before the next
     /// describe does.
     pub fn record(&self, instance: Instance) {
-        self.snapshot().insert(instance);
+        let mut snapshot = self.snapshot();
+        snapshot
+            .recorded_at
+            .insert(instance.id.clone(), Instant::now());
+        snapshot.insert(instance);
     }
 
     /// Makes sure the full view was taken after `since`: waits for a refresh
@@ -193,28 +200,30 @@ impl Observer {
         let started = Instant::now();
         let instances = self.compute.observe().await?;
         let mut snapshot = self.snapshot();
-        // Lookups by id that started after this describe know better.
+        // Lookups by id that started after this describe know better, and
+        // so do launches answered after it started (its pages may predate
+        // them).
         let newer: HashMap<String, Instant> = snapshot
             .seen_at
             .drain()
             .filter(|(_, at)| *at > started)
             .collect();
+        snapshot.recorded_at.retain(|_, at| *at > started);
+        let recorded = std::mem::take(&mut snapshot.recorded_at);
+        let keep = |id: &String| newer.contains_key(id) || recorded.contains_key(id);
         let kept: Vec<Instance> = snapshot
             .by_environment
             .values()
             .flatten()
-            .filter(|i| newer.contains_key(&i.id))
+            .filter(|i| keep(&i.id))
             .cloned()
             .collect();
         snapshot.by_environment = HashMap::new();
-        for instance in instances
-            .into_iter()
-            .filter(|i| !newer.contains_key(&i.id))
-            .chain(kept)
-        {
+        for instance in instances.into_iter().filter(|i| !keep(&i.id)).chain(kept) {
             snapshot.insert(instance);
         }
         snapshot.seen_at = newer;
+        snapshot.recorded_at = recorded;
         if snapshot.expired_at.is_none_or(|expired| expired <= started) {
             snapshot.taken_at = Some(started);
         }
@@ -301,6 +310,13 @@ impl Observer {
             .map(String::as_str)
             .filter(|id| !returned.contains(id))
             .collect();
+        if !gone.is_empty() {
+            tracing::debug!(
+                gone = gone.len(),
+                looked_up = ids.len(),
+                "instances looked up by id and not found leave the view"
+            );
+        }
         snapshot.remove_all(&gone);
         for id in &ids {
             snapshot.seen_at.insert(id.clone(), started);
@@ -329,6 +345,9 @@ mod tests {
         full: Mutex<u32>,
         by_id: Mutex<Vec<Vec<String>>>,
         fail: bool,
+        /// How long a full describe takes (its answer is the fleet as it
+        /// was when it started).
+        full_takes: Duration,
     }
 
     impl Cloud {
@@ -352,12 +371,33 @@ mod tests {
                 full: Mutex::new(0),
                 by_id: Mutex::new(Vec::new()),
                 fail: false,
+                full_takes: Duration::ZERO,
             }
         }
 
         fn calls(&self) -> Vec<Vec<String>> {
             self.by_id.lock().expect("lock").clone()
         }
+    }
+
+    /// A launch answered while a full describe runs: the describe's pages
+    /// predate it, and the view keeps it.
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_recorded_during_a_full_describe_stays_in_the_view() {
+        let mut cloud = Cloud::new(2);
+        cloud.full_takes = Duration::from_secs(5);
+        let observer = Arc::new(Observer::new(Arc::new(cloud), Duration::ZERO));
+        let describing = {
+            let observer = observer.clone();
+            tokio::spawn(async move { observer.refresh().await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut launched = Cloud::new(3).instances.remove(2);
+        launched.state = InstanceState::Pending;
+        observer.record(launched.clone());
+        describing.await.expect("joined").expect("describe");
+        assert_eq!(observer.instances(launched.environment), [launched]);
+        assert_eq!(observer.all().len(), 3);
     }
 
     #[tokio::test]
@@ -385,7 +425,9 @@ mod tests {
         }
         async fn observe(&self) -> Result<Vec<Instance>, ComputeError> {
             *self.full.lock().expect("lock") += 1;
-            Ok(self.instances.clone())
+            let instances = self.instances.clone();
+            tokio::time::sleep(self.full_takes).await;
+            Ok(instances)
         }
         async fn observe_ids(&self, ids: &[String]) -> Result<Vec<Instance>, ComputeError> {
             self.by_id.lock().expect("lock").push(ids.to_vec());
