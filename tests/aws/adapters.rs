@@ -1081,3 +1081,33 @@ async fn a_launch_that_waits_past_the_leases_validity_never_leaves() {
         "the second launch reached EC2"
     );
 }
+
+/// A lookup by id of more instances than moto answers in one page (100)
+/// reads every page: an instance on a later page is not taken for gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_by_id_reads_every_page_of_its_answer() {
+    let sdk = sdk(&moto_url()).await;
+    let infra = Infra::create(&sdk).await;
+    let compute = infra.adapters(&sdk, "a", &leading()).compute;
+    let mut ours = Vec::new();
+    for i in 0..110 {
+        ours.push(
+            compute
+                .launch(&request(&infra, env(), 1, i % 3))
+                .await
+                .expect("launch")
+                .id,
+        );
+    }
+    let mut found: Vec<String> = compute
+        .observe_ids(&ours)
+        .await
+        .expect("observe by id")
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    found.sort();
+    ours.sort();
+    assert_eq!(found.len(), 110);
+    assert_eq!(found, ours);
+}

@@ -553,6 +553,41 @@ impl Ec2Compute {
         Ok(out)
     }
 
+    /// Every page of one DescribeInstances of `ids`, each page through the
+    /// describe bucket.
+    async fn describe_ids(
+        &self,
+        ids: &[String],
+    ) -> Result<
+        Vec<Instance>,
+        aws_sdk_ec2::error::SdkError<
+            aws_sdk_ec2::operation::describe_instances::DescribeInstancesError,
+            aws_sdk_ec2::config::http::HttpResponse,
+        >,
+    > {
+        let mut pages = self
+            .client
+            .describe_instances()
+            .set_instance_ids(Some(ids.to_vec()))
+            .filters(self.owner_filter())
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        loop {
+            self.describes.until_ready().await;
+            let Some(page) = pages.next().await else {
+                return Ok(out);
+            };
+            out.extend(
+                page?
+                    .reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .filter_map(|raw| self.ours(raw)),
+            );
+        }
+    }
+
     /// The instance, if it is one of the environments' (tags, profile and
     /// group); one that only wears the tags is left alone, and said once.
     fn ours(&self, raw: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
@@ -668,9 +703,10 @@ impl Compute for Ec2Compute {
         self.describe(vec![self.owner_filter()]).await
     }
 
-    /// One DescribeInstances by id (with the owner filter). EC2 fails the
-    /// whole call for an id it does not know (yet): the batch is halved
-    /// until that id is alone, and left out.
+    /// One DescribeInstances by id (with the owner filter), every page of
+    /// it (an answer may be paged: moto pages 100 ids). EC2 fails the whole
+    /// call for an id it does not know (yet): the batch is halved until that
+    /// id is alone, and left out.
     async fn observe_ids(&self, instance_ids: &[String]) -> Result<Vec<Instance>, ComputeError> {
         let mut out = Vec::new();
         let mut batches = vec![instance_ids.to_vec()];
@@ -678,22 +714,9 @@ impl Compute for Ec2Compute {
             if batch.is_empty() {
                 continue;
             }
-            self.describes.until_ready().await;
-            let result = self
-                .client
-                .describe_instances()
-                .set_instance_ids(Some(batch.clone()))
-                .filters(self.owner_filter())
-                .send()
-                .await;
+            let result = self.describe_ids(&batch).await;
             match result {
-                Ok(output) => out.extend(
-                    output
-                        .reservations()
-                        .iter()
-                        .flat_map(|r| r.instances())
-                        .filter_map(|raw| self.ours(raw)),
-                ),
+                Ok(found) => out.extend(found),
                 Err(err)
                     if err
                         .as_service_error()

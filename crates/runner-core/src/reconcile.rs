@@ -324,7 +324,10 @@ impl Context {
             .get(&id)
             .copied();
         match (since, self.observer.taken_at()) {
-            (_, None) if full => self.observer.refresh_after(Instant::now()).await?,
+            (_, None) if full => {
+                tracing::debug!(env.id = %id, "no full view yet in this term: waiting for one");
+                self.observer.refresh_after(Instant::now()).await?;
+            }
             (_, None) => {
                 let mut ids: Vec<String> = self
                     .observer
@@ -354,6 +357,7 @@ impl Context {
                     .map(|i| i.id)
                     .collect();
                 if ids.is_empty() {
+                    tracing::debug!(env.id = %id, "mutated, and no instance in the view: waiting for a full view");
                     self.observer.refresh_after(since).await?;
                 } else {
                     self.observer.refresh_ids(&ids, since).await?;
