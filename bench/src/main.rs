@@ -33,7 +33,8 @@ struct Cli {
     quick: bool,
     /// moto's server: `bench/moto-server` is moto from `tests/python/ensure-venv`
     /// with EC2 tags looked up by resource id (moto scans every tag of every
-    /// resource per instance, which makes a 10,000-instance fleet take hours).
+    /// resource per instance, which makes a 10,000-instance fleet take hours),
+    /// DynamoDB one call at a time, and transactions backed up by index.
     #[arg(long, global = true, default_value = "bench/moto-server")]
     moto_server: PathBuf,
     /// The runnerd binary to measure (a release build; the report says

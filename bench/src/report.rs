@@ -115,7 +115,7 @@ fn machine(tools: &Tools) -> String {
             }
         });
     let indexed = if tools.moto_server.ends_with("moto-server") {
-        "; EC2 tags looked up by resource id, `bench/moto_indexed_tags.py`"
+        "; EC2 tags looked up by resource id, DynamoDB one call at a time, transactions backed up by index, `bench/moto_indexed_tags.py`"
     } else {
         ""
     };
