@@ -159,13 +159,14 @@ impl Observer {
             .collect()
     }
 
-    /// Records what a mutation returned, so the view shows it before the next
-    /// describe does.
+    /// Records what a mutation returned (a launch's instance), so the view
+    /// shows it before the next describe does. It counts as looked at now:
+    /// the reconcile that launched it does not wait for a lookup to see it.
     pub fn record(&self, instance: Instance) {
         let mut snapshot = self.snapshot();
-        snapshot
-            .recorded_at
-            .insert(instance.id.clone(), Instant::now());
+        let now = Instant::now();
+        snapshot.recorded_at.insert(instance.id.clone(), now);
+        snapshot.seen_at.insert(instance.id.clone(), now);
         snapshot.insert(instance);
     }
 
@@ -554,6 +555,8 @@ mod tests {
             state: InstanceState::Pending,
             ..cloud.instances[0].clone()
         });
+        // Recorded counts as seen then: a lookup asked for later looks.
+        tokio::time::advance(Duration::from_millis(1)).await;
         observer
             .refresh_ids(
                 &[gone.id.clone(), cloud.instances[0].id.clone()],

@@ -279,6 +279,20 @@ impl Scenario {
             .expect("a reconcile pass never hangs")
     }
 
+    /// Runs passes until the environment is past CREATING (the launch's
+    /// answer shows the instance pending; a lookup by id shows it running),
+    /// honouring each requeue; the last pass's action.
+    async fn past_creating(&self) -> Action {
+        for _ in 0..10 {
+            let action = self.ok().await;
+            if self.status().phase != Phase::Creating {
+                return action;
+            }
+            self.honour(action).await;
+        }
+        panic!("still CREATING after 10 passes");
+    }
+
     /// Runs a pass that must succeed, and returns its requeue.
     async fn ok(&self) -> Action {
         self.pass().await.expect("the pass succeeds")
@@ -361,7 +375,7 @@ async fn a_launch_stores_its_intent_before_run_instances_and_its_instance_after_
     assert_eq!(status.machine.map(|m| m.id), Some(instance.id.clone()));
 
     s.honour(action).await;
-    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+    assert_eq!(s.past_creating().await, Action::Requeue(SETTINGS.resync));
     let status = s.status();
     assert_eq!(status.phase, Phase::Running);
     assert_eq!(status.failure_message, "");
@@ -443,7 +457,7 @@ async fn an_interrupted_launch_is_found_by_its_tags_before_any_new_launch() {
     // A new process finds the intent without an instance id.
     s.restart();
     s.want(DesiredPhase::Running);
-    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+    assert_eq!(s.past_creating().await, Action::Requeue(SETTINGS.resync));
     assert_eq!(s.compute.calls("launch"), 1, "no second RunInstances");
     assert_eq!(s.compute.calls("find_launch"), 1);
     assert_eq!(launched(&s.record()), Some(instance.id.as_str()));
@@ -583,7 +597,7 @@ async fn stop_start_and_delete_drive_the_instance_and_end_with_the_record_remove
     s.want(DesiredPhase::Running);
     let action = s.ok().await;
     s.honour(action).await;
-    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+    assert_eq!(s.past_creating().await, Action::Requeue(SETTINGS.resync));
     let instance = s.compute.instances().remove(0).id;
 
     s.want(DesiredPhase::Stopped);
@@ -988,7 +1002,7 @@ async fn before_the_first_full_describe_only_a_deletion_waits_for_it() {
         "launched without the full view"
     );
     s.honour(action).await;
-    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+    assert_eq!(s.past_creating().await, Action::Requeue(SETTINGS.resync));
     assert_eq!(s.status().phase, Phase::Running);
 
     // A new process: its instance is looked up by id.
@@ -1030,7 +1044,7 @@ async fn an_environment_is_starting_until_its_instance_reports_its_content_ready
     s.honour(action).await;
     // EC2 runs the instance; it has reported nothing: STARTING, looked at
     // again after the poll interval.
-    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.poll));
+    assert_eq!(s.past_creating().await, Action::Requeue(SETTINGS.poll));
     let status = s.status();
     assert_eq!(status.phase, Phase::Starting);
     assert_eq!(status.content, Content::default());
@@ -1095,7 +1109,7 @@ async fn a_reported_failure_names_its_stage_and_the_console_is_read_once() {
     let action = s.ok().await;
     s.honour(action).await;
     for _ in 0..2 {
-        assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+        assert_eq!(s.past_creating().await, Action::Requeue(SETTINGS.resync));
         let status = s.status();
         assert_eq!(status.phase, Phase::Starting);
         assert_eq!(status.content.stage, Some(Stage::Checkout));
@@ -1117,6 +1131,8 @@ async fn an_instance_that_reports_nothing_fails_at_the_deadline() {
     s.compute.set_bootstrap(FakeBootstrap::Silent);
     s.want(DesiredPhase::Running);
     let action = s.ok().await;
+    s.honour(action).await;
+    let action = s.past_creating().await;
     s.honour(action).await;
     s.clock
         .advance(SETTINGS.content_deadline - Duration::from_secs(5));
@@ -1150,7 +1166,7 @@ async fn an_environment_idle_for_its_timeout_is_stopped_and_stays_stopped_until_
     });
     let action = s.ok().await;
     s.honour(action).await;
-    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.resync));
+    assert_eq!(s.past_creating().await, Action::Requeue(SETTINGS.resync));
     assert_eq!(s.status().phase, Phase::Running);
     let id = the_instance(&s);
     let mut report = s.compute.instances()[0].report.clone();
@@ -1212,7 +1228,7 @@ async fn a_start_after_a_stop_is_running_at_once_without_the_first_boots_timings
     s.want(DesiredPhase::Running);
     let action = s.ok().await;
     s.honour(action).await;
-    s.ok().await;
+    s.past_creating().await;
     let first = s.status();
     assert_eq!(first.phase, Phase::Running);
     let id = the_instance(&s);
@@ -1307,7 +1323,7 @@ async fn a_pass_waiting_for_a_report_does_not_wait_for_its_lookup() {
     s.want(DesiredPhase::Running);
     let action = s.ok().await;
     s.honour(action).await;
-    let action = s.ok().await;
+    let action = s.past_creating().await;
     assert_eq!(s.status().phase, Phase::Starting);
     s.honour(action).await;
 
@@ -1326,4 +1342,21 @@ async fn a_pass_waiting_for_a_report_does_not_wait_for_its_lookup() {
         "one lookup, still held, asked for once"
     );
     s.compute.hold_lookups(false);
+}
+
+/// The pass after a launch decides on the launch's answer (the instance
+/// pending) and asks for a lookup without waiting for it: a worker is not
+/// held for a batch's window after every launch.
+#[tokio::test(start_paused = true)]
+async fn the_pass_after_a_launch_does_not_wait_for_a_lookup() {
+    let mut s = Scenario::new();
+    s.want(DesiredPhase::Running);
+    let action = s.ok().await;
+    s.compute.hold_lookups(true);
+    s.honour(action).await;
+    assert_eq!(s.ok().await, Action::Requeue(SETTINGS.poll));
+    assert_eq!(s.status().phase, Phase::Creating);
+    s.compute.hold_lookups(false);
+    assert_eq!(s.past_creating().await, Action::Requeue(SETTINGS.resync));
+    assert_eq!(s.status().phase, Phase::Running);
 }
