@@ -565,6 +565,7 @@ fn short_duration(d: Duration) -> String {
 
 /// Reconciles one environment.
 pub async fn reconcile(ctx: &Context, id: EnvironmentId) -> Result<Action, ReconcileError> {
+    tracing::trace!(env.id = %id, "reconcile starts");
     match ctx.desired.get(id) {
         None => Ok(Action::AwaitChange),
         Some(Known::Gone) => teardown(ctx, id).await,

@@ -543,6 +543,7 @@ impl Session {
             Kind::EnvironmentChanged(changed) => {
                 match validate::uuid("environment_id", &changed.environment_id) {
                     Ok(id) => {
+                        tracing::debug!(env.id = %id, "environment changed");
                         let _ = events
                             .send(SessionEvent::EnvironmentChanged(EnvironmentId(id)))
                             .await;

@@ -262,7 +262,10 @@ impl Informer {
     }
 
     async fn refetch(&self, id: EnvironmentId) {
-        match self.control_plane.get_environment(id).await {
+        let started = std::time::Instant::now();
+        let fetched = self.control_plane.get_environment(id).await;
+        tracing::debug!(env.id = %id, took_ms = started.elapsed().as_secs_f64() * 1000.0, "environment fetched");
+        match fetched {
             Ok(Some(environment)) => {
                 let class_known = self
                     .context
