@@ -57,6 +57,16 @@ fn env() -> EnvironmentId {
     EnvironmentId(uuid::Uuid::new_v4())
 }
 
+/// Launches `n` environments' instances across the subnets; their ids.
+async fn launch_many(compute: &dyn Compute, infra: &Infra, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let launched = compute.launch(&request(infra, env(), 1, i % 3)).await;
+        ids.push(launched.expect("launch").id);
+    }
+    ids
+}
+
 fn request(
     infra: &Infra,
     environment: EnvironmentId,
@@ -379,16 +389,7 @@ async fn observation_pages_through_only_this_runners_instances() {
         ..Infra::create(&sdk).await
     };
     let others = other.adapters(&sdk, "b", &leading()).compute;
-    let mut ours = Vec::new();
-    for i in 0..12 {
-        ours.push(
-            compute
-                .launch(&request(&infra, env(), 1, i % 3))
-                .await
-                .expect("launch")
-                .id,
-        );
-    }
+    let mut ours = launch_many(compute.as_ref(), &infra, 12).await;
     others
         .launch(&request(&other, env(), 1, 0))
         .await
@@ -1089,16 +1090,7 @@ async fn a_lookup_by_id_reads_every_page_of_its_answer() {
     let sdk = sdk(&moto_url()).await;
     let infra = Infra::create(&sdk).await;
     let compute = infra.adapters(&sdk, "a", &leading()).compute;
-    let mut ours = Vec::new();
-    for i in 0..110 {
-        ours.push(
-            compute
-                .launch(&request(&infra, env(), 1, i % 3))
-                .await
-                .expect("launch")
-                .id,
-        );
-    }
+    let mut ours = launch_many(compute.as_ref(), &infra, 110).await;
     let mut found: Vec<String> = compute
         .observe_ids(&ours)
         .await

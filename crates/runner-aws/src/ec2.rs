@@ -119,6 +119,14 @@ impl std::fmt::Debug for Ec2Compute {
     }
 }
 
+/// A failed DescribeInstances.
+type DescribeError = aws_sdk_ec2::error::SdkError<
+    aws_sdk_ec2::operation::describe_instances::DescribeInstancesError,
+    aws_sdk_ec2::config::http::HttpResponse,
+>;
+type DescribeInstancesFluentBuilder =
+    aws_sdk_ec2::operation::describe_instances::builders::DescribeInstancesFluentBuilder;
+
 const OFFERINGS_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_ROOT_DEVICE: &str = "/dev/xvda";
 
@@ -529,49 +537,31 @@ impl Ec2Compute {
     }
 
     async fn describe(&self, filters: Vec<Filter>) -> Result<Vec<Instance>, ComputeError> {
-        let mut pages = self
+        let request = self
             .client
             .describe_instances()
             .set_filters(Some(filters))
-            .max_results(self.settings.describe_page_size)
-            .into_paginator()
-            .send();
-        let mut out = Vec::new();
-        loop {
-            self.describes.until_ready().await;
-            let Some(page) = pages.next().await else {
-                break;
-            };
-            let page = page.map_err(classify)?;
-            out.extend(
-                page.reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .filter_map(|raw| self.ours(raw)),
-            );
-        }
-        Ok(out)
+            .max_results(self.settings.describe_page_size);
+        self.read_pages(request).await.map_err(classify)
     }
 
-    /// Every page of one DescribeInstances of `ids`, each page through the
-    /// describe bucket.
-    async fn describe_ids(
-        &self,
-        ids: &[String],
-    ) -> Result<
-        Vec<Instance>,
-        aws_sdk_ec2::error::SdkError<
-            aws_sdk_ec2::operation::describe_instances::DescribeInstancesError,
-            aws_sdk_ec2::config::http::HttpResponse,
-        >,
-    > {
-        let mut pages = self
+    /// Every page of one DescribeInstances of `ids`.
+    async fn describe_ids(&self, ids: &[String]) -> Result<Vec<Instance>, DescribeError> {
+        let request = self
             .client
             .describe_instances()
             .set_instance_ids(Some(ids.to_vec()))
-            .filters(self.owner_filter())
-            .into_paginator()
-            .send();
+            .filters(self.owner_filter());
+        self.read_pages(request).await
+    }
+
+    /// The environments' instances on every page of `request`, each page
+    /// through the describe bucket.
+    async fn read_pages(
+        &self,
+        request: DescribeInstancesFluentBuilder,
+    ) -> Result<Vec<Instance>, DescribeError> {
+        let mut pages = request.into_paginator().send();
         let mut out = Vec::new();
         loop {
             self.describes.until_ready().await;

@@ -279,6 +279,20 @@ impl Scenario {
             .expect("a reconcile pass never hangs")
     }
 
+    /// An environment whose instance runs and reports nothing: launched,
+    /// STARTING, and the poll after that honoured.
+    async fn silent_and_starting() -> Self {
+        let mut s = Self::new();
+        s.compute.set_bootstrap(FakeBootstrap::Silent);
+        s.want(DesiredPhase::Running);
+        let action = s.ok().await;
+        s.honour(action).await;
+        let action = s.past_creating().await;
+        assert_eq!(s.status().phase, Phase::Starting);
+        s.honour(action).await;
+        s
+    }
+
     /// Runs passes until the environment is past CREATING (the launch's
     /// answer shows the instance pending; a lookup by id shows it running),
     /// honouring each requeue; the last pass's action.
@@ -1127,13 +1141,7 @@ async fn a_reported_failure_names_its_stage_and_the_console_is_read_once() {
 
 #[tokio::test(start_paused = true)]
 async fn an_instance_that_reports_nothing_fails_at_the_deadline() {
-    let mut s = Scenario::new();
-    s.compute.set_bootstrap(FakeBootstrap::Silent);
-    s.want(DesiredPhase::Running);
-    let action = s.ok().await;
-    s.honour(action).await;
-    let action = s.past_creating().await;
-    s.honour(action).await;
+    let mut s = Scenario::silent_and_starting().await;
     s.clock
         .advance(SETTINGS.content_deadline - Duration::from_secs(5));
     assert_eq!(s.ok().await, Action::Requeue(SETTINGS.poll));
@@ -1318,14 +1326,7 @@ async fn transitions_that_take_several_describes_end_by_lookups_by_id() {
 /// the pending lookup is not asked for again.
 #[tokio::test(start_paused = true)]
 async fn a_pass_waiting_for_a_report_does_not_wait_for_its_lookup() {
-    let mut s = Scenario::new();
-    s.compute.set_bootstrap(FakeBootstrap::Silent);
-    s.want(DesiredPhase::Running);
-    let action = s.ok().await;
-    s.honour(action).await;
-    let action = s.past_creating().await;
-    assert_eq!(s.status().phase, Phase::Starting);
-    s.honour(action).await;
+    let s = Scenario::silent_and_starting().await;
 
     s.compute.hold_lookups(true);
     let asked = s.compute.calls("observe_ids_started");
