@@ -38,11 +38,10 @@ struct Snapshot {
     /// does not renew it.
     expired_at: Option<Instant>,
     by_environment: HashMap<EnvironmentId, Vec<Instance>>,
-    /// Instance ids looked up by id since then, with when their lookup started.
+    /// Instance ids looked up by id (or returned by a launch) since then,
+    /// with when their lookup started: a full describe that started before
+    /// may not show them yet.
     seen_at: HashMap<String, Instant>,
-    /// Instance ids a mutation returned since then, with when: a full
-    /// describe that started before may not show them yet.
-    recorded_at: HashMap<String, Instant>,
 }
 
 impl Snapshot {
@@ -164,9 +163,7 @@ impl Observer {
     /// the reconcile that launched it does not wait for a lookup to see it.
     pub fn record(&self, instance: Instance) {
         let mut snapshot = self.snapshot();
-        let now = Instant::now();
-        snapshot.recorded_at.insert(instance.id.clone(), now);
-        snapshot.seen_at.insert(instance.id.clone(), now);
+        snapshot.seen_at.insert(instance.id.clone(), Instant::now());
         snapshot.insert(instance);
     }
 
@@ -209,9 +206,7 @@ impl Observer {
             .drain()
             .filter(|(_, at)| *at > started)
             .collect();
-        snapshot.recorded_at.retain(|_, at| *at > started);
-        let recorded = std::mem::take(&mut snapshot.recorded_at);
-        let keep = |id: &String| newer.contains_key(id) || recorded.contains_key(id);
+        let keep = |id: &String| newer.contains_key(id);
         let kept: Vec<Instance> = snapshot
             .by_environment
             .values()
@@ -224,7 +219,6 @@ impl Observer {
             snapshot.insert(instance);
         }
         snapshot.seen_at = newer;
-        snapshot.recorded_at = recorded;
         if snapshot.expired_at.is_none_or(|expired| expired <= started) {
             snapshot.taken_at = Some(started);
         }
