@@ -505,14 +505,8 @@ async fn a_restart_is_ready_and_launches_before_its_first_full_describe_ends() {
     let stopped = known.pop().expect("forty");
     world.set_phase(&stopped, Phase::Stopped).await;
     let runner = world.start_runner().await;
-    for _ in 0..400 {
-        if http_get(runner.health, "/readyz").await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let (code, body) = http_get(runner.health, "/readyz").await;
-    assert_eq!(code, 200, "ready before the full describe: {body}");
+    // Ready before the full describe.
+    ready(runner.health).await;
     let fresh = world.create_env().await;
     world
         .wait_for(
