@@ -67,6 +67,14 @@ async fn launch_many(compute: &dyn Compute, infra: &Infra, n: usize) -> Vec<Stri
     ids
 }
 
+/// The ids a lookup by id of `ids` returns, sorted.
+async fn looked_up(compute: &dyn Compute, ids: &[String]) -> Vec<String> {
+    let found = compute.observe_ids(ids).await.expect("observe by id");
+    let mut found: Vec<String> = found.into_iter().map(|i| i.id).collect();
+    found.sort();
+    found
+}
+
 fn request(
     infra: &Infra,
     environment: EnvironmentId,
@@ -417,14 +425,7 @@ async fn observation_pages_through_only_this_runners_instances() {
     asked.insert(2, "i-0123456789abcdef0".into());
     asked.push(theirs);
     asked.push(untagged);
-    let mut found: Vec<String> = compute
-        .observe_ids(&asked)
-        .await
-        .expect("observe by id")
-        .into_iter()
-        .map(|i| i.id)
-        .collect();
-    found.sort();
+    let found = looked_up(compute.as_ref(), &asked).await;
     assert_eq!(found, ours[..5].to_vec());
 }
 
@@ -1091,14 +1092,7 @@ async fn a_lookup_by_id_reads_every_page_of_its_answer() {
     let infra = Infra::create(&sdk).await;
     let compute = infra.adapters(&sdk, "a", &leading()).compute;
     let mut ours = launch_many(compute.as_ref(), &infra, 110).await;
-    let mut found: Vec<String> = compute
-        .observe_ids(&ours)
-        .await
-        .expect("observe by id")
-        .into_iter()
-        .map(|i| i.id)
-        .collect();
-    found.sort();
+    let found = looked_up(compute.as_ref(), &ours).await;
     ours.sort();
     assert_eq!(found.len(), 110);
     assert_eq!(found, ours);

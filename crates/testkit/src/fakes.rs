@@ -408,6 +408,17 @@ impl MemoryCompute {
         self.change(instance_id, |i| i.state = state);
     }
 
+    /// Counts a call that has begun (before any gate or latency).
+    fn count(&self, operation: &'static str) {
+        *self
+            .cloud
+            .lock()
+            .expect("lock")
+            .calls
+            .entry(operation)
+            .or_insert(0) += 1;
+    }
+
     fn enter(
         &self,
         operation: &'static str,
@@ -556,13 +567,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn observe(&self) -> Result<Vec<Instance>, ComputeError> {
-        *self
-            .cloud
-            .lock()
-            .expect("lock")
-            .calls
-            .entry("observe_started")
-            .or_insert(0) += 1;
+        self.count("observe_started");
         self.full_held.pass().await;
         self.answer_after_latency().await;
         let mut cloud = self.enter("observe")?;
@@ -571,13 +576,7 @@ impl Compute for MemoryCompute {
     }
 
     async fn observe_ids(&self, instance_ids: &[String]) -> Result<Vec<Instance>, ComputeError> {
-        *self
-            .cloud
-            .lock()
-            .expect("lock")
-            .calls
-            .entry("observe_ids_started")
-            .or_insert(0) += 1;
+        self.count("observe_ids_started");
         self.lookups_held.pass().await;
         self.answer_after_latency().await;
         let mut cloud = self.enter("observe_ids")?;
